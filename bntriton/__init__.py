@@ -1,0 +1,9 @@
+"""bntriton: batch normalization as Triton kernels, with a PyTorch front end.
+
+Public names only; see README.md.
+"""
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_model"]
+__version__ = "0.1.0"

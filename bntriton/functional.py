@@ -1,0 +1,127 @@
+"""``bntriton.batch_norm``: ``torch.nn.functional.batch_norm``'s signature and semantics.
+
+All argument checks happen here, before any operator runs, so a call that raises has
+changed nothing: no running statistic, no ``num_batches_tracked`` (torch's modules bump
+the counter before they fail).  Checks read shapes and dtypes only: no host sync.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.bntriton.*)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_per_channel(name: str, t: Optional[Tensor], input: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+    channels = input.shape[1]
+    if t.numel() != channels:
+        raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    if t.dim() != 1:
+        raise RuntimeError(f"{name} must be 1-D with {channels} elements, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != input.device:
+        raise RuntimeError(
+            f"{name} is on {t.device} but input is on {input.device}: expected all tensors on one device"
+        )
+
+
+def check_arguments(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+) -> None:
+    """Raise a clear error for anything the kernels cannot take; change nothing."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {input.dim()}D input")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"batch_norm supports float16, bfloat16, float32 and float64 inputs, got {input.dtype}"
+        )
+    if input.device.type not in ("cpu", "cuda", "meta"):
+        raise RuntimeError(f"bntriton runs on CUDA (compiled) and CPU (interpreted), not {input.device}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        _check_per_channel(name, t, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if training:
+        values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
+        if values_per_channel == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
+    if momentum is not None and not isinstance(momentum, (float, int)):
+        raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__}")
+    if not isinstance(eps, (float, int)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization with Triton kernels; a drop-in for ``F.batch_norm``.
+
+    Training uses the batch's statistics and, when running statistics are given, updates
+    them in place (``momentum``; unbiased variance).  Evaluation uses the running
+    statistics.  Differentiable in ``input``, ``weight`` and ``bias``.
+    """
+    return batch_norm_with_counter(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, None
+    )
+
+
+def batch_norm_with_counter(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor],
+) -> Tensor:
+    """:func:`batch_norm` that also increments ``num_batches_tracked`` (training only) and
+    accepts ``momentum=None`` (cumulative average, factor ``1 / num_batches_tracked`` read on
+    device: torch's modules read it on the host instead)."""
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    eps = float(eps)
+    if training:
+        y, _, _, mean, var_unbiased = torch.ops.bntriton.batch_norm_train(input, weight, bias, eps)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if running_mean is not None and input.numel() > 0:
+            # An empty batch leaves the running statistics as they are (as torch).
+            torch.ops.bntriton.update_running_stats(
+                running_mean, running_var, num_batches_tracked, mean, var_unbiased,
+                None if momentum is None else float(momentum),
+            )
+        return y
+    return torch.ops.bntriton.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)

@@ -1,0 +1,157 @@
+"""Backward: per-channel sum(dy) and sum(dy * x_hat), then the fused dx epilogue.
+
+With ``x_hat = ((x - K) - mean_shifted) * rstd`` and ``g`` the weight (1 without one)::
+
+    dbeta  = sum(dy)
+    dgamma = sum(dy * x_hat)
+    dx     = g * rstd * (dy - dbeta / M - x_hat * dgamma / M)        (batch statistics)
+    dx     = g * rstd * dy                                           (running statistics)
+
+Three launches: a split partial reduction (same grid as the statistics), a combine in a
+fixed order (deterministic) that also folds dx into ``dx = dy * A + (x - K) * B + C``,
+and the shared per-channel affine epilogue (normalize.py).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import Plan, accumulator_dtype, kernel, tl_accumulator
+from .layout import ChannelView
+from .normalize import channel_affine
+
+
+@kernel
+def _grad_partial_kernel(
+    x_ptr, dy_ptr, pivot_ptr, mean_s_ptr, part_dy_ptr, part_dyc_ptr,
+    rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, rows_per_split,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
+):
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    if INT64:
+        c = c.to(tl.int64)
+    pivot = tl.load(pivot_ptr + c * pivot_stride, mask=c_mask, other=0.0).to(ACC)
+    mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+    c_off = c * stride_c
+
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dyc = tl.zeros([BLOCK_C], dtype=ACC)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < row_end
+        if INT64:
+            r = r.to(tl.int64)
+        if SPLIT_ROWS:
+            n = r // spatial
+            row_off = n * stride_n + (r - n * spatial) * stride_s
+        else:
+            row_off = r * stride_s
+        offs = row_off[:, None] + c_off[None, :]
+        mask = r_mask[:, None] & c_mask[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.
+        centred = tl.where(mask, (x - pivot[None, :]) - mean_s[None, :], 0.0)
+        sum_dy += tl.sum(dy, axis=0)
+        sum_dyc += tl.sum(dy * centred, axis=0)
+    out = split * channels + c
+    tl.store(part_dy_ptr + out, sum_dy, mask=c_mask)
+    tl.store(part_dyc_ptr + out, sum_dyc, mask=c_mask)
+
+
+@kernel
+def _grad_combine_kernel(
+    part_dy_ptr, part_dyc_ptr, mean_s_ptr, rstd_ptr, weight_ptr,
+    dweight_ptr, dbias_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr,
+    rows, channels, num_splits,
+    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dyc = tl.zeros([BLOCK_C], dtype=ACC)
+    for i in range(0, num_splits):
+        sum_dy += tl.load(part_dy_ptr + i * channels + c, mask=c_mask, other=0.0)
+        sum_dyc += tl.load(part_dyc_ptr + i * channels + c, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    dgamma = sum_dyc * rstd
+    tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+
+    if HAS_WEIGHT:
+        coef_a = rstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    else:
+        coef_a = rstd
+    if BATCH_STATS:
+        m = rows + tl.zeros([BLOCK_C], dtype=ACC)
+        coef_b = -coef_a * rstd * dgamma / m
+        coef_c = -coef_a * sum_dy / m - coef_b * tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+    else:
+        coef_b = tl.zeros([BLOCK_C], dtype=ACC)
+        coef_c = tl.zeros([BLOCK_C], dtype=ACC)
+    tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
+    tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
+    tl.store(coef_c_ptr + c, coef_c, mask=c_mask)
+
+
+def batch_norm_grads(
+    view: ChannelView,
+    plan: Plan,
+    dy: torch.Tensor,
+    weight: torch.Tensor | None,
+    pivot: torch.Tensor,
+    pivot_stride: int,
+    mean_shifted: torch.Tensor,
+    rstd: torch.Tensor,
+    batch_stats: bool,
+    param_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) for ``view``; ``dy`` must share the view's strides.
+
+    ``pivot`` / ``mean_shifted`` / ``rstd`` are the statistics the forward normalized with:
+    the batch's (pivot = the input itself, stride ``stride_c``) or the running ones.
+    """
+    x = view.tensor
+    acc = accumulator_dtype(x.dtype)
+    channels = view.channels
+    dweight = torch.empty(channels, dtype=param_dtype, device=x.device)
+    dbias = torch.empty_like(dweight)
+    if view.rows == 0:
+        return view.empty_like(), dweight.zero_(), dbias.zero_()
+
+    part_dy = torch.empty((plan.num_splits, channels), dtype=acc, device=x.device)
+    part_dyc = torch.empty_like(part_dy)
+    _grad_partial_kernel[(plan.num_splits, triton.cdiv(channels, plan.block_channels))](
+        x, dy, pivot, mean_shifted, part_dy, part_dyc,
+        view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
+        pivot_stride, plan.rows_per_split,
+        BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
+        SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
+        num_warps=plan.num_warps,
+    )
+
+    coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
+    combine_block = min(triton.next_power_of_2(channels), 1024)
+    _grad_combine_kernel[(triton.cdiv(channels, combine_block),)](
+        part_dy, part_dyc, mean_shifted, rstd, weight if weight is not None else rstd,
+        dweight, dbias, coef_a, coef_b, coef_c,
+        view.rows, channels, plan.num_splits,
+        BLOCK_C=combine_block, HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
+        ACC=tl_accumulator(x.dtype),
+    )
+    if batch_stats:
+        dx = channel_affine(view, plan, pivot, pivot_stride, coef_b, coef_c, dy=dy, dy_scale=coef_a)
+    else:
+        # Running statistics: dx = dy * A.  Read dy alone (B and C are zero, so B doubles
+        # as a zero pivot) rather than paying for a read of x.
+        dx = channel_affine(replace(view, tensor=dy), plan, coef_b, 1, coef_a, coef_c, out_dtype=x.dtype)
+    return dx, dweight, dbias

@@ -1,0 +1,169 @@
+"""Where kernels run and how they are tiled: the one place for launch decisions.
+
+* :func:`kernel` compiles a Triton function for CUDA tensors and runs the very same
+  code in Triton's interpreter for CPU tensors, chosen per launch from the arguments'
+  device (no ``TRITON_INTERPRET`` needed).  Without that variable, ``triton.language``'s
+  own ``@jit`` functions (``tl.sum``, ``tl.zeros``, ...) and our device helpers refuse to
+  be called from Python; while an interpreted kernel runs they are routed to the
+  interpreter too (:func:`_interpreting`).
+* :func:`plan` picks tile shapes and the grid split for a rows x channels problem.
+  Heuristics, not autotuning: autotuning reruns a kernel, and the statistics kernels
+  write running statistics in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+from triton.runtime.jit import JITFunction
+
+from .layout import ChannelView
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted(fn):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn)
+
+
+_interpreter_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _interpreting():
+    """Let ``@triton.jit`` device functions be called from an interpreted kernel.
+
+    Compilation never goes through ``JITFunction.__call__`` (the code generator inlines
+    calls from the AST), so the patch cannot affect CUDA launches.
+    """
+    with _interpreter_lock:
+        original = JITFunction.__call__
+        JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn)(*args, **kwargs)
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original
+
+
+class DualKernel:
+    """A Triton kernel that runs compiled on CUDA tensors and interpreted on CPU tensors."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = triton.jit(fn)
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            if device.type == "cuda":
+                return self.compiled[grid](*args, **meta)
+            meta.pop("num_warps", None)
+            with _interpreting():
+                return _interpreted(self.fn)[grid](*args, **meta)
+
+        return launch
+
+
+def kernel(fn) -> DualKernel:
+    """Decorator: ``@kernel`` in place of ``@triton.jit`` for a launchable kernel."""
+    return DualKernel(fn)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tiles and grid split for one rows x channels problem."""
+
+    block_rows: int
+    block_channels: int
+    rows_per_split: int  # a multiple of block_rows; the last split may be shorter
+    num_splits: int
+    num_warps: int
+    int64: bool
+
+
+_FORCED: dict = {}
+
+
+@contextlib.contextmanager
+def forced_plan(**fields):
+    """Test hook: force tile sizes / splits / int64 offsets so that small tensors take the
+    multi-tile, multi-split and 64-bit paths a GPU-sized tensor would take."""
+    previous = dict(_FORCED)
+    _FORCED.update(fields)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(previous)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _pow2_at_most(value: int, cap: int) -> int:
+    return min(triton.next_power_of_2(max(value, 1)), cap)
+
+
+def plan(view: ChannelView) -> Plan:
+    """Tile sizes and grid split for ``view``.
+
+    The reduction runs over rows, split across ``num_splits`` programs per channel block
+    so that few channels with many rows still fill the GPU; a second small kernel combines
+    the splits in a fixed order (deterministic, no atomics).
+    """
+    on_gpu = view.tensor.device.type == "cuda"
+    # The interpreter pays per program and per op, not per element: big tiles, few programs.
+    tile_elements = 4096 if on_gpu else 16384
+    if view.channels_last:
+        block_c = _pow2_at_most(view.channels, 64 if on_gpu else 128)
+    else:
+        block_c = _pow2_at_most(view.channels, 4 if on_gpu else 16)
+    block_r = _pow2_at_most(view.rows, max(tile_elements // block_c, 16))
+    row_tiles = triton.cdiv(max(view.rows, 1), block_r)
+    channel_blocks = triton.cdiv(view.channels, block_c)
+    if on_gpu:
+        target_programs = 4 * _sm_count(view.tensor.device.index or 0)
+        splits = max(1, min(row_tiles, triton.cdiv(target_programs, channel_blocks)))
+    else:
+        splits = max(1, triton.cdiv(row_tiles, 4))
+    result = Plan(block_r, block_c, 0, splits, 8 if block_r * block_c >= 4096 else 4, view.needs_int64)
+    if _FORCED:
+        result = replace(result, **_FORCED)
+    return _with_splits(result, view.rows)
+
+
+def _with_splits(p: Plan, rows: int) -> Plan:
+    """Round rows per split up to whole tiles and drop splits that would be empty."""
+    tiles = triton.cdiv(max(rows, 1), p.block_rows)
+    tiles_per_split = triton.cdiv(tiles, max(1, min(p.num_splits, tiles)))
+    rows_per_split = tiles_per_split * p.block_rows
+    return replace(p, rows_per_split=rows_per_split, num_splits=triton.cdiv(max(rows, 1), rows_per_split))
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for fp16 / bf16 / fp32 inputs, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_accumulator(dtype: torch.dtype):
+    """The Triton dtype matching :func:`accumulator_dtype`, passed as a constexpr."""
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def split_float(value: float) -> tuple[float, float]:
+    """``value`` as fp32 ``hi + lo``: Triton passes Python floats as fp32, which would round
+    eps and momentum to 24 bits in fp64 kernels; the kernels add the parts in their own
+    accumulator dtype."""
+    import numpy as np
+
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))

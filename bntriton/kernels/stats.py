@@ -1,0 +1,236 @@
+"""Training statistics: per-channel mean and biased variance, plus the running-stat update.
+
+Two launches:
+
+1. ``_stats_partial_kernel``: grid (splits, channel blocks).  Each program walks its
+   share of the rows in tiles.  Values are first shifted by a per-channel pivot ``K``
+   (the channel's first element): ``x - K`` is exact when x and K are close, which is
+   precisely when the naive ``E[x^2] - E[x]^2`` would cancel catastrophically.  Each
+   tile's shifted values are centred on the tile's own mean before squaring, and tiles
+   are merged with Chan's formula, so the variance is robust also when the pivot is an
+   outlier.
+2. ``_stats_combine_kernel``: one program per channel block merges the splits in a
+   fixed order (deterministic, no atomics), writes the shifted mean and ``rstd`` that
+   the forward epilogue and the backward use, folds weight and bias into a per-channel
+   ``scale`` / ``shift``, and writes the mean and unbiased variance.
+3. ``_running_update_kernel`` (a separate op, since the statistics op must stay
+   functional for autograd): the running statistics, on device (momentum read from
+   ``num_batches_tracked`` when cumulative: no host synchronization).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import Plan, accumulator_dtype, kernel, split_float, tl_accumulator
+from .layout import ChannelView
+
+
+@kernel
+def _stats_partial_kernel(
+    x_ptr, part_mean_ptr, part_m2_ptr,
+    rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
+):
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    if INT64:
+        c_off = c.to(tl.int64) * stride_c
+    else:
+        c_off = c * stride_c
+    # Row 0 of each channel is its pivot K.
+    pivot = tl.load(x_ptr + c_off, mask=c_mask, other=0.0).to(ACC)
+
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < row_end
+        if INT64:
+            r = r.to(tl.int64)
+        if SPLIT_ROWS:
+            n = r // spatial
+            row_off = n * stride_n + (r - n * spatial) * stride_s
+        else:
+            row_off = r * stride_s
+        mask = r_mask[:, None] & c_mask[None, :]
+        x = tl.load(x_ptr + row_off[:, None] + c_off[None, :], mask=mask, other=0.0).to(ACC)
+        shifted = tl.where(mask, x - pivot[None, :], 0.0)
+        # Every tile before this one in the split is full, so the counts need no carry.
+        seen = (r0 - row_start) + tl.zeros([BLOCK_C], dtype=ACC)
+        tile_count = tl.minimum(row_end - r0, BLOCK_R) + tl.zeros([BLOCK_C], dtype=ACC)
+        tile_mean = tl.sum(shifted, axis=0) / tile_count
+        centred = tl.where(mask, shifted - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(centred * centred, axis=0)
+        # Chan et al.: merge (seen, mean, m2) with (tile_count, tile_mean, tile_m2).
+        total = seen + tile_count
+        delta = tile_mean - mean
+        mean = mean + delta * (tile_count / total)
+        m2 = m2 + tile_m2 + delta * delta * (seen * tile_count / total)
+    out = split * channels + c
+    tl.store(part_mean_ptr + out, mean, mask=c_mask)
+    tl.store(part_m2_ptr + out, m2, mask=c_mask)
+
+
+@kernel
+def _stats_combine_kernel(
+    part_mean_ptr, part_m2_ptr, x_ptr, weight_ptr, bias_ptr,
+    mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
+    rows, channels, stride_c, rows_per_split, num_splits, eps_hi, eps_lo,
+    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INT64: tl.constexpr, ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for i in range(0, num_splits):
+        seen = i * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
+        count = tl.minimum(rows - seen, rows_per_split)
+        part_mean = tl.load(part_mean_ptr + i * channels + c, mask=c_mask, other=0.0)
+        part_m2 = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0)
+        total = seen + count
+        delta = part_mean - mean
+        mean = mean + delta * (count / total)
+        m2 = m2 + part_m2 + delta * delta * (seen * count / total)
+
+    n = rows + tl.zeros([BLOCK_C], dtype=ACC)
+    var = m2 / n
+    # Float arguments arrive as fp32; hi + lo restores ~48 bits for fp64 statistics.
+    eps = (tl.zeros([BLOCK_C], dtype=ACC) + eps_hi) + eps_lo
+    if ACC == tl.float64:
+        rstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+    tl.store(mean_s_ptr + c, mean, mask=c_mask)
+    tl.store(rstd_ptr + c, rstd, mask=c_mask)
+
+    if HAS_WEIGHT:
+        scale = rstd * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(ACC)
+    else:
+        scale = rstd
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    tl.store(scale_ptr + c, scale, mask=c_mask)
+    tl.store(shift_ptr + c, shift, mask=c_mask)
+
+    # The un-shifted mean and the unbiased variance, for the running statistics.
+    if INT64:
+        pivot = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(ACC)
+    else:
+        pivot = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0.0).to(ACC)
+    tl.store(mean_ptr + c, pivot + mean, mask=c_mask)
+    tl.store(var_unbiased_ptr + c, m2 / (n - 1.0), mask=c_mask)
+
+
+@kernel
+def _running_update_kernel(
+    running_mean_ptr, running_var_ptr, num_batches_ptr, mean_ptr, var_unbiased_ptr,
+    channels, momentum_hi, momentum_lo,
+    BLOCK_C: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    if CUMULATIVE:
+        # momentum=None: cumulative average, factor 1 / num_batches_tracked, read on device.
+        tracked = tl.load(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32))
+        factor = 1.0 / tracked.to(ACC)
+    else:
+        factor = (tl.zeros([BLOCK_C], dtype=ACC) + momentum_hi) + momentum_lo
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    var = tl.load(var_unbiased_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    old_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    old_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    new_mean = (1.0 - factor) * old_mean + factor * mean
+    new_var = (1.0 - factor) * old_var + factor * var
+    tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@dataclass
+class BatchStats:
+    """Per-channel results of the statistics launch (all in the accumulator dtype).
+
+    ``mean_shifted`` is the mean of ``x - K`` with ``K`` the channel's first element;
+    ``scale`` / ``shift`` give ``y = (x - K) * scale + shift``; ``mean`` and
+    ``var_unbiased`` feed the running statistics.
+    """
+
+    mean_shifted: torch.Tensor
+    rstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    mean: torch.Tensor
+    var_unbiased: torch.Tensor
+
+
+def _combine_block(channels: int) -> int:
+    return min(triton.next_power_of_2(max(channels, 1)), 1024)
+
+
+def batch_stats(
+    view: ChannelView,
+    plan: Plan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> BatchStats:
+    """Batch statistics of ``view`` (rows >= 1), folded with weight and bias."""
+    x = view.tensor
+    acc = accumulator_dtype(x.dtype)
+    channels = view.channels
+    partial_mean = torch.empty((plan.num_splits, channels), dtype=acc, device=x.device)
+    partial_m2 = torch.empty_like(partial_mean)
+    channel_blocks = triton.cdiv(channels, plan.block_channels)
+    _stats_partial_kernel[(plan.num_splits, channel_blocks)](
+        x, partial_mean, partial_m2,
+        view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
+        plan.rows_per_split,
+        BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
+        SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
+        num_warps=plan.num_warps,
+    )
+
+    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(6)))
+    block = _combine_block(channels)
+    _stats_combine_kernel[(triton.cdiv(channels, block),)](
+        partial_mean, partial_m2, x,
+        weight if weight is not None else stats.rstd,
+        bias if bias is not None else stats.rstd,
+        stats.mean_shifted, stats.rstd, stats.scale, stats.shift, stats.mean, stats.var_unbiased,
+        view.rows, channels, view.stride_c, plan.rows_per_split, plan.num_splits, *split_float(eps),
+        BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        INT64=plan.int64, ACC=tl_accumulator(x.dtype),
+    )
+    return stats
+
+
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: torch.Tensor | None,
+    mean: torch.Tensor,
+    var_unbiased: torch.Tensor,
+    momentum: float | None,
+) -> None:
+    """``running = (1 - m) * running + m * batch`` in place, on device.
+
+    ``momentum=None`` is the cumulative average, ``m = 1 / num_batches_tracked`` (already
+    incremented by the caller), read inside the kernel: no host synchronization.
+    """
+    channels = running_mean.numel()
+    cumulative = momentum is None
+    block = _combine_block(channels)
+    _running_update_kernel[(triton.cdiv(channels, block),)](
+        running_mean, running_var, num_batches_tracked if cumulative else mean, mean, var_unbiased,
+        channels, *split_float(0.0 if cumulative else momentum),
+        BLOCK_C=block, CUMULATIVE=cumulative, ACC=tl_accumulator(mean.dtype),
+    )

@@ -1,0 +1,178 @@
+"""The batch-norm operators, registered with ``torch.library``.
+
+Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so that
+``torch.compile`` and ``torch.export`` can trace through them, and autograd formulas:
+
+* ``batch_norm_train``: normalizes with the batch's statistics and returns
+  ``(y, mean_shifted, rstd, mean, var_unbiased)``; ``mean_shifted`` / ``rstd`` feed the
+  backward, ``mean`` / ``var_unbiased`` the running statistics.
+* ``update_running_stats``: the running-statistics update, in place (declared as
+  mutated; kept apart so that the statistics op stays functional, which autograd
+  registration requires).
+* ``batch_norm_eval``: normalizes with the running statistics; mutates nothing.
+* ``batch_norm_backward``: ``(dx, dweight, dbias)`` for either forward.
+
+Arguments are checked by :mod:`bntriton.functional` before these run: the ops assume
+valid input, so a failing call never reaches the point where state changes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import accumulator_dtype, batch_norm_grads, batch_stats, channel_affine, channel_view, plan
+from .kernels import update_running_stats as update_running_stats_kernel
+
+
+def _param_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtype:
+    return weight.dtype if weight is not None else accumulator_dtype(x.dtype)
+
+
+def _per_channel(x: Tensor, acc: bool = True) -> Tensor:
+    dtype = accumulator_dtype(x.dtype) if acc else x.dtype
+    return x.new_empty(x.shape[1], dtype=dtype)
+
+
+@torch.library.custom_op("bntriton::batch_norm_train", mutates_args=())
+def batch_norm_train(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean_shifted, rstd, mean, var_unbiased)`` from the batch's statistics."""
+    view = channel_view(x)
+    if view.rows == 0:
+        # An empty batch has no statistics: an empty output (as torch).
+        zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
+        return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone()
+    tiles = plan(view)
+    stats = batch_stats(view, tiles, weight, bias, eps)
+    y = channel_affine(view, tiles, view.tensor, view.stride_c, stats.scale, stats.shift)
+    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased
+
+
+@batch_norm_train.register_fake
+def _(x, weight, bias, eps):
+    return (channel_view(x).empty_like(), *(_per_channel(x) for _ in range(4)))
+
+
+@torch.library.custom_op(
+    "bntriton::update_running_stats", mutates_args=("running_mean", "running_var")
+)
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    var_unbiased: Tensor,
+    momentum: Optional[float],
+) -> None:
+    """``running = (1 - m) running + m batch``; ``momentum=None``: ``m = 1 / num_batches_tracked``."""
+    update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
+
+
+@update_running_stats.register_fake
+def _(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
+    return None
+
+
+def _eval_rstd(x: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    return torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + eps)
+
+
+@torch.library.custom_op("bntriton::batch_norm_eval", mutates_args=())
+def batch_norm_eval(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tensor:
+    view = channel_view(x)
+    if view.rows == 0:
+        return view.empty_like()
+    acc = accumulator_dtype(x.dtype)
+    # A handful of per-channel device ops; no host synchronization.
+    scale = _eval_rstd(x, running_var, eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = bias.to(acc) if bias is not None else torch.zeros_like(scale)
+    # Pivot = running mean: y = (x - running_mean) * scale + bias.
+    return channel_affine(view, plan(view), running_mean, 1, scale, shift)
+
+
+@batch_norm_eval.register_fake
+def _(x, weight, bias, running_mean, running_var, eps):
+    return channel_view(x).empty_like()
+
+
+@torch.library.custom_op("bntriton::batch_norm_backward", mutates_args=())
+def batch_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    mean_shifted: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of either forward: batch statistics when ``running_mean`` is None (the
+    pivot is then the input's first row), else the running statistics."""
+    view = channel_view(x)
+    dy = view.same_layout(grad_out)
+    batch_stats_used = running_mean is None
+    pivot, pivot_stride = (view.tensor, view.stride_c) if batch_stats_used else (running_mean, 1)
+    return batch_norm_grads(
+        view, plan(view), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
+        batch_stats=batch_stats_used, param_dtype=_param_dtype(x, weight),
+    )
+
+
+@batch_norm_backward.register_fake
+def _(grad_out, x, weight, running_mean, mean_shifted, rstd):
+    dtype = _param_dtype(x, weight)
+    channels = x.shape[1]
+    return channel_view(x).empty_like(), x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+def _train_setup(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean_shifted, rstd, _, _ = output
+    ctx.save_for_backward(x, weight, mean_shifted, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _train_backward(ctx, grad_y, *_grads_of_statistics):
+    x, weight, mean_shifted, rstd = ctx.saved_tensors
+    dx, dweight, dbias = batch_norm_backward(grad_y, x, weight, None, mean_shifted, rstd)
+    return (
+        dx,
+        dweight if weight is not None else None,
+        dbias if ctx.has_bias else None,
+        None,
+    )
+
+
+batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
+
+
+def _eval_setup(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(x, weight, running_mean, running_var)
+    ctx.has_bias = bias is not None
+    ctx.eps = eps
+
+
+def _eval_backward(ctx, grad_y):
+    x, weight, running_mean, running_var = ctx.saved_tensors
+    rstd = _eval_rstd(x, running_var, ctx.eps)
+    dx, dweight, dbias = batch_norm_backward(
+        grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd
+    )
+    return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None, None, None
+
+
+batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
