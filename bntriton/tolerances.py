@@ -1,0 +1,115 @@
+"""Error metrics and per-dtype error bounds: the one table that tests and `verify` use.
+
+Every error is measured against the float64 oracle (bntriton.reference) and expressed in
+units of the machine epsilon of the dtype the quantity is stored in (``EPS``):
+
+* ``y`` and the running statistics: ``max|out - ref| / max|ref|`` (normwise, infinity
+  norm);
+* ``dx``: ``max|out - ref| / max(magnitude)`` with the magnitude of the terms dx is the
+  difference of (``reference.BackwardResult.dx_scale``): with two values per channel,
+  say, dx is nearly zero by cancellation and only an error relative to those terms
+  means anything;
+* the reductions ``dweight = sum(dy * x_hat)`` and ``dbias = sum(dy)``: per channel
+  ``|out - ref| / sum|term|``, the largest over channels.  Dividing by the sum of the
+  magnitudes (not by the result) is what a reduction's rounding error is proportional
+  to, so a sum that cancels to nearly zero is judged fairly.
+
+A bound has two parts, in units of the stored dtype's eps:
+
+``rounding``
+    the final rounding into the stored dtype (half an ulp for the result plus half an
+    ulp for the per-channel coefficients it is computed from when those are stored in
+    the same dtype), plus one ulp for bf16 because Triton's interpreter rounds bf16
+    differently from the GPU (1 ulp apart, seen in practice).
+``growth * log2(count)``
+    in units of the *accumulator's* eps (fp32, or fp64 for fp64 input): the rounding
+    error of tree-shaped reductions over ``count`` values grows with the depth of the
+    tree, log2(count), times a few roundings per level (shift, product, sum, merge).
+    This term is what dominates for fp32 and fp64; it is negligible next to the
+    rounding term for fp16 and bf16.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+EPS = {
+    torch.float16: 2.0**-10,
+    torch.bfloat16: 2.0**-7,
+    torch.float32: 2.0**-23,
+    torch.float64: 2.0**-52,
+}
+
+
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Bound:
+    rounding: float  # units of the stored dtype's eps
+    growth: float    # units of the accumulator's eps, per log2(count)
+
+    def units(self, stored: torch.dtype, count: int) -> float:
+        """The bound in units of ``EPS[stored]`` for a reduction over ``count`` values."""
+        extra_bf16 = 1.0 if stored == torch.bfloat16 else 0.0
+        depth = math.log2(max(count, 2))
+        ratio = EPS[accumulator(stored)] / EPS[stored]
+        return self.rounding + extra_bf16 + self.growth * depth * ratio
+
+
+# The table.  ``count`` is the number of values per channel (N * spatial).
+BOUNDS = {
+    "y": Bound(rounding=1.0, growth=4.0),
+    "dx": Bound(rounding=1.0, growth=8.0),
+    "dweight": Bound(rounding=1.0, growth=4.0),
+    "dbias": Bound(rounding=1.0, growth=4.0),
+    "running_mean": Bound(rounding=2.0, growth=4.0),
+    "running_var": Bound(rounding=2.0, growth=8.0),
+}
+
+
+def bound_units(quantity: str, stored: torch.dtype, count: int) -> float:
+    return BOUNDS[quantity].units(stored, count)
+
+
+def _f64(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(t, dtype=np.float64)
+
+
+def normwise_error(out, ref, stored: torch.dtype, magnitude=None) -> float:
+    """``max|out - ref| / max|magnitude|`` (``magnitude`` defaults to ``ref``) in units of
+    ``EPS[stored]``; inf if ``out`` is not finite exactly where ``ref`` is finite."""
+    out, ref = _f64(out), _f64(ref)
+    magnitude = ref if magnitude is None else _f64(magnitude)
+    if out.size == 0:
+        return 0.0
+    if not np.array_equal(np.isfinite(out), np.isfinite(ref)):
+        return math.inf
+    finite = np.isfinite(ref)
+    diff = np.abs(out[finite] - ref[finite]).max(initial=0.0)
+    scale = np.abs(magnitude[finite]).max(initial=0.0)
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return float(diff / scale / EPS[stored])
+
+
+def reduction_error(out, ref, magnitude, stored: torch.dtype) -> float:
+    """Per channel ``|out - ref| / magnitude`` (``magnitude = sum|term|``), the largest,
+    in units of ``EPS[stored]``."""
+    out, ref, magnitude = _f64(out), _f64(ref), _f64(magnitude)
+    if out.size == 0:
+        return 0.0
+    if not np.array_equal(np.isfinite(out), np.isfinite(ref)):
+        return math.inf
+    finite = np.isfinite(ref)
+    diff = np.abs(out[finite] - ref[finite])
+    scale = np.where(magnitude[finite] > 0, magnitude[finite], 1.0)
+    if np.any(diff[magnitude[finite] == 0] > 0):
+        return math.inf
+    return float((diff / scale).max(initial=0.0) / EPS[stored])
