@@ -112,31 +112,39 @@ def _pow2_at_most(value: int, cap: int) -> int:
 
 
 def plan(view: ChannelView) -> Plan:
-    """Tile sizes and grid split for ``view``.
+    """Tile sizes and grid split for ``view`` on its device (see :func:`plan_for`)."""
+    device = view.tensor.device
+    sm_count = _sm_count(device.index or 0) if device.type == "cuda" else None
+    result = plan_for(view.rows, view.channels, view.channels_last, view.needs_int64, sm_count)
+    if _FORCED:
+        result = _with_splits(replace(result, **_FORCED), view.rows)
+    return result
+
+
+def plan_for(rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None) -> Plan:
+    """Tiles and grid split for a rows x channels problem; ``sm_count=None`` plans for the
+    interpreter.
 
     The reduction runs over rows, split across ``num_splits`` programs per channel block
-    so that few channels with many rows still fill the GPU; a second small kernel combines
-    the splits in a fixed order (deterministic, no atomics).
+    so that few channels with many rows still fill the GPU (about four programs per SM);
+    a second small kernel combines the splits in a fixed order (deterministic, no atomics).
     """
-    on_gpu = view.tensor.device.type == "cuda"
+    on_gpu = sm_count is not None
     # The interpreter pays per program and per op, not per element: big tiles, few programs.
     tile_elements = 4096 if on_gpu else 16384
-    if view.channels_last:
-        block_c = _pow2_at_most(view.channels, 64 if on_gpu else 128)
+    if channels_last:
+        block_c = _pow2_at_most(channels, 64 if on_gpu else 128)
     else:
-        block_c = _pow2_at_most(view.channels, 4 if on_gpu else 16)
-    block_r = _pow2_at_most(view.rows, max(tile_elements // block_c, 16))
-    row_tiles = triton.cdiv(max(view.rows, 1), block_r)
-    channel_blocks = triton.cdiv(view.channels, block_c)
+        block_c = _pow2_at_most(channels, 4 if on_gpu else 16)
+    block_r = _pow2_at_most(rows, max(tile_elements // block_c, 16))
+    row_tiles = triton.cdiv(max(rows, 1), block_r)
+    channel_blocks = triton.cdiv(channels, block_c)
     if on_gpu:
-        target_programs = 4 * _sm_count(view.tensor.device.index or 0)
-        splits = max(1, min(row_tiles, triton.cdiv(target_programs, channel_blocks)))
+        splits = max(1, min(row_tiles, triton.cdiv(4 * sm_count, channel_blocks)))
     else:
         splits = max(1, triton.cdiv(row_tiles, 4))
-    result = Plan(block_r, block_c, 0, splits, 8 if block_r * block_c >= 4096 else 4, view.needs_int64)
-    if _FORCED:
-        result = replace(result, **_FORCED)
-    return _with_splits(result, view.rows)
+    warps = 8 if block_r * block_c >= 4096 else 4
+    return _with_splits(Plan(block_r, block_c, 0, splits, warps, int64), rows)
 
 
 def _with_splits(p: Plan, rows: int) -> Plan:

@@ -1,0 +1,187 @@
+"""Kernels through the public op, against the float64 oracle: generated cases, the
+multi-tile / multi-split / 64-bit paths, and the numerical properties we promise."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+import bntriton
+from bntriton import reference
+from bntriton.kernels import channel_view, forced_plan
+from bntriton.kernels.launch import plan_for
+from bntriton.testing import Case, cases, make_tensors, shapes
+from bntriton.verify import check_case
+
+from conftest import DEVICE
+
+
+def _assert_passes(case, impl=bntriton.batch_norm):
+    result = check_case(impl, case, DEVICE)
+    assert result.passed, f"{case}\n" + "\n".join(result.failures())
+    return result
+
+
+@given(cases())
+def test_generated_cases_match_reference(case):
+    _assert_passes(case)
+
+
+# Small tiles force every kernel through several row tiles, several grid splits (merged
+# by the combine kernels), ragged last tiles and partial channel blocks.
+FORCED_PLANS = [
+    dict(block_rows=16, block_channels=2, num_splits=3),
+    dict(block_rows=16, block_channels=4, num_splits=64),
+    dict(block_rows=32, block_channels=8, num_splits=1),
+    dict(block_rows=16, block_channels=2, num_splits=2, int64=True),
+]
+
+
+@pytest.mark.parametrize("forced", FORCED_PLANS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
+@settings(max_examples=8)
+@given(case=cases(), shape=shapes(max_elements=1500, max_channels=12))
+def test_multi_tile_and_split_paths_match_reference(forced, case, shape):
+    # Few channels keep the number of (interpreted) programs of these tiny tiles small.
+    with forced_plan(**forced):
+        _assert_passes(dataclasses.replace(case, shape=shape))
+
+
+def test_split_fills_gpu_for_few_channels_many_rows():
+    """C=64, N*H*W=800k: the grid must still offer several programs per SM."""
+    for channels_last in (False, True):
+        p = plan_for(800_000, 64, channels_last, False, sm_count=132)
+        programs = p.num_splits * math.ceil(64 / p.block_channels)
+        assert programs >= 2 * 132
+        assert p.rows_per_split % p.block_rows == 0
+        assert (p.num_splits - 1) * p.rows_per_split < 800_000 <= p.num_splits * p.rows_per_split
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_offset_fp32_within_1e5(channels_last):
+    """Data with mean 1e4 x std normalize to 1e-5 normwise relative error (fp32)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 8, 12, 12, generator=g, dtype=torch.float64) + 1e4
+    x32 = x.float()
+    if channels_last:
+        x32 = x32.contiguous(memory_format=torch.channels_last)
+    with forced_plan(block_rows=64, block_channels=4, num_splits=5):
+        y = bntriton.batch_norm(x32.to(DEVICE), None, None, training=True)
+    ref = reference.forward(x32.double().numpy(), None, None, training=True).y
+    err = np.linalg.norm(y.double().cpu().numpy() - ref) / np.linalg.norm(ref)
+    assert err < 1e-5
+
+
+def test_constant_channel_outputs_beta_with_finite_gradients():
+    x = torch.randn(6, 3, 5, dtype=torch.float32)
+    x[:, 1] = 1234.5
+    w = torch.tensor([1.5, 2.0, -1.0], requires_grad=True)
+    b = torch.tensor([0.25, -0.75, 3.0], requires_grad=True)
+    xg = x.to(DEVICE).requires_grad_()
+    y = bntriton.batch_norm(xg, None, None, w.to(DEVICE), b.to(DEVICE), training=True)
+    assert torch.all(y[:, 1] == -0.75)
+    y.backward(torch.randn_like(y))
+    assert torch.isfinite(xg.grad).all()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
+
+
+def test_nan_stays_in_its_channel():
+    x = torch.randn(8, 4, 3)
+    x[3, 2, 1] = float("nan")
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = bntriton.batch_norm(x.to(DEVICE), rm.to(DEVICE), rv.to(DEVICE), training=True).cpu()
+    assert torch.isnan(y[:, 2]).all()
+    others = [0, 1, 3]
+    assert torch.isfinite(y[:, others]).all()
+
+
+def test_reruns_are_bitwise_identical():
+    case = Case(shape=(37, 5, 9), layout="channels_last", momentum=0.3, steps=2, seed=11)
+    t = make_tensors(case, DEVICE)
+    outputs = []
+    for _ in range(2):
+        with forced_plan(block_rows=16, block_channels=2, num_splits=4):
+            x = t.xs[0].detach().requires_grad_()
+            w = t.weight.detach().requires_grad_()
+            b = t.bias.detach().requires_grad_()
+            rm, rv = t.running_mean.clone(), t.running_var.clone()
+            y = bntriton.batch_norm(x, rm, rv, w, b, training=True)
+            y.backward(t.dy)
+            outputs.append([y, x.grad, w.grad, b.grad, rm, rv])
+    for first, second in zip(*outputs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_float64(training, channels_last):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 3, 2, generator=g, dtype=torch.float64) * 2 + 5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(DEVICE).requires_grad_()
+    w = torch.randn(4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    rm = torch.randn(4, dtype=torch.float64, device=DEVICE)
+    rv = torch.rand(4, dtype=torch.float64, device=DEVICE) + 0.5
+
+    def fn(x, w, b):
+        # Running statistics are cloned so that every evaluation sees the same ones.
+        return bntriton.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training, eps=1e-3)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_empty_batch_returns_empty_and_keeps_running_stats():
+    x = torch.randn(0, 3, 4, device=DEVICE, requires_grad=True)
+    rm, rv = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = bntriton.batch_norm(x, rm, rv, training=True)
+    assert y.shape == (0, 3, 4)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    y.sum().backward()
+    assert x.grad.shape == (0, 3, 4)
+    assert bntriton.batch_norm(x.detach(), rm, rv, training=False).shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_with_fp32_params_returns_input_dtype(dtype):
+    x = torch.randn(4, 3, 5, 5, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.rand(3, device=DEVICE) + 0.5
+    y = bntriton.batch_norm(x, None, None, w, None, training=True)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    expected = F.batch_norm(x.double(), None, None, w.double(), None, training=True)
+    # One rounding to the output dtype (plus one ulp of interpreter/GPU bf16 difference).
+    from bntriton.tolerances import EPS, normwise_error
+    assert normwise_error(y, expected, dtype) <= (2.0 if dtype == torch.bfloat16 else 1.0)
+    assert EPS[dtype] > 0
+
+
+def test_channels_last_gradient_stays_channels_last_for_contiguous_dy():
+    x = torch.randn(2, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = bntriton.batch_norm(x, None, None, training=True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.randn(2, 3, 4, 5, device=DEVICE))  # a contiguous (NCHW) gradient
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_views_are_not_copied_for_native_layouts():
+    for x in (
+        torch.randn(4, 3),
+        torch.randn(4, 3, 5),
+        torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+        torch.randn(2, 3, 2, 4, 5).contiguous(memory_format=torch.channels_last_3d),
+    ):
+        view = channel_view(x)
+        assert view.tensor.data_ptr() == x.data_ptr()
+
+
+def test_strided_views_are_copied_once_and_normalized():
+    x = torch.randn(3, 4, 10)[..., ::2]
+    view = channel_view(x)
+    assert view.tensor.is_contiguous()
+    y = bntriton.batch_norm(x.to(DEVICE), None, None, training=True)
+    ref = reference.forward(x.double().numpy(), None, None, training=True).y
+    assert np.abs(y.double().cpu().numpy() - ref).max() < 1e-5
