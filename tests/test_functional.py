@@ -1,0 +1,114 @@
+"""bntriton.batch_norm: F.batch_norm's signature, semantics and errors; failing calls
+change nothing."""
+import inspect
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bntriton
+from bntriton import reference
+from bntriton.functional import batch_norm_with_counter
+from bntriton.tolerances import bound_units, normwise_error
+
+from conftest import DEVICE
+
+
+def _stats(c, dtype=torch.float32):
+    return torch.randn(c, dtype=dtype, device=DEVICE), torch.rand(c, dtype=dtype, device=DEVICE) + 0.5
+
+
+def test_signature_matches_torch():
+    ours = inspect.signature(bntriton.batch_norm).parameters
+    theirs = inspect.signature(F.batch_norm).parameters
+    assert list(ours) == list(theirs)
+    assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_torch_functional_fp32(training):
+    x = torch.randn(6, 5, 4, 3, device=DEVICE) * 2 + 1
+    w, b = torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
+    rm, rv = _stats(5)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y = bntriton.batch_norm(x, rm, rv, w, b, training, 0.2, 1e-4)
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, training, 0.2, 1e-4)
+    count = x.numel() // 5
+    # Both are within their bound of the exact answer, so within twice of each other.
+    assert normwise_error(y, y_t, torch.float32) <= 2 * bound_units("y", torch.float32, count)
+    assert normwise_error(rm, rm_t, torch.float32) <= 2 * bound_units("running_mean", torch.float32, count)
+    assert normwise_error(rv, rv_t, torch.float32) <= 2 * bound_units("running_var", torch.float32, count)
+
+
+def test_eval_uses_running_stats_and_leaves_them():
+    x = torch.randn(7, 3, 5, device=DEVICE, dtype=torch.float64)
+    rm, rv = _stats(3, torch.float64)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = bntriton.batch_norm(x, rm, rv, training=False)
+    ref = reference.forward(x.cpu().numpy(), rm0.cpu().numpy(), rv0.cpu().numpy(), training=False).y
+    assert normwise_error(y, ref, torch.float64) <= bound_units("y", torch.float64, 35)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_training_without_running_stats():
+    x = torch.randn(8, 4, device=DEVICE, dtype=torch.float64)
+    y = bntriton.batch_norm(x, None, None, training=True)
+    ref = reference.forward(x.cpu().numpy(), None, None, training=True).y
+    assert normwise_error(y, ref, torch.float64) <= bound_units("y", torch.float64, 8)
+
+
+def test_weight_without_bias():
+    x = torch.randn(8, 4, 3, device=DEVICE, dtype=torch.float64)
+    w = torch.randn(4, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    y = bntriton.batch_norm(x, None, None, w, None, training=True)
+    ref = reference.forward(x.cpu().numpy(), None, None, w.detach().cpu().numpy(), None, training=True).y
+    assert normwise_error(y, ref, torch.float64) <= bound_units("y", torch.float64, 24)
+    y.sum().backward()
+    assert w.grad is not None
+
+
+def test_cumulative_momentum_reads_counter_on_device():
+    x = torch.randn(10, 3, device=DEVICE, dtype=torch.float64)
+    rm, rv = _stats(3, torch.float64)
+    rm0, rv0 = rm.cpu().clone().numpy(), rv.cpu().clone().numpy()
+    counter = torch.tensor(3, device=DEVICE)
+    batch_norm_with_counter(x, rm, rv, None, None, True, None, 1e-5, counter)
+    assert counter.item() == 4
+    ref = reference.forward(x.cpu().numpy(), rm0, rv0, training=True, momentum=None, num_batches_tracked=4)
+    np.testing.assert_allclose(rm.cpu().numpy(), ref.running_mean, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(rv.cpu().numpy(), ref.running_var, rtol=1e-14, atol=1e-15)
+
+
+def _bad_calls():
+    x = torch.randn(4, 3, 5)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    return [
+        ("1-D input", dict(input=torch.randn(5)), ValueError, "2D|1D"),
+        ("integer input", dict(input=x.long()), TypeError, "float16, bfloat16"),
+        ("running_mean size", dict(running_mean=torch.zeros(4)), RuntimeError, "running_mean should contain 3 elements not 4"),
+        ("running_var size", dict(running_var=torch.ones(2)), RuntimeError, "running_var should contain 3 elements not 2"),
+        ("weight size", dict(weight=torch.ones(4)), RuntimeError, "weight should contain 3 elements not 4"),
+        ("bias size", dict(bias=torch.ones(5)), RuntimeError, "bias should contain 3 elements not 5"),
+        ("integer weight", dict(weight=torch.ones(3, dtype=torch.long)), TypeError, "floating-point"),
+        ("eval without stats", dict(running_mean=None, running_var=None, training=False), RuntimeError,
+         "running_mean must be defined in evaluation mode"),
+        ("one value per channel", dict(input=torch.randn(1, 3)), ValueError,
+         "Expected more than 1 value per channel when training"),
+        ("only running_mean", dict(running_var=None), ValueError, "together"),
+        ("negative eps", dict(eps=-1.0), ValueError, "eps"),
+        ("device mismatch", dict(weight=torch.ones(3, device="meta")), RuntimeError, "device"),
+    ], x, rm, rv
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_bad_input_raises_clear_error_and_changes_nothing(index):
+    calls, x, rm, rv = _bad_calls()
+    name, override, exc, message = calls[index]
+    kwargs = dict(input=x, running_mean=rm, running_var=rv, weight=torch.ones(3), bias=torch.zeros(3),
+                  training=True, momentum=0.1, eps=1e-5)
+    kwargs.update(override)
+    before = [t.clone() for t in (rm, rv)]
+    with pytest.raises(exc, match=message):
+        bntriton.batch_norm(**kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, (rm, rv))), name
