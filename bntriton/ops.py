@@ -14,6 +14,14 @@ Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so t
 
 Arguments are checked by :mod:`bntriton.functional` before these run: the ops assume
 valid input, so a failing call never reaches the point where state changes.
+
+Graph capture: each fake computes its outputs' strides with the same
+:func:`~bntriton.kernels.channel_view` as the real op (``torch.library.opcheck`` checks
+them), and nothing here reads a device value on the host, so the ops trace under
+``torch.compile`` / ``torch.export`` and replay inside CUDA graphs.  There is
+deliberately no autocast registration: batch norm is on neither of torch's autocast
+lists, so torch's own runs in whatever dtype reaches it (fp16 / bf16 input with fp32
+parameters gives an fp16 / bf16 output and fp32 statistics), and so do these.
 """
 from __future__ import annotations
 

@@ -1,0 +1,421 @@
+"""torch.compile, torch.library.opcheck, autocast, CUDA graphs and torch.export.
+
+The four custom ops must behave like built-in operators for PyTorch's graph machinery:
+fakes with the real outputs' shapes, dtypes and strides, correct mutation annotations,
+autograd that traces, and no host synchronization anywhere in a training step.
+
+Compiled, graphed, exported and eager runs launch the very same Triton kernels in the
+same order; see ``SAME_KERNELS`` for what may still differ.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bntriton
+from bntriton.tolerances import EPS, bound_units, normwise_error
+
+from conftest import DEVICE
+
+ops = torch.ops.bntriton
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# Compiled vs eager: the same kernels in the same order, so on CPU the results are
+# bitwise equal.  What may differ are the torch ops around them (Inductor fuses and
+# reorders them; a GPU may pick another convolution algorithm): allow the table's bound
+# for one backward pass over a batch of the test net (4 x 4 x 4 values per channel).
+SAME_KERNELS = dict(rtol=bound_units("dx", torch.float32, 64) * EPS[torch.float32],
+                    atol=bound_units("dx", torch.float32, 64) * EPS[torch.float32])
+
+
+class Net(nn.Module):
+    """Conv -> BatchNorm2d -> ReLU -> flatten -> BatchNorm1d -> Linear: both module kinds,
+    a channels_last 4-D input and a 2-D one, affine and not, momentum and ``None``."""
+
+    def __init__(self, channels=4, size=4, momentum2d=0.1, momentum1d=None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        self.bn2d = bntriton.BatchNorm2d(channels, momentum=momentum2d)
+        self.bn1d = bntriton.BatchNorm1d(channels * size * size, momentum=momentum1d, affine=False)
+        self.head = nn.Linear(channels * size * size, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn2d(self.conv(x)))
+        return self.head(self.bn1d(torch.flatten(x, 1)))
+
+
+def _batches(steps, batch=4, size=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(batch, 3, size, size, generator=gen) * 2 + 0.5
+        target = torch.randn(batch, 3, generator=gen)
+        out.append((x.to(DEVICE).contiguous(memory_format=torch.channels_last), target.to(DEVICE)))
+    return out
+
+
+def _make_net(**kwargs):
+    torch.manual_seed(0)
+    return Net(**kwargs).to(DEVICE)
+
+
+def _train(model, params_of, batches, autocast_dtype=None):
+    """SGD steps; returns each step's output and gradients."""
+    opt = torch.optim.SGD(params_of.parameters(), lr=0.1)
+    history = []
+    for x, target in batches:
+        opt.zero_grad(set_to_none=True)
+        # Autocast around forward and loss only, as torch.amp prescribes (its cast cache
+        # would otherwise keep serving weights from before the optimizer step).
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(x)
+            loss = F.mse_loss(out, target)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in params_of.named_parameters()}
+        history.append((out.detach().clone(), grads))
+        opt.step()
+    return history
+
+
+def _assert_same_state(actual: nn.Module, expected: nn.Module, **tol):
+    """Parameters and buffers (running statistics, num_batches_tracked), by name."""
+    actual_state, expected_state = actual.state_dict(), expected.state_dict()
+    assert actual_state.keys() == expected_state.keys()
+    for name, value in expected_state.items():
+        torch.testing.assert_close(actual_state[name], value, **tol, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------ opcheck
+
+
+def _param(c, dtype, offset=0.0):
+    return (torch.rand(c, dtype=dtype, device=DEVICE) + 0.5 + offset).requires_grad_()
+
+
+def _forward_sample(variant, dtype, param_dtype, layout):
+    """(op, args) for one forward / backward variant on a small (2, 3, 2, 3) input."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 2, 3, dtype=dtype, device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = _param(3, param_dtype), _param(3, param_dtype, offset=-1.0)
+    running_mean = torch.randn(3, dtype=param_dtype, device=DEVICE)
+    running_var = torch.rand(3, dtype=param_dtype, device=DEVICE) + 0.5
+    if variant == "train-affine":
+        return ops.batch_norm_train, (x, w, b, 1e-5)
+    if variant == "train-plain":
+        return ops.batch_norm_train, (x, None, None, 1e-5)
+    if variant == "eval-affine":
+        return ops.batch_norm_eval, (x, w, b, running_mean, running_var, 1e-5)
+    if variant == "eval-bias-only":
+        return ops.batch_norm_eval, (x, None, b, running_mean, running_var, 1e-3)
+    with torch.no_grad():
+        _, mean_shifted, rstd, _, _ = ops.batch_norm_train(x, w, b, 1e-5)
+    # A contiguous gradient: for a channels_last x it comes in the other memory format,
+    # and dx must still have x's.
+    grad = torch.randn(x.shape, dtype=dtype, device=DEVICE)
+    if variant == "backward-train":
+        return ops.batch_norm_backward, (grad, x.detach(), w.detach(), None, mean_shifted, rstd)
+    assert variant == "backward-eval"
+    return ops.batch_norm_backward, (grad, x.detach(), None, running_mean, torch.zeros_like(rstd), rstd)
+
+
+def _other_sample(variant):
+    """(op, args) for the running-statistics update and the odd layouts and sizes."""
+    torch.manual_seed(0)
+    dtype = torch.float16 if variant.endswith("float16") else torch.float32
+    running = (torch.zeros(3, dtype=dtype, device=DEVICE), torch.ones(3, dtype=dtype, device=DEVICE))
+    stats = (torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE))
+    if variant.startswith("update-momentum"):
+        return ops.update_running_stats, (*running, None, *stats, 0.1)
+    if variant.startswith("update-cumulative"):
+        return ops.update_running_stats, (*running, torch.tensor(3, device=DEVICE), *stats, None)
+    if variant == "train-sliced":  # neither layout: copied once inside
+        sliced = torch.randn(4, 6, 5, device=DEVICE)[:, ::2].requires_grad_()
+        return ops.batch_norm_train, (sliced, None, None, 1e-5)
+    if variant == "train-2d-float64":
+        x = torch.randn(5, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        return ops.batch_norm_train, (x, _param(3, torch.float64), None, 1e-5)
+    empty = torch.randn(0, 3, 4, device=DEVICE, requires_grad=True)
+    if variant == "train-empty":
+        return ops.batch_norm_train, (empty, None, None, 1e-5)
+    assert variant == "eval-empty"
+    return ops.batch_norm_eval, (empty, None, None, *running, 1e-5)
+
+
+# fp32; bf16 input with fp32 parameters (autocast's case); fp16 throughout.
+_DTYPES = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.float32),
+           "float16": (torch.float16, torch.float16)}
+_VARIANTS = ("train-affine", "train-plain", "eval-affine", "eval-bias-only",
+             "backward-train", "backward-eval")
+_OTHERS = ("update-momentum-float32", "update-cumulative-float32", "update-momentum-float16",
+           "update-cumulative-float16", "train-sliced", "train-2d-float64", "train-empty", "eval-empty")
+
+
+def _run_opcheck(op, args):
+    # Schema (mutation annotations), fake tensors (shapes, dtypes, strides), autograd
+    # registration and AOT dispatch with dynamic shapes, each against the real kernels.
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtypes", _DTYPES)
+@pytest.mark.parametrize("variant", _VARIANTS)
+def test_opcheck(variant, dtypes, layout):
+    _run_opcheck(*_forward_sample(variant, *_DTYPES[dtypes], layout))
+
+
+@pytest.mark.parametrize("variant", _OTHERS)
+def test_opcheck_running_update_and_odd_inputs(variant):
+    _run_opcheck(*_other_sample(variant))
+
+
+# ------------------------------------------------------------------------ torch.compile
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_and_eval_match_eager(backend):
+    eager = _make_net()
+    compiled_net = copy.deepcopy(eager)
+    # fullgraph=True: any graph break is an error.
+    compiled = torch.compile(compiled_net, backend=backend, fullgraph=True)
+    batches = _batches(3)
+
+    expected = _train(eager, eager, batches)
+    actual = _train(compiled, compiled_net, batches)
+    for step, ((out, grads), (out_ref, grads_ref)) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(out, out_ref, **SAME_KERNELS, msg=lambda m: f"step {step}: {m}")
+        for name in grads_ref:
+            torch.testing.assert_close(grads[name], grads_ref[name], **SAME_KERNELS,
+                                       msg=lambda m: f"step {step} grad {name}: {m}")
+    # Running statistics (momentum 0.1 and cumulative) and num_batches_tracked.
+    _assert_same_state(compiled_net, eager, **SAME_KERNELS)
+    assert int(compiled_net.bn1d.num_batches_tracked) == len(batches)
+
+    eager.eval()
+    compiled.eval()
+    x, _ = _batches(1, seed=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), **SAME_KERNELS)
+
+
+def test_compiled_with_dynamic_batch_size():
+    # Symbolic shapes through the fakes (layout checks become guards, not errors).
+    eager = _make_net()
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (4, 6):
+        x, _ = _batches(1, batch=batch)[0]
+        torch.testing.assert_close(compiled(x), eager(x), **SAME_KERNELS)
+    _assert_same_state(compiled_net, eager, **SAME_KERNELS)
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize(
+    "device_type,dtype",
+    [pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+     pytest.param("cuda", torch.float16, id="cuda-fp16", marks=needs_cuda),
+     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=needs_cuda)],
+)
+def test_autocast_dtypes_match_torch(device_type, dtype):
+    """Batch norm is on neither autocast list: it runs in whatever dtype reaches it, with
+    fp32 parameters.  Ours matches torch: low-precision input -> low-precision output and
+    fp32 statistics and parameter gradients; fp32 input stays fp32."""
+    device = torch.device(device_type)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5, generator=gen) * 3 + 1).to(device)
+    dy = torch.randn(4, 3, 5, 5, generator=gen).to(device)
+    for low_precision_input in (True, False):
+        results = []
+        for cls in (bntriton.BatchNorm2d, nn.BatchNorm2d):
+            torch.manual_seed(0)
+            bn = cls(3).to(device)
+            with torch.no_grad():
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-1, 1)
+            inp = (x.to(dtype) if low_precision_input else x).requires_grad_()
+            with torch.autocast(device_type, dtype=dtype):
+                y = bn(inp)
+            y.backward(dy.to(y.dtype))
+            results.append((y, inp.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+        ours, theirs = results
+        count = x.numel() // x.shape[1]
+        names = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
+        for name, a, b in zip(names, ours, theirs):
+            assert a.dtype == b.dtype, f"{name}: {a.dtype} vs torch's {b.dtype}"
+            # Each side is within the table's bound of the exact result: at most twice it apart.
+            bound = 2 * bound_units(name, a.dtype, count)
+            err = normwise_error(a, b, a.dtype)
+            assert err <= bound, f"{name}: {err:.2f} eps from torch's (bound {bound:.1f})"
+
+
+def test_compiled_under_autocast_matches_eager():
+    eager = _make_net()
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net, backend="aot_eager", fullgraph=True)
+    batches = _batches(2)
+    expected = _train(eager, eager, batches, autocast_dtype=torch.bfloat16)
+    actual = _train(compiled, compiled_net, batches, autocast_dtype=torch.bfloat16)
+    for (out, grads), (out_ref, grads_ref) in zip(actual, expected):
+        assert out.dtype == out_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+        for name in grads_ref:
+            assert grads[name].dtype == torch.float32
+            torch.testing.assert_close(grads[name], grads_ref[name], **SAME_KERNELS)
+    _assert_same_state(compiled_net, eager, **SAME_KERNELS)
+
+
+# --------------------------------------------------------------- no host synchronization
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def test_training_step_never_reads_device_values_on_the_host(monkeypatch):
+    """A host read of a device value (``.item()``, ``if tensor:``, ``int(tensor)``) is a
+    synchronization on CUDA and breaks CUDA-graph capture.  CPU has no sync detector, so
+    the test makes every such read raise during a forward/backward in training mode
+    (momentum and cumulative running statistics) and a forward in eval mode."""
+    model = _make_net()
+    (x, target), = _batches(1)
+    F.mse_loss(model(x), target).backward()  # first call: kernel compilation, caches
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name}() read a device value on the host")
+        return read
+
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    with pytest.raises(AssertionError):  # the trap works
+        bool(torch.ones(1, device=DEVICE))
+    if CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        F.mse_loss(model(x), target).backward()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        if CUDA:
+            torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.undo()
+    assert int(model.bn2d.num_batches_tracked) == 2
+
+
+# -------------------------------------------------------------------------- CUDA graphs
+
+
+@needs_cuda
+@torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)  # one conv algorithm
+def test_cuda_graph_training_step_matches_eager():
+    """Capture forward + backward + SGD step of a net with bntriton layers in one CUDA
+    graph, replay it on new data and compare with the same steps run eagerly.  Capture
+    itself fails on any host synchronization; the eager steps run under sync debug mode."""
+    eager = _make_net()
+    graphed = copy.deepcopy(eager)
+    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_graphed = torch.optim.SGD(graphed.parameters(), lr=0.1)
+    batches = _batches(6)
+    warmup = 2
+
+    def step(model, opt, x, target):
+        loss = F.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def eager_step(x, target):
+        opt_eager.zero_grad(set_to_none=True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = F.mse_loss(eager(x), target)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt_eager.step()
+        return loss.detach()
+
+    # Warm-up on a side stream (Triton compiles its kernels on first launch), as
+    # torch.cuda.graphs' documentation prescribes; these are real training steps.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, target in batches[:warmup]:
+            opt_graphed.zero_grad(set_to_none=True)
+            step(graphed, opt_graphed, x, target)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, target in batches[:warmup]:
+        eager_step(x, target)
+
+    static_x, static_target = (t.clone() for t in batches[warmup])
+    graph = torch.cuda.CUDAGraph()
+    opt_graphed.zero_grad(set_to_none=True)  # backward in the capture allocates static grads
+    with torch.cuda.graph(graph):
+        static_loss = step(graphed, opt_graphed, static_x, static_target)
+
+    for x, target in batches[warmup:]:
+        static_x.copy_(x)
+        static_target.copy_(target)
+        graph.replay()
+        loss = eager_step(x, target)
+        torch.testing.assert_close(static_loss, loss, **SAME_KERNELS)
+    torch.cuda.synchronize()
+    _assert_same_state(graphed, eager, **SAME_KERNELS)
+    assert int(graphed.bn1d.num_batches_tracked) == len(batches)
+
+
+# ------------------------------------------------------------------------- torch.export
+
+
+def _bntriton_ops(exported) -> set:
+    """Our ops in an exported graph, also where functionalization wrapped a mutating op
+    in ``auto_functionalized(op, ...)`` (the ATen IR that run_decompositions() gives)."""
+    found = set()
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for target in (node.target, node.args[0] if node.args else None):
+            if "bntriton" in str(target):
+                found.add(str(target))
+    return found
+
+
+def test_export_eval_matches_eager():
+    model = _make_net()
+    with torch.no_grad():
+        for x, _ in _batches(2):
+            model(x)  # non-trivial running statistics
+    model.eval()
+    (x, _), = _batches(1, seed=1)
+    exported = torch.export.export(model, (x,))
+    assert _bntriton_ops(exported) == {"bntriton.batch_norm_eval.default"}
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), **SAME_KERNELS)
+
+
+@pytest.mark.parametrize("decompose", [False, True], ids=["training-ir", "aten-ir"])
+def test_export_training_updates_running_stats_like_eager(decompose):
+    """The training IR keeps update_running_stats in place; run_decompositions() gives the
+    functional ATen form (the op wrapped in auto_functionalized, the statistics returned
+    as buffer mutations that the module writes back).  Both must train like eager."""
+    model = _make_net()
+    reference = copy.deepcopy(model)
+    (x, _), = _batches(1)
+    program = torch.export.export(model, (x,))
+    # Tracing ran on fake tensors: the model's own state is untouched.
+    _assert_same_state(model, reference, rtol=0, atol=0)
+    if decompose:
+        program = program.run_decompositions()
+    assert {"bntriton.batch_norm_train.default",
+            "bntriton.update_running_stats.default"} <= _bntriton_ops(program)
+    module = program.module()  # shares the model's parameter and buffer tensors
+    torch.testing.assert_close(module(x), reference(x), **SAME_KERNELS)
+    _assert_same_state(module, reference, **SAME_KERNELS)
