@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import accumulator_dtype, batch_norm_grads, batch_stats, channel_affine, channel_view, plan
+from .kernels import accumulator_dtype, channel_affine, channel_view, dispatch, plan
 from .kernels import update_running_stats as update_running_stats_kernel
 
 
@@ -53,9 +53,7 @@ def batch_norm_train(
         # An empty batch has no statistics: an empty output (as torch).
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
         return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone()
-    tiles = plan(view)
-    stats = batch_stats(view, tiles, weight, bias, eps)
-    y = channel_affine(view, tiles, view.tensor, view.stride_c, stats.scale, stats.shift)
+    y, stats = dispatch.forward_train(view, weight, bias, eps)
     return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased
 
 
@@ -130,8 +128,8 @@ def batch_norm_backward(
     dy = view.same_layout(grad_out)
     batch_stats_used = running_mean is None
     pivot, pivot_stride = (view.tensor, view.stride_c) if batch_stats_used else (running_mean, 1)
-    return batch_norm_grads(
-        view, plan(view), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
+    return dispatch.backward(
+        view, dy, weight, pivot, pivot_stride, mean_shifted, rstd,
         batch_stats=batch_stats_used, param_dtype=_param_dtype(x, weight),
     )
 
@@ -148,7 +146,10 @@ def _(grad_out, x, weight, running_mean, mean_shifted, rstd):
 
 def _train_setup(ctx, inputs, output):
     x, weight, bias, _ = inputs
-    _, mean_shifted, rstd, _, _ = output
+    _, mean_shifted, rstd, mean, var_unbiased = output
+    # The statistics are outputs for the backward and the running-stat update, not
+    # something to differentiate through: say so, rather than drop their gradients.
+    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased)
     ctx.save_for_backward(x, weight, mean_shifted, rstd)
     ctx.has_bias = bias is not None
 

@@ -36,6 +36,11 @@ class ForwardResult:
     var: np.ndarray   # biased batch variance, or the running variance
     running_mean: Optional[np.ndarray] = None  # after the update (training with running stats)
     running_var: Optional[np.ndarray] = None
+    # The scale of the updated running mean's rounding error: a batch mean is computed
+    # from values as large as max|x|, so its error is relative to that, not to the mean
+    # (which may be ~0 for data of large spread).  Chained over steps via
+    # ``forward(..., running_mean_magnitude=...)``.
+    running_mean_magnitude: Optional[np.ndarray] = None
 
 
 def _pivot(x: np.ndarray) -> np.ndarray:
@@ -84,6 +89,7 @@ def forward(
     momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
     num_batches_tracked: int = 1,
+    running_mean_magnitude: Optional[np.ndarray] = None,
 ) -> ForwardResult:
     """``F.batch_norm`` semantics in float64.
 
@@ -93,7 +99,7 @@ def forward(
     x = np.asarray(x, dtype=np.float64)
     channels = x.shape[1]
     count = x.size // channels if channels else 0
-    new_mean = new_var = None
+    new_mean = new_var = new_magnitude = None
     if training:
         mean, var = batch_stats(x)
         if running_mean is not None and count > 0:
@@ -101,6 +107,10 @@ def forward(
             unbiased = var * count / (count - 1)
             new_mean = (1 - factor) * np.asarray(running_mean, np.float64) + factor * mean
             new_var = (1 - factor) * np.asarray(running_var, np.float64) + factor * unbiased
+            old_magnitude = np.abs(np.asarray(
+                running_mean if running_mean_magnitude is None else running_mean_magnitude, np.float64
+            ))
+            new_magnitude = (1 - factor) * old_magnitude + factor * np.abs(x).max(axis=_axes(x))
     else:
         mean = np.asarray(running_mean, np.float64)
         var = np.asarray(running_var, np.float64)
@@ -110,7 +120,7 @@ def forward(
         y = y * _per_channel(np.asarray(weight, np.float64), x.ndim)
     if bias is not None:
         y = y + _per_channel(np.asarray(bias, np.float64), x.ndim)
-    return ForwardResult(y, mean, var, new_mean, new_var)
+    return ForwardResult(y, mean, var, new_mean, new_var, new_magnitude)
 
 
 @dataclass

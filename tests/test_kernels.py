@@ -12,7 +12,7 @@ from hypothesis import given, settings
 import bntriton
 from bntriton import reference
 from bntriton.kernels import channel_view, forced_plan
-from bntriton.kernels.launch import plan_for
+from bntriton.kernels.launch import fused_plan_for, plan_for
 from bntriton.testing import Case, cases, make_tensors, shapes
 from bntriton.verify import check_case
 
@@ -25,14 +25,19 @@ def _assert_passes(case, impl=bntriton.batch_norm):
     return result
 
 
-@given(cases())
-def test_generated_cases_match_reference(case):
-    _assert_passes(case)
+@pytest.mark.parametrize("path", ["auto", "split"])
+@given(case=cases())
+def test_generated_cases_match_reference(path, case):
+    # "auto" takes the single-read kernels whenever a channel block's rows fit one tile
+    # (most test tensors); "split" forces the grid-split reduction for every case.
+    with forced_plan(**({} if path == "auto" else {"path": "split"})):
+        _assert_passes(case)
 
 
 # Small tiles force every kernel through several row tiles, several grid splits (merged
 # by the combine kernels), ragged last tiles and partial channel blocks.
 FORCED_PLANS = [
+    dict(path="fused", int64=True),
     dict(block_rows=16, block_channels=2, num_splits=3),
     dict(block_rows=16, block_channels=4, num_splits=64),
     dict(block_rows=32, block_channels=8, num_splits=1),
@@ -49,6 +54,14 @@ def test_multi_tile_and_split_paths_match_reference(forced, case, shape):
         _assert_passes(dataclasses.replace(case, shape=shape))
 
 
+def test_single_read_path_only_when_rows_fit_and_gpu_stays_busy():
+    assert fused_plan_for(196, 2048, False, False, sm_count=132) is not None  # 4x2048x7x7
+    assert fused_plan_for(12544, 2048, False, False, sm_count=132) is None  # too many rows
+    assert fused_plan_for(4096, 64, False, False, sm_count=132) is None  # too few programs
+    wide = fused_plan_for(256, 1024, True, False, sm_count=132)
+    assert wide is not None and wide.block_channels >= 16  # coalesced channels-last tiles
+
+
 def test_split_fills_gpu_for_few_channels_many_rows():
     """C=64, N*H*W=800k: the grid must still offer several programs per SM."""
     for channels_last in (False, True):
@@ -59,15 +72,16 @@ def test_split_fills_gpu_for_few_channels_many_rows():
         assert (p.num_splits - 1) * p.rows_per_split < 800_000 <= p.num_splits * p.rows_per_split
 
 
+@pytest.mark.parametrize("forced", [dict(block_rows=64, block_channels=4, num_splits=5), dict(path="fused")])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_large_mean_offset_fp32_within_1e5(channels_last):
+def test_large_mean_offset_fp32_within_1e5(channels_last, forced):
     """Data with mean 1e4 x std normalize to 1e-5 normwise relative error (fp32)."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(16, 8, 12, 12, generator=g, dtype=torch.float64) + 1e4
     x32 = x.float()
     if channels_last:
         x32 = x32.contiguous(memory_format=torch.channels_last)
-    with forced_plan(block_rows=64, block_channels=4, num_splits=5):
+    with forced_plan(**forced):
         y = bntriton.batch_norm(x32.to(DEVICE), None, None, training=True)
     ref = reference.forward(x32.double().numpy(), None, None, training=True).y
     err = np.linalg.norm(y.double().cpu().numpy() - ref) / np.linalg.norm(ref)
@@ -102,7 +116,7 @@ def test_reruns_are_bitwise_identical():
     t = make_tensors(case, DEVICE)
     outputs = []
     for _ in range(2):
-        with forced_plan(block_rows=16, block_channels=2, num_splits=4):
+        with forced_plan(block_rows=16, block_channels=2, num_splits=4):  # split + combine
             x = t.xs[0].detach().requires_grad_()
             w = t.weight.detach().requires_grad_()
             b = t.bias.detach().requires_grad_()

@@ -91,8 +91,9 @@ _FORCED: dict = {}
 
 @contextlib.contextmanager
 def forced_plan(**fields):
-    """Test hook: force tile sizes / splits / int64 offsets so that small tensors take the
-    multi-tile, multi-split and 64-bit paths a GPU-sized tensor would take."""
+    """Test hook: force tile sizes / splits / int64 offsets, and ``path="split"`` or
+    ``path="fused"``, so that small tensors take the multi-tile, multi-split, 64-bit and
+    single-read paths a GPU-sized tensor would take."""
     previous = dict(_FORCED)
     _FORCED.update(fields)
     try:
@@ -100,6 +101,10 @@ def forced_plan(**fields):
     finally:
         _FORCED.clear()
         _FORCED.update(previous)
+
+
+def _forced_fields() -> dict:
+    return {k: v for k, v in _FORCED.items() if k != "path"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,9 +121,56 @@ def plan(view: ChannelView) -> Plan:
     device = view.tensor.device
     sm_count = _sm_count(device.index or 0) if device.type == "cuda" else None
     result = plan_for(view.rows, view.channels, view.channels_last, view.needs_int64, sm_count)
-    if _FORCED:
-        result = _with_splits(replace(result, **_FORCED), view.rows)
+    if _forced_fields():
+        result = _with_splits(replace(result, **_forced_fields()), view.rows)
     return result
+
+
+def fused_plan(view: ChannelView) -> Plan | None:
+    """The single-read plan for ``view`` (kernels/fused.py), or None when the split path
+    should run (see :func:`fused_plan_for`)."""
+    device = view.tensor.device
+    sm_count = _sm_count(device.index or 0) if device.type == "cuda" else None
+    path = _FORCED.get("path")
+    if path == "split" or (path is None and _forced_fields()):
+        return None  # forced tile sizes are meant for the split path
+    result = fused_plan_for(view.rows, view.channels, view.channels_last, view.needs_int64, sm_count)
+    if path == "fused" and result is None:
+        raise ValueError(f"forced fused path, but {view.rows} rows do not fit one tile")
+    if result is not None and "int64" in _FORCED:
+        result = replace(result, int64=_FORCED["int64"])
+    return result
+
+
+# Largest tile one program holds in registers for the single-read path (elements).
+_FUSED_TILE_GPU = 8192
+_FUSED_TILE_INTERPRETER = 16384
+
+
+def fused_plan_for(
+    rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None
+) -> Plan | None:
+    """One program per channel block holding all of its rows, when that fits on chip.
+
+    On a GPU the channel blocks must also be numerous enough to occupy the SMs: a few
+    programs each streaming many rows would leave most of the GPU idle, which the split
+    path avoids.  Channels-last tiles need at least 16 channels side by side for 64-byte
+    contiguous segments, which caps the rows that fit.
+    """
+    on_gpu = sm_count is not None
+    tile = _FUSED_TILE_GPU if on_gpu else _FUSED_TILE_INTERPRETER
+    min_block_c = min(16, triton.next_power_of_2(channels)) if on_gpu and channels_last else 1
+    block_r = triton.next_power_of_2(max(rows, 1))
+    if rows < 1 or block_r * min_block_c > tile:
+        return None
+    block_c = _pow2_at_most(channels, max(tile // block_r, 1))
+    if on_gpu:
+        while block_c > min_block_c and triton.cdiv(channels, block_c) < 2 * sm_count:
+            block_c //= 2
+        if triton.cdiv(channels, block_c) < sm_count and rows > 1024:
+            return None
+    warps = 4 if block_r * block_c <= 2048 else 8
+    return Plan(block_r, block_c, block_r, 1, warps, int64)
 
 
 def plan_for(rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None) -> Plan:

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .launch import Plan, kernel, tl_accumulator
 from .layout import ChannelView
+from .tiles import channel_offsets, tile_offsets
 
 
 @kernel
@@ -26,20 +27,11 @@ def _channel_affine_kernel(
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_mask = r < rows
     c_mask = c < channels
-    if INT64:
-        r = r.to(tl.int64)
-        c = c.to(tl.int64)
-    if SPLIT_ROWS:
-        n = r // spatial
-        row_off = n * stride_n + (r - n * spatial) * stride_s
-    else:
-        row_off = r * stride_s
-    offs = row_off[:, None] + (c * stride_c)[None, :]
-    mask = r_mask[:, None] & c_mask[None, :]
+    offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+    mask = (r < rows)[:, None] & c_mask[None, :]
 
-    pivot = tl.load(pivot_ptr + c * pivot_stride, mask=c_mask, other=0.0).to(ACC)
+    pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)

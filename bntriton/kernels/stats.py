@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .launch import Plan, accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
+from .tiles import channel_offsets, tile_offsets
 
 
 @kernel
@@ -39,12 +40,8 @@ def _stats_partial_kernel(
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    if INT64:
-        c_off = c.to(tl.int64) * stride_c
-    else:
-        c_off = c * stride_c
     # Row 0 of each channel is its pivot K.
-    pivot = tl.load(x_ptr + c_off, mask=c_mask, other=0.0).to(ACC)
+    pivot = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
@@ -52,16 +49,9 @@ def _stats_partial_kernel(
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = r < row_end
-        if INT64:
-            r = r.to(tl.int64)
-        if SPLIT_ROWS:
-            n = r // spatial
-            row_off = n * stride_n + (r - n * spatial) * stride_s
-        else:
-            row_off = r * stride_s
-        mask = r_mask[:, None] & c_mask[None, :]
-        x = tl.load(x_ptr + row_off[:, None] + c_off[None, :], mask=mask, other=0.0).to(ACC)
+        offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        mask = (r < row_end)[:, None] & c_mask[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         shifted = tl.where(mask, x - pivot[None, :], 0.0)
         # Every tile before this one in the split is full, so the counts need no carry.
         seen = (r0 - row_start) + tl.zeros([BLOCK_C], dtype=ACC)
@@ -123,10 +113,7 @@ def _stats_combine_kernel(
     tl.store(shift_ptr + c, shift, mask=c_mask)
 
     # The un-shifted mean and the unbiased variance, for the running statistics.
-    if INT64:
-        pivot = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(ACC)
-    else:
-        pivot = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0.0).to(ACC)
+    pivot = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
     tl.store(mean_ptr + c, pivot + mean, mask=c_mask)
     tl.store(var_unbiased_ptr + c, m2 / (n - 1.0), mask=c_mask)
 
