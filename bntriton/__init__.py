@@ -4,6 +4,7 @@ Public names only; see README.md.
 """
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .verify import Report, verify
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_model"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Report", "batch_norm", "convert_model", "verify"]
 __version__ = "0.1.0"

@@ -22,6 +22,10 @@ from typing import Optional
 import torch
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
+# Layouts beyond the default strategies' (kept out of LAYOUTS so that ``cases()`` draws
+# exactly what it always drew): "reversed" stores the dims in reverse order (N innermost),
+# a dense layout that is neither channels-first nor channels-last.
+EXTRA_LAYOUTS = ("reversed",)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DATA_KINDS = ("normal", "constant_channel", "nan", "inf", "tiny_var")
 
@@ -63,6 +67,24 @@ class Case:
         d["param_dtype"] = None if self.param_dtype is None else str(self.param_dtype).replace("torch.", "")
         return d
 
+    @classmethod
+    def from_description(cls, d: dict) -> "Case":
+        """The inverse of :meth:`describe` (JSON-friendly dict -> Case); missing fields
+        take their defaults, unknown ones raise, so a typo cannot pass silently."""
+        d = dict(d)
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown Case fields {sorted(unknown)}")
+        if "shape" in d:
+            d["shape"] = tuple(int(n) for n in d["shape"])
+        for key in ("dtype", "param_dtype"):
+            if isinstance(d.get(key), str):
+                dtype = getattr(torch, d[key].replace("torch.", ""), None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"{key}: {d[key]!r} is not a torch dtype")
+                d[key] = dtype
+        return cls(**d)
+
 
 def apply_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """``x``'s values in the memory layout ``layout`` (same shape)."""
@@ -81,7 +103,11 @@ def apply_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         view = wide[..., ::2]
         view.copy_(x)
         return view
-    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout == "reversed":
+        # Storage in reverse dim order: x.permute(reversed) is contiguous.
+        rev = tuple(range(x.dim() - 1, -1, -1))
+        return x.permute(rev).contiguous().permute(rev)
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS + EXTRA_LAYOUTS}")
 
 
 @dataclass
@@ -200,4 +226,4 @@ def cases(
     return draw()
 
 
-__all__ = ["Case", "DTYPES", "LAYOUTS", "Tensors", "apply_layout", "cases", "make_tensors", "shapes"]
+__all__ = ["Case", "DTYPES", "EXTRA_LAYOUTS", "LAYOUTS", "Tensors", "apply_layout", "cases", "make_tensors", "shapes"]
