@@ -10,6 +10,11 @@ With ``x_hat = ((x - K) - mean_shifted) * rstd`` and ``g`` the weight (1 without
 Three launches: a split partial reduction (same grid as the statistics), a combine in a
 fixed order (deterministic) that also folds dx into ``dx = dy * A + (x - K) * B + C``,
 and the shared per-channel affine epilogue (normalize.py).
+
+SyncBatchNorm needs the two halves apart, with an all-reduce of the sums in between
+(``M`` is then the global count): :func:`grad_sums` is the reduction (with the local
+dweight / dbias), and :func:`input_grad` the coefficients and epilogue from given sums.  The coefficient
+formula itself is one device function shared by both paths.
 """
 from __future__ import annotations
 
@@ -67,6 +72,28 @@ def _grad_partial_kernel(
     tl.store(part_dyc_ptr + out, sum_dyc, mask=c_mask)
 
 
+@triton.jit
+def _sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel sum of the ``num_splits`` partial rows, in split order (deterministic)."""
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    for i in range(0, num_splits):
+        total += tl.load(part_ptr + i * channels + c, mask=c_mask, other=0.0)
+    return total
+
+
+@triton.jit
+def _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m):
+    """``dx = dy * A + (x - K) * B + C`` under batch statistics, ``A = g * rstd`` given.
+
+    ``x_hat = ((x - K) - mean_s) * rstd``, so the ``x_hat * dgamma / M`` term splits into
+    a per-element part (B) and a per-channel constant folded into C with the mean term.
+    """
+    dgamma = sum_dyc * rstd
+    coef_b = -coef_a * rstd * dgamma / m
+    coef_c = -coef_a * sum_dy / m - coef_b * mean_s
+    return coef_b, coef_c
+
+
 @kernel
 def _grad_combine_kernel(
     part_dy_ptr, part_dyc_ptr, mean_s_ptr, rstd_ptr, weight_ptr,
@@ -77,11 +104,8 @@ def _grad_combine_kernel(
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dyc = tl.zeros([BLOCK_C], dtype=ACC)
-    for i in range(0, num_splits):
-        sum_dy += tl.load(part_dy_ptr + i * channels + c, mask=c_mask, other=0.0)
-        sum_dyc += tl.load(part_dyc_ptr + i * channels + c, mask=c_mask, other=0.0)
+    sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, ACC)
+    sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, ACC)
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
     dgamma = sum_dyc * rstd
     tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
@@ -93,14 +117,78 @@ def _grad_combine_kernel(
         coef_a = rstd
     if BATCH_STATS:
         m = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        coef_b = -coef_a * rstd * dgamma / m
-        coef_c = -coef_a * sum_dy / m - coef_b * tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+        mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+        coef_b, coef_c = _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m)
     else:
         coef_b = tl.zeros([BLOCK_C], dtype=ACC)
         coef_c = tl.zeros([BLOCK_C], dtype=ACC)
     tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
     tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
     tl.store(coef_c_ptr + c, coef_c, mask=c_mask)
+
+
+@kernel
+def _grad_sums_kernel(
+    part_dy_ptr, part_dyc_ptr, rstd_ptr, sums_ptr, dweight_ptr, dbias_ptr, channels, num_splits,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, ACC)
+    sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, ACC)
+    tl.store(sums_ptr + c, sum_dy, mask=c_mask)
+    tl.store(sums_ptr + channels + c, sum_dyc, mask=c_mask)
+    dgamma = sum_dyc * tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+
+
+@kernel
+def _input_grad_coef_kernel(
+    sums_ptr, count_ptr, mean_s_ptr, rstd_ptr, weight_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr,
+    channels,
+    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    sum_dy = tl.load(sums_ptr + c, mask=c_mask, other=0.0)
+    sum_dyc = tl.load(sums_ptr + channels + c, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+    # The count is read on device (a one-element tensor): no host synchronization.
+    m = tl.load(count_ptr + tl.zeros([BLOCK_C], dtype=tl.int32)).to(ACC)
+    if HAS_WEIGHT:
+        coef_a = rstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    else:
+        coef_a = rstd
+    coef_b, coef_c = _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m)
+    tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
+    tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
+    tl.store(coef_c_ptr + c, coef_c, mask=c_mask)
+
+
+def _combine_block(channels: int) -> int:
+    return min(triton.next_power_of_2(max(channels, 1)), 1024)
+
+
+def _partial_sums(
+    view: ChannelView, plan: Plan, dy: torch.Tensor, pivot: torch.Tensor, pivot_stride: int,
+    mean_shifted: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the split reduction: ``(num_splits, C)`` partial sum(dy), sum(dy * centred)."""
+    x = view.tensor
+    channels = view.channels
+    part_dy = torch.empty((plan.num_splits, channels), dtype=accumulator_dtype(x.dtype), device=x.device)
+    part_dyc = torch.empty_like(part_dy)
+    _grad_partial_kernel[(plan.num_splits, triton.cdiv(channels, plan.block_channels))](
+        x, dy, pivot, mean_shifted, part_dy, part_dyc,
+        view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
+        pivot_stride, plan.rows_per_split,
+        BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
+        SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
+        num_warps=plan.num_warps,
+    )
+    return part_dy, part_dyc
 
 
 def batch_norm_grads(
@@ -128,19 +216,9 @@ def batch_norm_grads(
     if view.rows == 0:
         return view.empty_like(), dweight.zero_(), dbias.zero_()
 
-    part_dy = torch.empty((plan.num_splits, channels), dtype=acc, device=x.device)
-    part_dyc = torch.empty_like(part_dy)
-    _grad_partial_kernel[(plan.num_splits, triton.cdiv(channels, plan.block_channels))](
-        x, dy, pivot, mean_shifted, part_dy, part_dyc,
-        view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
-        pivot_stride, plan.rows_per_split,
-        BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
-        SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
-        num_warps=plan.num_warps,
-    )
-
+    part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
     coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
-    combine_block = min(triton.next_power_of_2(channels), 1024)
+    combine_block = _combine_block(channels)
     _grad_combine_kernel[(triton.cdiv(channels, combine_block),)](
         part_dy, part_dyc, mean_shifted, rstd, weight if weight is not None else rstd,
         dweight, dbias, coef_a, coef_b, coef_c,
@@ -155,3 +233,66 @@ def batch_norm_grads(
         # as a zero pivot) rather than paying for a read of x.
         dx = channel_affine(replace(view, tensor=dy), plan, coef_b, 1, coef_a, coef_c, out_dtype=x.dtype)
     return dx, dweight, dbias
+
+
+def grad_sums(
+    view: ChannelView,
+    plan: Plan,
+    dy: torch.Tensor,
+    pivot: torch.Tensor,
+    pivot_stride: int,
+    mean_shifted: torch.Tensor,
+    rstd: torch.Tensor,
+    param_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reduction half of the backward under batch statistics: ``(sums, dweight, dbias)``.
+
+    ``sums`` is ``(2, C)`` in the accumulator dtype, rows ``sum(dy)`` and
+    ``sum(dy * ((x - K) - mean_shifted))``: one buffer, ready for a single all-reduce
+    before :func:`input_grad`.  ``dweight`` / ``dbias`` are this view's own (zeros for an
+    empty view).
+    """
+    x = view.tensor
+    channels = view.channels
+    sums = torch.empty((2, channels), dtype=accumulator_dtype(x.dtype), device=x.device)
+    dweight = torch.empty(channels, dtype=param_dtype, device=x.device)
+    dbias = torch.empty_like(dweight)
+    if view.rows == 0:
+        return sums.zero_(), dweight.zero_(), dbias.zero_()
+    part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
+    block = _combine_block(channels)
+    _grad_sums_kernel[(triton.cdiv(channels, block),)](
+        part_dy, part_dyc, rstd, sums, dweight, dbias, channels, plan.num_splits,
+        BLOCK_C=block, ACC=tl_accumulator(x.dtype),
+    )
+    return sums, dweight, dbias
+
+
+def input_grad(
+    view: ChannelView,
+    plan: Plan,
+    dy: torch.Tensor,
+    weight: torch.Tensor | None,
+    pivot: torch.Tensor,
+    pivot_stride: int,
+    mean_shifted: torch.Tensor,
+    rstd: torch.Tensor,
+    sums: torch.Tensor,
+    count: torch.Tensor,
+) -> torch.Tensor:
+    """dx under batch statistics from :func:`grad_sums`' ``sums`` (possibly summed over
+    processes) and ``count``, a one-element tensor: the number of values per channel the
+    statistics were taken over."""
+    x = view.tensor
+    channels = view.channels
+    if view.rows == 0:
+        return view.empty_like()
+    acc = accumulator_dtype(x.dtype)
+    coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
+    block = _combine_block(channels)
+    _input_grad_coef_kernel[(triton.cdiv(channels, block),)](
+        sums, count, mean_shifted, rstd, weight if weight is not None else rstd,
+        coef_a, coef_b, coef_c, channels,
+        BLOCK_C=block, HAS_WEIGHT=weight is not None, ACC=tl_accumulator(x.dtype),
+    )
+    return channel_affine(view, plan, pivot, pivot_stride, coef_b, coef_c, dy=dy, dy_scale=coef_a)

@@ -1,0 +1,150 @@
+"""SyncBatchNorm's combine: every process's statistics into the global batch's.
+
+Each process contributes one row ``[count, K (C), mean of x - K (C), M2 (C)]`` (its
+pivot, shifted mean and sum of squared deviations, from stats.py); after an all-gather
+every process holds the same ``(world, 3C + 1)`` tensor and runs this one launch on it.
+
+The ranks are merged in rank order with Chan's formula, the same merge the statistics
+kernels apply to their splits, so every process computes bit-identical global statistics
+(and running statistics).  Means are carried relative to one reference pivot, the first
+non-empty rank's: ``(K_r - K_ref) + mean_r`` is accurate to the data's spread, where a
+mean rounded with its offset would not be (half an fp32 ulp of 1e4 is 5e-4).  Empty ranks
+(count 0) merge with weight zero.  The outputs are those of :func:`stats.batch_stats`,
+for this process's own pivot: the forward epilogue and the backward then run unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import accumulator_dtype, kernel, plan, split_float, tl_accumulator
+from .layout import ChannelView
+from .stats import BatchStats, batch_stats
+
+
+@kernel
+def _rank_combine_kernel(
+    gathered_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+    count_ptr, mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
+    world, rank, channels, eps_hi, eps_lo,
+    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    row = 3 * channels + 1
+    first = tl.zeros([BLOCK_C], dtype=tl.int32)  # broadcast loads of the per-rank count
+
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)  # relative to `reference`
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    reference = tl.zeros([BLOCK_C], dtype=ACC)
+    for r in range(0, world):
+        base = gathered_ptr + r * row
+        count = tl.load(base + first)
+        pivot = tl.load(base + 1 + c, mask=c_mask, other=0.0)
+        rank_mean_s = tl.load(base + 1 + channels + c, mask=c_mask, other=0.0)
+        rank_m2 = tl.load(base + 1 + 2 * channels + c, mask=c_mask, other=0.0)
+        # Until a rank with values is seen, nothing is merged: the first such rank's
+        # pivot becomes the reference (identical on every process).
+        reference = tl.where(total == 0.0, pivot, reference)
+        rank_mean = (pivot - reference) + rank_mean_s
+        merged = total + count
+        share = count / tl.maximum(merged, 1.0)  # 0 for an empty rank
+        delta = rank_mean - mean
+        mean = mean + delta * share
+        m2 = m2 + rank_m2 + delta * delta * (total * share)
+        total = merged
+
+    # Nothing to normalize when every rank is empty: max(total, 1) only avoids a NaN.
+    var = m2 / tl.maximum(total, 1.0)
+    eps = (tl.zeros([BLOCK_C], dtype=ACC) + eps_hi) + eps_lo
+    if ACC == tl.float64:
+        rstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+    # This process normalizes (x - K_local): re-express the mean against its own pivot.
+    local_pivot = tl.load(gathered_ptr + rank * row + 1 + c, mask=c_mask, other=0.0)
+    mean_s = mean - (local_pivot - reference)
+    tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
+    tl.store(rstd_ptr + c, rstd, mask=c_mask)
+
+    if HAS_WEIGHT:
+        scale = rstd * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(ACC)
+    else:
+        scale = rstd
+    shift = -mean_s * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    tl.store(scale_ptr + c, scale, mask=c_mask)
+    tl.store(shift_ptr + c, shift, mask=c_mask)
+
+    batch_mean = reference + mean
+    var_unbiased = m2 / tl.maximum(total - 1.0, 1.0)  # the maximum only keeps 0/0 out
+    if HAS_RUNNING:
+        # A statistic the global batch lacks (a mean of nothing, an unbiased variance of
+        # one value) is replaced by the running one, so that the running update leaves it
+        # as it was, without a host-side check of the count.
+        batch_mean = tl.where(total > 0.0, batch_mean,
+                              tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(ACC))
+        var_unbiased = tl.where(total > 1.0, var_unbiased,
+                                tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(ACC))
+    tl.store(mean_ptr + c, batch_mean, mask=c_mask)
+    tl.store(var_unbiased_ptr + c, var_unbiased, mask=c_mask)
+    tl.store(count_ptr + c, total, mask=c < 1)
+
+
+def pack_rank_stats(view: ChannelView, eps: float) -> torch.Tensor:
+    """This process's row ``[count, K, mean_shifted, M2]``, in the accumulator dtype
+    (zeros for an empty batch, which still takes part in the all-gather)."""
+    channels, rows = view.channels, view.rows
+    x = view.tensor
+    packed = torch.zeros(3 * channels + 1, dtype=accumulator_dtype(x.dtype), device=x.device)
+    if rows == 0:
+        return packed
+    stats = batch_stats(view, plan(view), None, None, eps)
+    packed[0].fill_(rows)  # fill_ with a Python number: no host-to-device copy
+    pivot, mean_shifted, m2 = packed[1:].view(3, channels).unbind(0)
+    # The statistics kernels' pivot K is each channel's row 0, the element (0, c, 0, ...).
+    pivot.copy_(x[(0, slice(None)) + (0,) * (x.dim() - 2)])
+    mean_shifted.copy_(stats.mean_shifted)
+    if rows > 1:  # M2 from the unbiased variance; with one row that is 0/0, and M2 is 0
+        torch.mul(stats.var_unbiased, rows - 1, out=m2)
+    return packed
+
+
+def combine_ranks(
+    gathered: torch.Tensor,
+    rank: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+) -> tuple[BatchStats, torch.Tensor]:
+    """Global statistics from the ``(world, 3C + 1)`` gathered rows, for process ``rank``'s
+    pivot, and the global count (a one-element tensor, read on device by the backward).
+
+    With running statistics given, ``mean`` / ``var_unbiased`` fall back to them where the
+    global batch has no such statistic (see the kernel).
+    """
+    world, width = gathered.shape
+    channels = (width - 1) // 3
+    acc = accumulator_dtype(gathered.dtype)
+    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=gathered.device) for _ in range(6)))
+    count = torch.empty(1, dtype=acc, device=gathered.device)
+    block = min(triton.next_power_of_2(max(channels, 1)), 1024)
+    has_running = running_mean is not None
+    _rank_combine_kernel[(triton.cdiv(channels, block),)](
+        gathered,
+        weight if weight is not None else stats.rstd,
+        bias if bias is not None else stats.rstd,
+        running_mean if has_running else stats.rstd,
+        running_var if has_running else stats.rstd,
+        count, stats.mean_shifted, stats.rstd, stats.scale, stats.shift, stats.mean, stats.var_unbiased,
+        world, rank, channels, *split_float(eps),
+        BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RUNNING=has_running, ACC=tl_accumulator(gathered.dtype),
+    )
+    return stats, count
