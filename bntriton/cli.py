@@ -97,6 +97,13 @@ def _verify(args, parser) -> int:
     unknown = [f for f in families or [] if f not in FAMILIES]
     if unknown:
         parser.error(f"unknown family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
+    if args.device is not None:
+        import torch
+
+        try:  # a device this machine lacks is a usage error, not 79 failed cases
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as exc:
+            parser.error(f"--device {args.device}: {exc}")
     cases = None
     if args.case:
         try:

@@ -288,6 +288,7 @@ def test_cli_passes_and_lists(capsys):
     ["verify", "--family", "no_such_family"],
     ["verify", "--impl", "no_such_module_xyz:fn"],
     ["verify", "--case", "{\"shape\": [2, 3], \"colour\": 1}"],
+    ["verify", "--device", "no_such_device"],
 ])
 def test_cli_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
