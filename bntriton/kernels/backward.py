@@ -27,6 +27,7 @@ import triton.language as tl
 from .launch import Plan, accumulator_dtype, kernel, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
+from .tiles import channel_offsets, tile_offsets
 
 
 @kernel
@@ -39,11 +40,8 @@ def _grad_partial_kernel(
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    if INT64:
-        c = c.to(tl.int64)
-    pivot = tl.load(pivot_ptr + c * pivot_stride, mask=c_mask, other=0.0).to(ACC)
+    pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
-    c_off = c * stride_c
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
@@ -51,16 +49,8 @@ def _grad_partial_kernel(
     sum_dyc = tl.zeros([BLOCK_C], dtype=ACC)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = r < row_end
-        if INT64:
-            r = r.to(tl.int64)
-        if SPLIT_ROWS:
-            n = r // spatial
-            row_off = n * stride_n + (r - n * spatial) * stride_s
-        else:
-            row_off = r * stride_s
-        offs = row_off[:, None] + c_off[None, :]
-        mask = r_mask[:, None] & c_mask[None, :]
+        offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        mask = (r < row_end)[:, None] & c_mask[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.

@@ -19,6 +19,7 @@ import triton.language as tl
 from .launch import Plan, accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats
+from .numerics import inverse_std
 from .tiles import channel_offsets, tile_offsets
 
 
@@ -43,11 +44,7 @@ def _fused_forward_kernel(
     mean_s = tl.sum(shifted, axis=0) / n
     centred = tl.where(mask, shifted - mean_s[None, :], 0.0)
     m2 = tl.sum(centred * centred, axis=0)
-    eps = (tl.zeros([BLOCK_C], dtype=ACC) + eps_hi) + eps_lo
-    if ACC == tl.float64:
-        rstd = 1.0 / tl.sqrt(m2 / n + eps)
-    else:
-        rstd = 1.0 / tl.sqrt_rn(m2 / n + eps)
+    rstd = inverse_std(m2 / n, eps_hi, eps_lo, BLOCK_C, ACC)
 
     scale = rstd
     if HAS_WEIGHT:

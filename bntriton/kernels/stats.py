@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .launch import Plan, accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
+from .numerics import chan_merge, fold_affine, inverse_std
 from .tiles import channel_offsets, tile_offsets
 
 
@@ -59,11 +60,7 @@ def _stats_partial_kernel(
         tile_mean = tl.sum(shifted, axis=0) / tile_count
         centred = tl.where(mask, shifted - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(centred * centred, axis=0)
-        # Chan et al.: merge (seen, mean, m2) with (tile_count, tile_mean, tile_m2).
-        total = seen + tile_count
-        delta = tile_mean - mean
-        mean = mean + delta * (tile_count / total)
-        m2 = m2 + tile_m2 + delta * delta * (seen * tile_count / total)
+        _, mean, m2 = chan_merge(seen, mean, m2, tile_count, tile_mean, tile_m2)
     out = split * channels + c
     tl.store(part_mean_ptr + out, mean, mask=c_mask)
     tl.store(part_m2_ptr + out, m2, mask=c_mask)
@@ -86,29 +83,13 @@ def _stats_combine_kernel(
         count = tl.minimum(rows - seen, rows_per_split)
         part_mean = tl.load(part_mean_ptr + i * channels + c, mask=c_mask, other=0.0)
         part_m2 = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0)
-        total = seen + count
-        delta = part_mean - mean
-        mean = mean + delta * (count / total)
-        m2 = m2 + part_m2 + delta * delta * (seen * count / total)
+        _, mean, m2 = chan_merge(seen, mean, m2, count, part_mean, part_m2)
 
     n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-    var = m2 / n
-    # Float arguments arrive as fp32; hi + lo restores ~48 bits for fp64 statistics.
-    eps = (tl.zeros([BLOCK_C], dtype=ACC) + eps_hi) + eps_lo
-    if ACC == tl.float64:
-        rstd = 1.0 / tl.sqrt(var + eps)
-    else:
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
+    rstd = inverse_std(m2 / n, eps_hi, eps_lo, BLOCK_C, ACC)
     tl.store(mean_s_ptr + c, mean, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
-
-    if HAS_WEIGHT:
-        scale = rstd * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    else:
-        scale = rstd
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    scale, shift = fold_affine(rstd, mean, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     tl.store(scale_ptr + c, scale, mask=c_mask)
     tl.store(shift_ptr + c, shift, mask=c_mask)
 

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .launch import accumulator_dtype, kernel, plan, split_float, tl_accumulator
 from .layout import ChannelView
+from .numerics import chan_merge, fold_affine, inverse_std
 from .stats import BatchStats, batch_stats
 
 
@@ -50,33 +51,17 @@ def _rank_combine_kernel(
         # pivot becomes the reference (identical on every process).
         reference = tl.where(total == 0.0, pivot, reference)
         rank_mean = (pivot - reference) + rank_mean_s
-        merged = total + count
-        share = count / tl.maximum(merged, 1.0)  # 0 for an empty rank
-        delta = rank_mean - mean
-        mean = mean + delta * share
-        m2 = m2 + rank_m2 + delta * delta * (total * share)
-        total = merged
+        total, mean, m2 = chan_merge(total, mean, m2, count, rank_mean, rank_m2)
 
     # Nothing to normalize when every rank is empty: max(total, 1) only avoids a NaN.
-    var = m2 / tl.maximum(total, 1.0)
-    eps = (tl.zeros([BLOCK_C], dtype=ACC) + eps_hi) + eps_lo
-    if ACC == tl.float64:
-        rstd = 1.0 / tl.sqrt(var + eps)
-    else:
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
+    rstd = inverse_std(m2 / tl.maximum(total, 1.0), eps_hi, eps_lo, BLOCK_C, ACC)
     # This process normalizes (x - K_local): re-express the mean against its own pivot.
     local_pivot = tl.load(gathered_ptr + rank * row + 1 + c, mask=c_mask, other=0.0)
     mean_s = mean - (local_pivot - reference)
     tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
 
-    if HAS_WEIGHT:
-        scale = rstd * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    else:
-        scale = rstd
-    shift = -mean_s * scale
-    if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    scale, shift = fold_affine(rstd, mean_s, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     tl.store(scale_ptr + c, scale, mask=c_mask)
     tl.store(shift_ptr + c, shift, mask=c_mask)
 
