@@ -3,8 +3,12 @@
 Every error is measured against the float64 oracle (bntriton.reference) and expressed in
 units of the machine epsilon of the dtype the quantity is stored in (``EPS``):
 
-* ``y`` and the running statistics: ``max|out - ref| / max|ref|`` (normwise, infinity
+* ``y`` and the running variance: ``max|out - ref| / max|ref|`` (normwise, infinity
   norm);
+* the running mean: ``max|out - ref| / max(magnitude)`` with the magnitude the update
+  was computed from (``reference.ForwardResult.running_mean_magnitude``: the old value
+  and the largest ``|x|`` of each batch): a batch mean near zero of data with a large
+  spread is only accurate relative to that spread;
 * ``dx``: ``max|out - ref| / max(magnitude)`` with the magnitude of the terms dx is the
   difference of (``reference.BackwardResult.dx_scale``): with two values per channel,
   say, dx is nearly zero by cancellation and only an error relative to those terms
