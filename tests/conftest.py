@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 settings.register_profile(
     "bntriton",
     deadline=None,
-    max_examples=int(os.environ.get("BNTRITON_HYPOTHESIS_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("BNTRITON_HYPOTHESIS_EXAMPLES", "100")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )

@@ -6,9 +6,10 @@
   own ``@jit`` functions (``tl.sum``, ``tl.zeros``, ...) and our device helpers refuse to
   be called from Python; while an interpreted kernel runs they are routed to the
   interpreter too (:func:`_interpreting`).
-* :func:`plan` picks tile shapes and the grid split for a rows x channels problem.
-  Heuristics, not autotuning: autotuning reruns a kernel, and the statistics kernels
-  write running statistics in place.
+* :func:`plan` picks tile shapes and the grid split for a rows x channels problem, and
+  :func:`fused_plan` whether the single-read kernels apply.  Heuristics, cached per
+  problem size, not autotuning: autotuning reruns a kernel, and a training step's
+  running-statistics update must run exactly once.
 """
 from __future__ import annotations
 
@@ -147,6 +148,7 @@ _FUSED_TILE_GPU = 8192
 _FUSED_TILE_INTERPRETER = 16384
 
 
+@functools.lru_cache(maxsize=4096)
 def fused_plan_for(
     rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None
 ) -> Plan | None:
@@ -173,6 +175,7 @@ def fused_plan_for(
     return Plan(block_r, block_c, block_r, 1, warps, int64)
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_for(rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None) -> Plan:
     """Tiles and grid split for a rows x channels problem; ``sm_count=None`` plans for the
     interpreter.
