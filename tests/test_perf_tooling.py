@@ -1,0 +1,188 @@
+"""The benchmark tooling (perf/sweep.py, summarize.py, plot.py) end to end, on the CPU smoke
+path: tiny shapes through Triton's interpreter, timed with a wall clock.  What is tested is
+the tooling (schema, bookkeeping, summary, plot), never the numbers, which mean nothing
+on a CPU.
+"""
+import csv
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PERF = REPO / "perf"
+
+# Spelled out here rather than imported from perf/schema.py: the test pins the published
+# format (GUIDE section 4), so a change to the schema must change this line too.
+COLUMNS = ["device", "torch", "triton", "suite", "shape", "layout", "dtype",
+           "pass", "provider", "ms", "bytes", "gbps", "pct_copy_bw"]
+SUITES = ["resnet50", "mlp", "video3d", "small_batch"]
+PASSES = ["fwd_train", "bwd_train", "fwd_eval"]
+
+
+def _perf_module(name):
+    """Import perf/<name>.py (perf/ is scripts, not a package) without touching sys.path."""
+    spec = importlib.util.spec_from_file_location(f"perf_{name}", PERF / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke sweep shared by the tests below.  torch_compile runs with the aot_eager
+    backend (Inductor would build C++ per shape on a CPU), so its provider code is
+    exercised without the compile cost; flag_gems is absent here and must be skipped."""
+    out = tmp_path_factory.mktemp("perf")
+    proc = _run(PERF / "sweep.py", "--device", "cpu", "--smoke", "--out", out, "--stem", "smoke",
+                "--providers", "bntriton,torch,torch_compile,flag_gems", "--compile-backend", "aot_eager")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_smoke_sweep_writes_csv_with_exact_columns_and_sane_values(smoke):
+    out, _ = smoke
+    header, rows = _rows(out / "smoke.csv")
+    assert header == COLUMNS
+    assert rows
+    copy_gbps = []
+    for row in rows:
+        assert row["device"] == "cpu"
+        ms, nbytes, gbps, pct = float(row["ms"]), int(row["bytes"]), float(row["gbps"]), float(row["pct_copy_bw"])
+        assert ms > 0 and nbytes > 0 and gbps > 0
+        assert 0 <= pct < math.inf
+        assert math.isclose(gbps, nbytes / (ms * 1e-3) / 1e9, rel_tol=1e-3)
+        copy_gbps.append(gbps / pct)
+    # pct_copy_bw is gbps over the copy bandwidth measured at the start: one constant.
+    assert math.isclose(min(copy_gbps), max(copy_gbps), rel_tol=2e-3)
+    assert math.isclose(copy_gbps[0], float(rows[0]["gbps"]), rel_tol=2e-3)
+
+
+def test_smoke_sweep_measures_every_suite_pass_and_provider_with_bntriton_twice(smoke):
+    out, _ = smoke
+    _, rows = _rows(out / "smoke.csv")
+    copies = [r for r in rows if r["suite"] == "copy"]
+    assert len(copies) == 2  # start and end of the run
+    data = [r for r in rows if r["suite"] != "copy"]
+    assert sorted({r["suite"] for r in data}) == sorted(SUITES)
+    assert {r["pass"] for r in data} == set(PASSES)
+    assert {r["provider"] for r in data} == {"bntriton", "torch", "torch_compile"}
+    per_key = {}
+    for r in data:
+        key = (r["suite"], r["shape"], r["layout"], r["dtype"], r["pass"])
+        per_key.setdefault(key, []).append(r["provider"])
+    for providers in per_key.values():
+        assert sorted(providers) == ["bntriton", "bntriton", "torch", "torch_compile"]
+
+
+def test_floor_bytes_follow_the_formula(smoke):
+    out, _ = smoke
+    _, rows = _rows(out / "smoke.csv")
+    factor = {"fwd_train": 2, "bwd_train": 3, "fwd_eval": 2}  # tiny tensors all fit in L2
+    size = {"fp32": 4, "bf16": 2}
+    for r in rows:
+        if r["suite"] == "copy":
+            continue
+        numel = math.prod(int(d) for d in r["shape"].split("x"))
+        assert int(r["bytes"]) == factor[r["pass"]] * numel * size[r["dtype"]]
+
+
+def test_floor_bytes_switch_when_the_reread_misses_l2():
+    measure = _perf_module("measure")
+    l2 = 50 * 2**20
+    assert measure.floor_bytes("fwd_train", l2, l2) == 2 * l2
+    assert measure.floor_bytes("fwd_train", l2 + 1, l2) == 3 * (l2 + 1)
+    # backward re-reads x and dy: both must fit
+    assert measure.floor_bytes("bwd_train", l2 // 2, l2) == 3 * (l2 // 2)
+    assert measure.floor_bytes("bwd_train", l2 // 2 + 1, l2) == 5 * (l2 // 2 + 1)
+    assert measure.floor_bytes("fwd_eval", 10 * l2, l2) == 20 * l2
+
+
+def test_summary_has_every_suite_and_regenerates_from_the_csv_alone(smoke, tmp_path):
+    out, proc = smoke
+    written = (out / "smoke.md").read_text()
+    for suite in SUITES:
+        assert f"## {suite}" in written
+        assert f"| {suite} | fwd_train |" in written  # a row of the overview table
+    assert "CPU smoke run" in written  # never mistaken for performance
+    assert "flag_gems skipped" in written  # the optional provider's absence is stated
+    assert "## Overview" in proc.stdout  # the short table printed last
+
+    # The committed files (CSV + .notes) are enough to rebuild the summary exactly.
+    regenerated = tmp_path / "again.md"
+    result = _run(PERF / "summarize.py", out / "smoke.csv", "--out", regenerated)
+    assert result.returncode == 0, result.stderr
+    assert regenerated.read_text() == written
+
+
+def test_summarize_merges_a_sweep_split_in_two(smoke, tmp_path):
+    out, _ = smoke
+    header, rows = _rows(out / "smoke.csv")
+    notes = (out / "smoke.notes").read_text()
+    for part, suites in (("a", {"copy", "resnet50", "mlp"}), ("b", {"video3d", "small_batch"})):
+        with open(tmp_path / f"{part}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(r for r in rows if r["suite"] in suites)
+        (tmp_path / f"{part}.notes").write_text(notes)
+    merged = tmp_path / "merged.csv"
+    result = _run(PERF / "summarize.py", tmp_path / "a.csv", tmp_path / "b.csv", "--merge-into", merged)
+    assert result.returncode == 0, result.stderr
+    assert _rows(merged) == (header, [r for r in rows if r["suite"] in {"copy", "resnet50", "mlp"}]
+                             + [r for r in rows if r["suite"] in {"video3d", "small_batch"}])
+    summary = merged.with_suffix(".md").read_text()
+    for suite in SUITES:
+        assert f"## {suite}" in summary
+    assert "a.csv: " in summary and "b.csv: " in summary  # each part's notes, labelled
+
+
+def test_plot_writes_a_png_when_matplotlib_is_installed(smoke, tmp_path):
+    out, _ = smoke
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not (out / "smoke.png").exists()
+        pytest.skip("matplotlib is optional (extra 'perf') and not installed")
+    assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = tmp_path / "again.png"
+    result = _run(PERF / "plot.py", out / "smoke.csv", "--out", png)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_provider_that_disagrees_with_torch_is_recorded_as_a_failure_not_timed(tmp_path):
+    # bntriton's training output nudged by 1%: far outside the check's bound.
+    driver = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import providers, sweep\n"
+        "forward = providers.BnTriton.forward\n"
+        "providers.BnTriton.forward = lambda self, x, *a: forward(self, x, *a) * (1.01 if a[-1] else 1)\n"
+        "sys.exit(sweep.main(['--device', 'cpu', '--smoke', '--suites', 'mlp', '--out', sys.argv[2]]))\n"
+    )
+    result = _run("-c", driver, PERF, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr  # bntriton failed
+    (csv_path,) = tmp_path.glob("*.csv")
+    _, rows = _rows(csv_path)
+    mine = {r["pass"]: r for r in rows if r["provider"] == "bntriton"}
+    assert mine["fwd_train"]["ms"] == mine["bwd_train"]["ms"] == "fail"
+    assert mine["fwd_train"]["gbps"] == mine["fwd_train"]["pct_copy_bw"] == ""
+    assert float(mine["fwd_eval"]["ms"]) > 0  # eval was not nudged: still timed
+    summary = csv_path.with_suffix(".md").read_text()
+    assert "## Failures and errors" in summary
+    assert "fail: bntriton mlp 32x16 contiguous fp32 fwd_train: y error" in summary
+
+
+def test_cpu_sweep_without_smoke_is_refused():
+    result = _run(PERF / "sweep.py", "--device", "cpu", "--suites", "mlp", timeout=120)
+    assert result.returncode == 2
+    assert "--smoke" in result.stderr
