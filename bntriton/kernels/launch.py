@@ -171,7 +171,10 @@ def fused_plan_for(
             block_c //= 2
         if triton.cdiv(channels, block_c) < sm_count and rows > 1024:
             return None
-    warps = 4 if block_r * block_c <= 2048 else 8
+    # The backward keeps x, dy and two temporaries of the tile live: 16 warps keep an
+    # 8192-element tile at 32 values per thread per array, short of register spills.
+    elements = block_r * block_c
+    warps = 4 if elements <= 2048 else 8 if elements <= 4096 else 16
     return Plan(block_r, block_c, block_r, 1, warps, int64)
 
 
