@@ -109,11 +109,12 @@ class SyncBatchNorm(modules._TritonBatchNorm, _BatchNorm):
         process_group: Optional[Any] = None,
         device=None,
         dtype=None,
-        *,
-        bias: bool = True,
+        **kwargs,
     ) -> None:
+        # **kwargs: keyword arguments of the installed torch's batch norm beyond these
+        # (e.g. ``bias=`` in newer releases), so the constructor is that torch's.
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, bias=bias)
+                         device=device, dtype=dtype, **kwargs)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:

@@ -63,7 +63,9 @@ def convert_model(module: nn.Module) -> nn.Module:
     replacement = _REPLACEMENTS.get(type(module))
     if replacement is not None:
         converted = replacement.__new__(replacement)
-        converted.__dict__.update(module.__dict__)
+        # Copy the containers (parameters, buffers, hooks), not their contents: the same
+        # Parameter and buffer objects, without the old module sharing the new one's dicts.
+        converted.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
         return converted
     for name, child in module.named_children():
         new_child = convert_model(child)
