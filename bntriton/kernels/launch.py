@@ -42,13 +42,29 @@ def _interpreting():
     Compilation never goes through ``JITFunction.__call__`` (the code generator inlines
     calls from the AST), so the patch cannot affect CUDA launches.
     """
+    from triton.runtime import interpreter
+
     with _interpreter_lock:
-        original = JITFunction.__call__
+        original_call = JITFunction.__call__
+        original_patch = getattr(interpreter, "_patch_lang_tensor", None)
         JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn)(*args, **kwargs)
+        if original_patch is not None:
+
+            def patch_with_index(tensor, scope):
+                # Triton <= 3.6 gives tl.tensor an ``__index__`` of ``int(array)``, which
+                # NumPy >= 2.4 refuses for the one-element arrays scalar arguments become,
+                # so a ``range`` over a kernel argument fails there (the GPU machine pairs
+                # triton 3.6 with NumPy 2.5).  ``.item()`` works on every version.
+                original_patch(tensor, scope)
+                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+            interpreter._patch_lang_tensor = patch_with_index
         try:
             yield
         finally:
-            JITFunction.__call__ = original
+            JITFunction.__call__ = original_call
+            if original_patch is not None:
+                interpreter._patch_lang_tensor = original_patch
 
 
 class DualKernel:
