@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import accumulator_dtype, channel_affine, channel_view, dispatch, plan
+from .kernels import accumulator_dtype, channel_affine, channel_view, dispatch, eval_coefficients, plan
 from .kernels import update_running_stats as update_running_stats_kernel
 
 
@@ -82,10 +82,6 @@ def _(running_mean, running_var, num_batches_tracked, mean, var_unbiased, moment
     return None
 
 
-def _eval_rstd(x: Tensor, running_var: Tensor, eps: float) -> Tensor:
-    return torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + eps)
-
-
 @torch.library.custom_op("bntriton::batch_norm_eval", mutates_args=())
 def batch_norm_eval(
     x: Tensor,
@@ -98,12 +94,7 @@ def batch_norm_eval(
     view = channel_view(x)
     if view.rows == 0:
         return view.empty_like()
-    acc = accumulator_dtype(x.dtype)
-    # A handful of per-channel device ops; no host synchronization.
-    scale = _eval_rstd(x, running_var, eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    shift = bias.to(acc) if bias is not None else torch.zeros_like(scale)
+    _, scale, shift = eval_coefficients(x.dtype, running_var, weight, bias, eps)
     # Pivot = running mean: y = (x - running_mean) * scale + bias.
     return channel_affine(view, plan(view), running_mean, 1, scale, shift)
 
@@ -177,7 +168,8 @@ def _eval_setup(ctx, inputs, output):
 
 def _eval_backward(ctx, grad_y):
     x, weight, running_mean, running_var = ctx.saved_tensors
-    rstd = _eval_rstd(x, running_var, ctx.eps)
+    # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
+    rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + ctx.eps)
     dx, dweight, dbias = batch_norm_backward(
         grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd
     )

@@ -2,12 +2,12 @@
 from .backward import batch_norm_grads, grad_sums, input_grad
 from .launch import accumulator_dtype, forced_plan, plan
 from .layout import ChannelView, channel_view
-from .normalize import channel_affine
+from .normalize import channel_affine, eval_coefficients
 from .stats import BatchStats, batch_stats, update_running_stats
 from .sync import combine_ranks, pack_rank_stats
 
 __all__ = [
     "BatchStats", "ChannelView", "accumulator_dtype", "batch_norm_grads", "batch_stats",
-    "channel_affine", "channel_view", "combine_ranks", "forced_plan", "grad_sums", "input_grad",
+    "channel_affine", "channel_view", "combine_ranks", "eval_coefficients", "forced_plan", "grad_sums", "input_grad",
     "pack_rank_stats", "plan", "update_running_stats",
 ]

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Plan, kernel, tl_accumulator
+from .launch import Plan, accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
+from .numerics import fold_affine, inverse_std
 from .tiles import channel_offsets, tile_offsets
 
 
@@ -74,3 +75,42 @@ def channel_affine(
         num_warps=plan.num_warps,
     )
     return out
+
+
+@kernel
+def _eval_coefficients_kernel(
+    var_ptr, weight_ptr, bias_ptr, rstd_ptr, scale_ptr, shift_ptr, channels, eps_hi, eps_lo,
+    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
+    rstd = inverse_std(var, eps_hi, eps_lo, BLOCK_C, ACC)
+    # The pivot is the running mean itself, so the shifted mean is zero.
+    zero = tl.zeros([BLOCK_C], dtype=ACC)
+    scale, shift = fold_affine(rstd, zero, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
+    tl.store(rstd_ptr + c, rstd, mask=c_mask)
+    tl.store(scale_ptr + c, scale, mask=c_mask)
+    tl.store(shift_ptr + c, shift, mask=c_mask)
+
+
+def eval_coefficients(
+    x_dtype: torch.dtype,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rstd, scale, shift)`` from the running variance, in one launch, so that eval is
+    ``channel_affine(view, plan, running_mean, 1, scale, shift)``."""
+    channels = running_var.numel()
+    acc = accumulator_dtype(x_dtype)
+    rstd, scale, shift = (running_var.new_empty(channels, dtype=acc) for _ in range(3))
+    block = min(triton.next_power_of_2(max(channels, 1)), 1024)
+    _eval_coefficients_kernel[(triton.cdiv(channels, block),)](
+        running_var, weight if weight is not None else rstd, bias if bias is not None else rstd,
+        rstd, scale, shift, channels, *split_float(eps),
+        BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        ACC=tl_accumulator(x_dtype),
+    )
+    return rstd, scale, shift
