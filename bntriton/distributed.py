@@ -54,11 +54,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         gathered = _all_gather(pack_rank_stats(view, eps), group)
         stats, count = combine_ranks(gathered, dist.get_rank(group), weight, bias,
                                      running_mean, running_var, eps)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if running_mean is not None:
+        if running_mean is not None:  # also bumps num_batches_tracked, in the same launch
             update_running_stats(running_mean, running_var, num_batches_tracked,
                                  stats.mean, stats.var_unbiased, momentum)
+        elif num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         # y = (x - K) * scale + shift, K this process's pivot, as the local forward.
         y = channel_affine(view, tiles, view.tensor, view.stride_c, stats.scale, stats.shift)
         ctx.save_for_backward(view.tensor, weight, stats.mean_shifted, stats.rstd, count)

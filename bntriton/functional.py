@@ -115,13 +115,14 @@ def batch_norm_with_counter(
     eps = float(eps)
     if training:
         y, _, _, mean, var_unbiased = torch.ops.bntriton.batch_norm_train(input, weight, bias, eps)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
         if running_mean is not None and input.numel() > 0:
-            # An empty batch leaves the running statistics as they are (as torch).
+            # One launch bumps the counter and updates the running statistics.
             torch.ops.bntriton.update_running_stats(
                 running_mean, running_var, num_batches_tracked, mean, var_unbiased,
                 None if momentum is None else float(momentum),
             )
+        elif num_batches_tracked is not None:
+            # An empty batch leaves the running statistics as they are (as torch).
+            num_batches_tracked.add_(1)
         return y
     return torch.ops.bntriton.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)

@@ -6,8 +6,8 @@ Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so t
 * ``batch_norm_train``: normalizes with the batch's statistics and returns
   ``(y, mean_shifted, rstd, mean, var_unbiased)``; ``mean_shifted`` / ``rstd`` feed the
   backward, ``mean`` / ``var_unbiased`` the running statistics.
-* ``update_running_stats``: the running-statistics update, in place (declared as
-  mutated; kept apart so that the statistics op stays functional, which autograd
+* ``update_running_stats``: the counter and running-statistics update, in place
+  (declared as mutated; kept apart so that the statistics op stays functional, which autograd
   registration requires).
 * ``batch_norm_eval``: normalizes with the running statistics; mutates nothing.
 * ``batch_norm_backward``: ``(dx, dweight, dbias)`` for either forward.
@@ -63,7 +63,8 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op(
-    "bntriton::update_running_stats", mutates_args=("running_mean", "running_var")
+    "bntriton::update_running_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
 )
 def update_running_stats(
     running_mean: Tensor,
@@ -73,7 +74,8 @@ def update_running_stats(
     var_unbiased: Tensor,
     momentum: Optional[float],
 ) -> None:
-    """``running = (1 - m) running + m batch``; ``momentum=None``: ``m = 1 / num_batches_tracked``."""
+    """``num_batches_tracked += 1`` (when given), then ``running = (1 - m) running + m batch``;
+    ``momentum=None``: ``m = 1 / num_batches_tracked``."""
     update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
 
 

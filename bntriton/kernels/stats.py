@@ -14,8 +14,8 @@ Two launches:
    the forward epilogue and the backward use, folds weight and bias into a per-channel
    ``scale`` / ``shift``, and writes the mean and unbiased variance.
 3. ``_running_update_kernel`` (a separate op, since the statistics op must stay
-   functional for autograd): the running statistics, on device (momentum read from
-   ``num_batches_tracked`` when cumulative: no host synchronization).
+   functional for autograd): ``num_batches_tracked`` and the running statistics, on
+   device (the cumulative momentum read from the counter: no host synchronization).
 """
 from __future__ import annotations
 
@@ -103,24 +103,32 @@ def _stats_combine_kernel(
 def _running_update_kernel(
     running_mean_ptr, running_var_ptr, num_batches_ptr, mean_ptr, var_unbiased_ptr,
     channels, momentum_hi, momentum_lo,
-    BLOCK_C: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_COUNTER: tl.constexpr, CUMULATIVE: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < channels
+    # One program walks every channel: it alone reads and then bumps the counter, so no
+    # program can see the counter before or after another's increment.
+    lanes = tl.arange(0, BLOCK_C)
+    if HAS_COUNTER:
+        tracked = tl.load(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32)) + 1
     if CUMULATIVE:
-        # momentum=None: cumulative average, factor 1 / num_batches_tracked, read on device.
-        tracked = tl.load(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32))
+        # momentum=None: cumulative average, factor 1 / num_batches_tracked, on device.
         factor = 1.0 / tracked.to(ACC)
     else:
         factor = (tl.zeros([BLOCK_C], dtype=ACC) + momentum_hi) + momentum_lo
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    var = tl.load(var_unbiased_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    old_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    old_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    new_mean = (1.0 - factor) * old_mean + factor * mean
-    new_var = (1.0 - factor) * old_var + factor * var
-    tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + lanes
+        c_mask = c < channels
+        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        var = tl.load(var_unbiased_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        old_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        old_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        new_mean = (1.0 - factor) * old_mean + factor * mean
+        new_var = (1.0 - factor) * old_var + factor * var
+        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_COUNTER:
+        tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=lanes == 0)
 
 
 @dataclass
@@ -189,16 +197,20 @@ def update_running_stats(
     var_unbiased: torch.Tensor,
     momentum: float | None,
 ) -> None:
-    """``running = (1 - m) * running + m * batch`` in place, on device.
+    """Increment ``num_batches_tracked`` (when given), then
+    ``running = (1 - m) * running + m * batch`` in place, all in one launch on device.
 
-    ``momentum=None`` is the cumulative average, ``m = 1 / num_batches_tracked`` (already
-    incremented by the caller), read inside the kernel: no host synchronization.
+    ``momentum=None`` is the cumulative average, ``m = 1 / num_batches_tracked`` (after the
+    increment), read inside the kernel: no host synchronization.
     """
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     channels = running_mean.numel()
-    cumulative = momentum is None
+    has_counter = num_batches_tracked is not None
     block = _combine_block(channels)
-    _running_update_kernel[(triton.cdiv(channels, block),)](
-        running_mean, running_var, num_batches_tracked if cumulative else mean, mean, var_unbiased,
-        channels, *split_float(0.0 if cumulative else momentum),
-        BLOCK_C=block, CUMULATIVE=cumulative, ACC=tl_accumulator(mean.dtype),
+    _running_update_kernel[(1,)](
+        running_mean, running_var, num_batches_tracked if has_counter else mean, mean, var_unbiased,
+        channels, *split_float(0.0 if momentum is None else momentum),
+        BLOCK_C=block, HAS_COUNTER=has_counter, CUMULATIVE=momentum is None,
+        ACC=tl_accumulator(mean.dtype),
     )
