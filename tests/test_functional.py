@@ -68,9 +68,10 @@ def test_weight_without_bias():
     assert w.grad is not None
 
 
-def test_cumulative_momentum_reads_counter_on_device():
-    x = torch.randn(10, 3, device=DEVICE, dtype=torch.float64)
-    rm, rv = _stats(3, torch.float64)
+@pytest.mark.parametrize("channels", [3, 2500])  # 2500: more channels than one block
+def test_cumulative_momentum_reads_counter_on_device(channels):
+    x = torch.randn(10, channels, device=DEVICE, dtype=torch.float64)
+    rm, rv = _stats(channels, torch.float64)
     rm0, rv0 = rm.cpu().clone().numpy(), rv.cpu().clone().numpy()
     counter = torch.tensor(3, device=DEVICE)
     batch_norm_with_counter(x, rm, rv, None, None, True, None, 1e-5, counter)
