@@ -71,3 +71,39 @@ def test_kernel_compiles_for_sm90(name, variant):
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": VARIANTS[variant][-1]}
     )
     assert compiled.asm["cubin"]
+
+
+# The two dense layouts as the JIT specializes them: the unit stride becomes a constant
+# and aligned pointers and sizes are known to be multiples of 16.
+DENSE_LAYOUTS = {
+    "nchw": ({"stride_s": 1}, {"SPLIT_ROWS": True}, (1024, 4)),
+    "nhwc": ({"stride_c": 1}, {"SPLIT_ROWS": False}, (64, 64)),
+}
+STREAMING = ["stats._stats_partial_kernel", "normalize._channel_affine_kernel",
+             "backward._grad_partial_kernel", "fused._fused_forward_kernel",
+             "fused._fused_backward_kernel"]
+WRITES_TILE = {"normalize._channel_affine_kernel", "fused._fused_forward_kernel",
+               "fused._fused_backward_kernel"}
+
+
+@pytest.mark.skipif(ASTSource is None, reason="this Triton has no ahead-of-time compile API")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("layout", list(DENSE_LAYOUTS))
+@pytest.mark.parametrize("name", STREAMING)
+def test_tile_loads_and_stores_are_16_byte_vectors(name, layout, dtype):
+    """Memory-bound kernels need 16-byte accesses along the contiguous axis (GUIDE §2);
+    the PTX says whether the compiler could prove them for either dense layout."""
+    kernel = KERNELS[name]
+    ones, flags, tile = DENSE_LAYOUTS[layout]
+    signature, constexprs = _signature(kernel, (dtype, "fp32", tl.float32, True, False, tile, 8))
+    constexprs.update({k: v for k, v in flags.items() if k in constexprs})
+    for arg, value in ones.items():
+        signature[arg], constexprs[arg] = "constexpr", value
+    names = [p.name for p in kernel.compiled.params]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if signature[n] not in ("constexpr", "fp32")}
+    source = ASTSource(fn=kernel.compiled, signature=signature, constexprs=constexprs, attrs=attrs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    assert "ld.global.v4" in ptx
+    if name in WRITES_TILE:
+        assert "st.global.v4" in ptx
