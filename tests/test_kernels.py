@@ -101,22 +101,31 @@ def test_constant_channel_outputs_beta_with_finite_gradients():
     assert torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
 
 
-def test_nan_stays_in_its_channel():
-    x = torch.randn(8, 4, 3)
-    x[3, 2, 1] = float("nan")
-    rm, rv = torch.zeros(4), torch.ones(4)
-    y = bntriton.batch_norm(x.to(DEVICE), rm.to(DEVICE), rv.to(DEVICE), training=True).cpu()
-    assert torch.isnan(y[:, 2]).all()
+PATHS = {"fused": dict(path="fused"), "split": dict(block_rows=16, block_channels=2, num_splits=2)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_nan_stays_in_its_channel(path):
+    x = torch.randn(8, 4, 3).to(DEVICE).requires_grad_()
+    with torch.no_grad():
+        x[3, 2, 1] = float("nan")
+    rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    with forced_plan(**PATHS[path]):
+        y = bntriton.batch_norm(x, rm, rv, training=True)
+        y.backward(torch.randn_like(y))
     others = [0, 1, 3]
-    assert torch.isfinite(y[:, others]).all()
+    for t in (y, x.grad):
+        assert torch.isnan(t[:, 2]).all() and torch.isfinite(t[:, others]).all()
+    assert torch.isnan(rm[2]) and torch.isfinite(rm[others]).all()
 
 
-def test_reruns_are_bitwise_identical():
+@pytest.mark.parametrize("path", list(PATHS))
+def test_reruns_are_bitwise_identical(path):
     case = Case(shape=(37, 5, 9), layout="channels_last", momentum=0.3, steps=2, seed=11)
     t = make_tensors(case, DEVICE)
     outputs = []
     for _ in range(2):
-        with forced_plan(block_rows=16, block_channels=2, num_splits=4):  # split + combine
+        with forced_plan(**PATHS[path]):
             x = t.xs[0].detach().requires_grad_()
             w = t.weight.detach().requires_grad_()
             b = t.bias.detach().requires_grad_()
