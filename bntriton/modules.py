@@ -5,7 +5,6 @@ computation is ours.  Unlike torch, a call that raises leaves the module's state
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .functional import batch_norm_with_counter

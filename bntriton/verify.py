@@ -27,7 +27,7 @@ import torch
 from . import reference
 from .families import FAMILIES, FamilyUnavailable, family_cases
 from .testing import Case, make_tensors
-from .tolerances import BOUNDS, accumulator, bound_units, normwise_error, reduction_error
+from .tolerances import BOUNDS, bound_units, normwise_error, reduction_error
 
 Impl = Callable[..., torch.Tensor]
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, kernel, tl_accumulator
+from .launch import Plan, accumulator_dtype, channel_block, kernel, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
 from .tiles import channel_offsets, tile_offsets
@@ -157,10 +157,6 @@ def _input_grad_coef_kernel(
     tl.store(coef_c_ptr + c, coef_c, mask=c_mask)
 
 
-def _combine_block(channels: int) -> int:
-    return min(triton.next_power_of_2(max(channels, 1)), 1024)
-
-
 def _partial_sums(
     view: ChannelView, plan: Plan, dy: torch.Tensor, pivot: torch.Tensor, pivot_stride: int,
     mean_shifted: torch.Tensor,
@@ -208,7 +204,7 @@ def batch_norm_grads(
 
     part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
     coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
-    combine_block = _combine_block(channels)
+    combine_block = channel_block(channels)
     _grad_combine_kernel[(triton.cdiv(channels, combine_block),)](
         part_dy, part_dyc, mean_shifted, rstd, weight if weight is not None else rstd,
         dweight, dbias, coef_a, coef_b, coef_c,
@@ -250,7 +246,7 @@ def grad_sums(
     if view.rows == 0:
         return sums.zero_(), dweight.zero_(), dbias.zero_()
     part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
-    block = _combine_block(channels)
+    block = channel_block(channels)
     _grad_sums_kernel[(triton.cdiv(channels, block),)](
         part_dy, part_dyc, rstd, sums, dweight, dbias, channels, plan.num_splits,
         BLOCK_C=block, ACC=tl_accumulator(x.dtype),
@@ -279,7 +275,7 @@ def input_grad(
         return view.empty_like()
     acc = accumulator_dtype(x.dtype)
     coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
-    block = _combine_block(channels)
+    block = channel_block(channels)
     _input_grad_coef_kernel[(triton.cdiv(channels, block),)](
         sums, count, mean_shifted, rstd, weight if weight is not None else rstd,
         coef_a, coef_b, coef_c, channels,

@@ -221,6 +221,11 @@ def plan_for(rows: int, channels: int, channels_last: bool, int64: bool, sm_coun
     return _with_splits(Plan(block_r, block_c, 0, splits, warps, int64), rows)
 
 
+def channel_block(channels: int) -> int:
+    """Channels per program of the small per-channel kernels (combines, updates)."""
+    return min(triton.next_power_of_2(max(channels, 1)), 1024)
+
+
 def _with_splits(p: Plan, rows: int) -> Plan:
     """Round rows per split up to whole tiles and drop splits that would be empty."""
     tiles = triton.cdiv(max(rows, 1), p.block_rows)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, kernel, split_float, tl_accumulator
+from .launch import Plan, accumulator_dtype, channel_block, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import fold_affine, inverse_std
 from .tiles import channel_offsets, tile_offsets
@@ -106,7 +106,7 @@ def eval_coefficients(
     channels = running_var.numel()
     acc = accumulator_dtype(x_dtype)
     rstd, scale, shift = (running_var.new_empty(channels, dtype=acc) for _ in range(3))
-    block = min(triton.next_power_of_2(max(channels, 1)), 1024)
+    block = channel_block(channels)
     _eval_coefficients_kernel[(triton.cdiv(channels, block),)](
         running_var, weight if weight is not None else rstd, bias if bias is not None else rstd,
         rstd, scale, shift, channels, *split_float(eps),

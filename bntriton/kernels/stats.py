@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, kernel, split_float, tl_accumulator
+from .launch import Plan, accumulator_dtype, channel_block, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import chan_merge, fold_affine, inverse_std
 from .tiles import channel_offsets, tile_offsets
@@ -148,10 +148,6 @@ class BatchStats:
     var_unbiased: torch.Tensor
 
 
-def _combine_block(channels: int) -> int:
-    return min(triton.next_power_of_2(max(channels, 1)), 1024)
-
-
 def batch_stats(
     view: ChannelView,
     plan: Plan,
@@ -176,7 +172,7 @@ def batch_stats(
     )
 
     stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(6)))
-    block = _combine_block(channels)
+    block = channel_block(channels)
     _stats_combine_kernel[(triton.cdiv(channels, block),)](
         partial_mean, partial_m2, x,
         weight if weight is not None else stats.rstd,
@@ -207,7 +203,7 @@ def update_running_stats(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     channels = running_mean.numel()
     has_counter = num_batches_tracked is not None
-    block = _combine_block(channels)
+    block = channel_block(channels)
     _running_update_kernel[(1,)](
         running_mean, running_var, num_batches_tracked if has_counter else mean, mean, var_unbiased,
         channels, *split_float(0.0 if momentum is None else momentum),

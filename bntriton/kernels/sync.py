@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import accumulator_dtype, kernel, plan, split_float, tl_accumulator
+from .launch import accumulator_dtype, channel_block, kernel, plan, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import chan_merge, fold_affine, inverse_std
 from .stats import BatchStats, batch_stats
@@ -119,7 +119,7 @@ def combine_ranks(
     acc = accumulator_dtype(gathered.dtype)
     stats = BatchStats(*(torch.empty(channels, dtype=acc, device=gathered.device) for _ in range(6)))
     count = torch.empty(1, dtype=acc, device=gathered.device)
-    block = min(triton.next_power_of_2(max(channels, 1)), 1024)
+    block = channel_block(channels)
     has_running = running_mean is not None
     _rank_combine_kernel[(triton.cdiv(channels, block),)](
         gathered,
