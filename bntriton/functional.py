@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.bntriton.*)
+from . import ops
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,10 +114,10 @@ def batch_norm_with_counter(
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
     eps = float(eps)
     if training:
-        y, _, _, mean, var_unbiased = torch.ops.bntriton.batch_norm_train(input, weight, bias, eps)
+        y, _, _, mean, var_unbiased = ops.train(input, weight, bias, eps)
         if running_mean is not None and input.numel() > 0:
             # One launch bumps the counter and updates the running statistics.
-            torch.ops.bntriton.update_running_stats(
+            ops.update(
                 running_mean, running_var, num_batches_tracked, mean, var_unbiased,
                 None if momentum is None else float(momentum),
             )
@@ -125,4 +125,4 @@ def batch_norm_with_counter(
             # An empty batch leaves the running statistics as they are (as torch).
             num_batches_tracked.add_(1)
         return y
-    return torch.ops.bntriton.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+    return ops.evaluate(input, weight, bias, running_mean, running_var, eps)

@@ -43,8 +43,7 @@ def _per_channel(x: Tensor, acc: bool = True) -> Tensor:
     return x.new_empty(x.shape[1], dtype=dtype)
 
 
-@torch.library.custom_op("bntriton::batch_norm_train", mutates_args=())
-def batch_norm_train(
+def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean_shifted, rstd, mean, var_unbiased)`` from the batch's statistics."""
@@ -57,16 +56,15 @@ def batch_norm_train(
     return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased
 
 
+batch_norm_train = torch.library.custom_op("bntriton::batch_norm_train", _train_impl, mutates_args=())
+
+
 @batch_norm_train.register_fake
 def _(x, weight, bias, eps):
     return (channel_view(x).empty_like(), *(_per_channel(x) for _ in range(4)))
 
 
-@torch.library.custom_op(
-    "bntriton::update_running_stats",
-    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
-)
-def update_running_stats(
+def _update_impl(
     running_mean: Tensor,
     running_var: Tensor,
     num_batches_tracked: Optional[Tensor],
@@ -79,13 +77,18 @@ def update_running_stats(
     update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
 
 
+update_running_stats = torch.library.custom_op(
+    "bntriton::update_running_stats", _update_impl,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+
+
 @update_running_stats.register_fake
 def _(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
     return None
 
 
-@torch.library.custom_op("bntriton::batch_norm_eval", mutates_args=())
-def batch_norm_eval(
+def _eval_impl(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -101,13 +104,15 @@ def batch_norm_eval(
     return channel_affine(view, plan(view), running_mean, 1, scale, shift)
 
 
+batch_norm_eval = torch.library.custom_op("bntriton::batch_norm_eval", _eval_impl, mutates_args=())
+
+
 @batch_norm_eval.register_fake
 def _(x, weight, bias, running_mean, running_var, eps):
     return channel_view(x).empty_like()
 
 
-@torch.library.custom_op("bntriton::batch_norm_backward", mutates_args=())
-def batch_norm_backward(
+def _backward_impl(
     grad_out: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
@@ -125,6 +130,9 @@ def batch_norm_backward(
         view, dy, weight, pivot, pivot_stride, mean_shifted, rstd,
         batch_stats=batch_stats_used, param_dtype=_param_dtype(x, weight),
     )
+
+
+batch_norm_backward = torch.library.custom_op("bntriton::batch_norm_backward", _backward_impl, mutates_args=())
 
 
 @batch_norm_backward.register_fake
@@ -149,7 +157,7 @@ def _train_setup(ctx, inputs, output):
 
 def _train_backward(ctx, grad_y, *_grads_of_statistics):
     x, weight, mean_shifted, rstd = ctx.saved_tensors
-    dx, dweight, dbias = batch_norm_backward(grad_y, x, weight, None, mean_shifted, rstd)
+    dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd)
     return (
         dx,
         dweight if weight is not None else None,
@@ -172,10 +180,75 @@ def _eval_backward(ctx, grad_y):
     x, weight, running_mean, running_var = ctx.saved_tensors
     # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
     rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + ctx.eps)
-    dx, dweight, dbias = batch_norm_backward(
-        grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd
-    )
+    dx, dweight, dbias = _backward(grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd)
     return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None, None, None
 
 
 batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
+
+
+# ----------------------------------------------------------- eager calls, without dispatch
+#
+# torch.library's Python dispatch costs 10-25 us per call on the host, more than a whole
+# small batch norm takes on a GPU.  Eager calls on plain tensors therefore run the same
+# implementations and autograd formulas through a bare autograd.Function; anything being
+# traced (torch.compile, torch.export, fake or functional tensors) goes through the ops.
+
+
+def _plain(*tensors) -> bool:
+    """True for eager calls on ordinary tensors (not fake, functional or traced)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+
+
+# forward(ctx, ...) rather than a separate setup_context: the latter binds arguments with
+# inspect.signature on every call (~20 us).
+
+
+class _EagerTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        output = _train_impl(x, weight, bias, eps)
+        _train_setup(ctx, (x, weight, bias, eps), output)
+        return output
+
+    backward = staticmethod(_train_backward)
+
+
+class _EagerEval(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+        inputs = (x, weight, bias, running_mean, running_var, eps)
+        output = _eval_impl(*inputs)
+        _eval_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_eval_backward)
+
+
+def train(x, weight, bias, eps):
+    """``batch_norm_train``: eager fast path or the registered op."""
+    if _plain(x, weight, bias):
+        return _EagerTrain.apply(x, weight, bias, eps)
+    return batch_norm_train(x, weight, bias, eps)
+
+
+def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
+    """``update_running_stats``: eager fast path or the registered op."""
+    tensors = (running_mean, running_var, num_batches_tracked, mean, var_unbiased)
+    op = _update_impl if _plain(*tensors) else update_running_stats
+    op(*tensors, momentum)
+
+
+def evaluate(x, weight, bias, running_mean, running_var, eps):
+    """``batch_norm_eval``: eager fast path or the registered op."""
+    if _plain(x, weight, bias, running_mean, running_var):
+        return _EagerEval.apply(x, weight, bias, running_mean, running_var, eps)
+    return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+
+
+def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd):
+    tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd)
+    op = _backward_impl if _plain(*tensors) else batch_norm_backward
+    return op(*tensors)

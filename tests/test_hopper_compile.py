@@ -107,3 +107,26 @@ def test_tile_loads_and_stores_are_16_byte_vectors(name, layout, dtype):
     assert "ld.global.v4" in ptx
     if name in WRITES_TILE:
         assert "st.global.v4" in ptx
+
+
+@pytest.mark.skipif(ASTSource is None, reason="this Triton has no ahead-of-time compile API")
+def test_interpreted_runs_leave_gpu_compilation_intact(tmp_path, monkeypatch):
+    """Interpreting kernels (CPU tensors) patches triton.language while they run; every
+    patch must be undone, or compiling for a GPU later in the same process breaks (the GPU
+    machine runs CPU and CUDA tests in one process).  A fresh cache forces a real compile."""
+    import torch
+
+    import bntriton
+    from bntriton.kernels import forced_plan
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    for path in ({"path": "fused"}, {"block_rows": 16, "block_channels": 2, "num_splits": 2}):
+        x = torch.randn(8, 4, 3, requires_grad=True)
+        with forced_plan(**path):
+            bntriton.batch_norm(x, torch.zeros(4), torch.ones(4), training=True).sum().backward()
+    for name in sorted(KERNELS):
+        kernel = KERNELS[name]
+        signature, constexprs = _signature(kernel, VARIANTS["bf16-flags-on"])
+        source = ASTSource(fn=kernel.compiled, signature=signature, constexprs=constexprs)
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+    assert any(tmp_path.iterdir())  # the compiles really ran into the fresh cache

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, channel_block, kernel, tl_accumulator
+from .launch import Plan, accumulator_dtype, cdiv, channel_block, kernel, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
 from .tiles import channel_offsets, tile_offsets
@@ -166,7 +166,7 @@ def _partial_sums(
     channels = view.channels
     part_dy = torch.empty((plan.num_splits, channels), dtype=accumulator_dtype(x.dtype), device=x.device)
     part_dyc = torch.empty_like(part_dy)
-    _grad_partial_kernel[(plan.num_splits, triton.cdiv(channels, plan.block_channels))](
+    _grad_partial_kernel[(plan.num_splits, cdiv(channels, plan.block_channels))](
         x, dy, pivot, mean_shifted, part_dy, part_dyc,
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         pivot_stride, plan.rows_per_split,
@@ -205,7 +205,7 @@ def batch_norm_grads(
     part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
     coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
     combine_block = channel_block(channels)
-    _grad_combine_kernel[(triton.cdiv(channels, combine_block),)](
+    _grad_combine_kernel[(cdiv(channels, combine_block),)](
         part_dy, part_dyc, mean_shifted, rstd, weight if weight is not None else rstd,
         dweight, dbias, coef_a, coef_b, coef_c,
         view.rows, channels, plan.num_splits,
@@ -247,7 +247,7 @@ def grad_sums(
         return sums.zero_(), dweight.zero_(), dbias.zero_()
     part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
     block = channel_block(channels)
-    _grad_sums_kernel[(triton.cdiv(channels, block),)](
+    _grad_sums_kernel[(cdiv(channels, block),)](
         part_dy, part_dyc, rstd, sums, dweight, dbias, channels, plan.num_splits,
         BLOCK_C=block, ACC=tl_accumulator(x.dtype),
     )
@@ -276,7 +276,7 @@ def input_grad(
     acc = accumulator_dtype(x.dtype)
     coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
     block = channel_block(channels)
-    _input_grad_coef_kernel[(triton.cdiv(channels, block),)](
+    _input_grad_coef_kernel[(cdiv(channels, block),)](
         sums, count, mean_shifted, rstd, weight if weight is not None else rstd,
         coef_a, coef_b, coef_c, channels,
         BLOCK_C=block, HAS_WEIGHT=weight is not None, ACC=tl_accumulator(x.dtype),

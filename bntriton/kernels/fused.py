@@ -13,10 +13,9 @@ fp64 accumulation.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, kernel, split_float, tl_accumulator
+from .launch import Plan, accumulator_dtype, cdiv, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats
 from .numerics import inverse_std
@@ -105,7 +104,7 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float):
     y = view.empty_like()
     per_channel = [torch.empty(view.channels, dtype=acc, device=x.device) for _ in range(4)]
     mean_s, rstd, mean, var_unbiased = per_channel
-    _fused_forward_kernel[(triton.cdiv(view.channels, plan.block_channels),)](
+    _fused_forward_kernel[(cdiv(view.channels, plan.block_channels),)](
         x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
         mean_s, rstd, mean, var_unbiased,
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
@@ -127,7 +126,7 @@ def fused_backward(
     dx = view.empty_like()
     dweight = torch.empty(view.channels, dtype=param_dtype, device=x.device)
     dbias = torch.empty_like(dweight)
-    _fused_backward_kernel[(triton.cdiv(view.channels, plan.block_channels),)](
+    _fused_backward_kernel[(cdiv(view.channels, plan.block_channels),)](
         x, dy, dx, weight if weight is not None else rstd, pivot, mean_shifted, rstd, dweight, dbias,
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         pivot_stride,

@@ -47,7 +47,7 @@ def _interpreting():
     with _interpreter_lock:
         original_call = JITFunction.__call__
         original_patch = getattr(interpreter, "_patch_lang_tensor", None)
-        JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn)(*args, **kwargs)
+        JITFunction.__call__ = _call_interpreted
         if original_patch is not None:
 
             def patch_with_index(tensor, scope):
@@ -65,6 +65,23 @@ def _interpreting():
             JITFunction.__call__ = original_call
             if original_patch is not None:
                 interpreter._patch_lang_tensor = original_patch
+
+
+def _call_interpreted(jit_function, *args, **kwargs):
+    """A device-function call inside an interpreted kernel.
+
+    ``InterpretedFunction.__call__`` would patch ``triton.language`` for the callee in a
+    scope nobody restores; the leaked patches then break any later compilation for the
+    GPU in the same process.  Here the callee's patches are undone when it returns (they
+    nest: the restore puts back what the caller's own patch had set).
+    """
+    from triton.runtime import interpreter
+
+    scope = interpreter._patch_lang(jit_function.fn)
+    try:
+        return _interpreted(jit_function.fn).rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
 
 
 class DualKernel:
@@ -129,8 +146,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a constexpr function whose host
+    call costs ~1.5 us: launches are on the hot path of every small batch norm)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1), on the host; see :func:`cdiv`."""
+    return 1 << (n - 1).bit_length()
+
+
 def _pow2_at_most(value: int, cap: int) -> int:
-    return min(triton.next_power_of_2(max(value, 1)), cap)
+    return min(next_power_of_2(max(value, 1)), cap)
 
 
 def plan(view: ChannelView) -> Plan:
@@ -177,15 +205,15 @@ def fused_plan_for(
     """
     on_gpu = sm_count is not None
     tile = _FUSED_TILE_GPU if on_gpu else _FUSED_TILE_INTERPRETER
-    min_block_c = min(16, triton.next_power_of_2(channels)) if on_gpu and channels_last else 1
-    block_r = triton.next_power_of_2(max(rows, 1))
+    min_block_c = min(16, next_power_of_2(channels)) if on_gpu and channels_last else 1
+    block_r = next_power_of_2(max(rows, 1))
     if rows < 1 or block_r * min_block_c > tile:
         return None
     block_c = _pow2_at_most(channels, max(tile // block_r, 1))
     if on_gpu:
-        while block_c > min_block_c and triton.cdiv(channels, block_c) < 2 * sm_count:
+        while block_c > min_block_c and cdiv(channels, block_c) < 2 * sm_count:
             block_c //= 2
-        if triton.cdiv(channels, block_c) < sm_count and rows > 1024:
+        if cdiv(channels, block_c) < sm_count and rows > 1024:
             return None
     # The backward keeps x, dy and two temporaries of the tile live: 16 warps keep an
     # 8192-element tile at 32 values per thread per array, short of register spills.
@@ -211,27 +239,27 @@ def plan_for(rows: int, channels: int, channels_last: bool, int64: bool, sm_coun
     else:
         block_c = _pow2_at_most(channels, 4 if on_gpu else 16)
     block_r = _pow2_at_most(rows, max(tile_elements // block_c, 16))
-    row_tiles = triton.cdiv(max(rows, 1), block_r)
-    channel_blocks = triton.cdiv(channels, block_c)
+    row_tiles = cdiv(max(rows, 1), block_r)
+    channel_blocks = cdiv(channels, block_c)
     if on_gpu:
-        splits = max(1, min(row_tiles, triton.cdiv(4 * sm_count, channel_blocks)))
+        splits = max(1, min(row_tiles, cdiv(4 * sm_count, channel_blocks)))
     else:
-        splits = max(1, triton.cdiv(row_tiles, 4))
+        splits = max(1, cdiv(row_tiles, 4))
     warps = 8 if block_r * block_c >= 4096 else 4
     return _with_splits(Plan(block_r, block_c, 0, splits, warps, int64), rows)
 
 
 def channel_block(channels: int) -> int:
     """Channels per program of the small per-channel kernels (combines, updates)."""
-    return min(triton.next_power_of_2(max(channels, 1)), 1024)
+    return min(next_power_of_2(max(channels, 1)), 1024)
 
 
 def _with_splits(p: Plan, rows: int) -> Plan:
     """Round rows per split up to whole tiles and drop splits that would be empty."""
-    tiles = triton.cdiv(max(rows, 1), p.block_rows)
-    tiles_per_split = triton.cdiv(tiles, max(1, min(p.num_splits, tiles)))
+    tiles = cdiv(max(rows, 1), p.block_rows)
+    tiles_per_split = cdiv(tiles, max(1, min(p.num_splits, tiles)))
     rows_per_split = tiles_per_split * p.block_rows
-    return replace(p, rows_per_split=rows_per_split, num_splits=triton.cdiv(max(rows, 1), rows_per_split))
+    return replace(p, rows_per_split=rows_per_split, num_splits=cdiv(max(rows, 1), rows_per_split))
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,6 +18,7 @@ Any other strided input is copied once into the channels-first format (see
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,57 +64,76 @@ class ChannelView:
         return self.empty_like(other.dtype).copy_(other)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
+def _is_channels_last(shape: tuple, strides: tuple) -> bool:
     """True when the channel stride is 1 and rows (N, *spatial) are evenly spaced by C."""
-    if x.dim() < 2:
-        return False
-    c = x.shape[1]
-    if x.stride(1) != 1 and c != 1:
+    c = shape[1]
+    if strides[1] != 1 and c != 1:
         return False
     # Walk the non-channel dims from innermost outwards: each must be dense over C.
     expected = c
-    for dim in [d for d in range(x.dim()) if d != 1][::-1]:
-        if x.shape[dim] != 1 and x.stride(dim) != expected:
+    for dim in [d for d in range(len(shape)) if d != 1][::-1]:
+        if shape[dim] != 1 and strides[dim] != expected:
             return False
-        expected *= x.shape[dim]
+        expected *= shape[dim]
     return True
 
 
-def _is_channels_first(x: torch.Tensor) -> bool:
+def _is_channels_first(shape: tuple, strides: tuple) -> bool:
     """True when the spatial dims are dense (stride 1 innermost) within each (n, c)."""
     expected = 1
-    for dim in range(x.dim() - 1, 1, -1):
-        if x.shape[dim] != 1 and x.stride(dim) != expected:
+    for dim in range(len(shape) - 1, 1, -1):
+        if shape[dim] != 1 and strides[dim] != expected:
             return False
-        expected *= x.shape[dim]
+        expected *= shape[dim]
     return True
 
 
-def _is_dense(x: torch.Tensor) -> bool:
+def _is_dense(shape: tuple, strides: tuple) -> bool:
     """No gaps and no overlaps: the elements fill ``numel`` consecutive slots."""
     expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+    for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1):
         if stride != expected:
             return False
         expected *= size
     return True
 
 
-def channel_view(x: torch.Tensor) -> ChannelView:
-    """See ``x`` (N, C, *spatial) as rows x channels without copying when possible."""
-    n, c = x.shape[0], x.shape[1]
+def _view_params(shape: tuple, strides: tuple):
+    """The view's fields after ``tensor`` for this shape and strides, or None when the
+    tensor must first be made contiguous.  Cached for concrete sizes (a model sees few
+    distinct layouts, and this runs on every call); symbolic sizes (tracing with dynamic
+    shapes) are not hashable and are worked out each time."""
+    if all(type(v) is int for v in shape + strides):
+        return _cached_view_params(shape, strides)
+    return _compute_view_params(shape, strides)
+
+
+def _compute_view_params(shape: tuple, strides: tuple):
+    n, c = shape[0], shape[1]
     spatial = 1
-    for size in x.shape[2:]:
+    for size in shape[2:]:
         spatial *= size
     rows = n * spatial
     # A contiguous (N, C) input, and (N, C, 1, 1), are channels-last as much as channels-first;
     # channels-last tiles (C contiguous) suit them.
-    if _is_channels_last(x):
-        return ChannelView(x, rows, c, rows, 0, 1, c, channels_last=True)
-    if not (_is_channels_first(x) and _is_dense(x)):
+    if _is_channels_last(shape, strides):
+        return rows, c, rows, 0, 1, c, True
+    if not (_is_channels_first(shape, strides) and _is_dense(shape, strides)):
+        return None
+    stride_n = strides[0] if n > 1 else c * spatial
+    stride_c = strides[1] if c > 1 else spatial
+    return rows, c, spatial, stride_n, stride_c, 1, False
+
+
+_cached_view_params = functools.lru_cache(maxsize=4096)(_compute_view_params)
+
+
+def channel_view(x: torch.Tensor) -> ChannelView:
+    """See ``x`` (N, C, *spatial) as rows x channels without copying when possible."""
+    params = _view_params(tuple(x.shape), x.stride())
+    if params is None:
         # Sliced, permuted or overlapping views: one copy into the channels-first format
         # keeps every kernel on two dense layouts (outputs share the input's strides).
         x = x.contiguous()
-    stride_n = x.stride(0) if n > 1 else c * spatial
-    stride_c = x.stride(1) if c > 1 else spatial
-    return ChannelView(x, rows, c, spatial, stride_n, stride_c, 1, channels_last=False)
+        params = _view_params(tuple(x.shape), x.stride())
+    return ChannelView(x, *params)

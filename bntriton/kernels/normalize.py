@@ -10,10 +10,9 @@ the backward's reduction.  Math in the accumulator dtype, output in ``out``'s dt
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, channel_block, kernel, split_float, tl_accumulator
+from .launch import Plan, accumulator_dtype, cdiv, channel_block, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import fold_affine, inverse_std
 from .tiles import channel_offsets, tile_offsets
@@ -64,7 +63,7 @@ def channel_affine(
     out = view.empty_like(out_dtype)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(view.rows, plan.block_rows), triton.cdiv(view.channels, plan.block_channels))
+    grid = (cdiv(view.rows, plan.block_rows), cdiv(view.channels, plan.block_channels))
     _channel_affine_kernel[grid](
         x, dy if dy is not None else x, out, pivot, scale, shift,
         dy_scale if dy_scale is not None else scale,
@@ -107,7 +106,7 @@ def eval_coefficients(
     acc = accumulator_dtype(x_dtype)
     rstd, scale, shift = (running_var.new_empty(channels, dtype=acc) for _ in range(3))
     block = channel_block(channels)
-    _eval_coefficients_kernel[(triton.cdiv(channels, block),)](
+    _eval_coefficients_kernel[(cdiv(channels, block),)](
         running_var, weight if weight is not None else rstd, bias if bias is not None else rstd,
         rstd, scale, shift, channels, *split_float(eps),
         BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,

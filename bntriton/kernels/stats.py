@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, channel_block, kernel, split_float, tl_accumulator
+from .launch import Plan, accumulator_dtype, cdiv, channel_block, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import chan_merge, fold_affine, inverse_std
 from .tiles import channel_offsets, tile_offsets
@@ -161,7 +160,7 @@ def batch_stats(
     channels = view.channels
     partial_mean = torch.empty((plan.num_splits, channels), dtype=acc, device=x.device)
     partial_m2 = torch.empty_like(partial_mean)
-    channel_blocks = triton.cdiv(channels, plan.block_channels)
+    channel_blocks = cdiv(channels, plan.block_channels)
     _stats_partial_kernel[(plan.num_splits, channel_blocks)](
         x, partial_mean, partial_m2,
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
@@ -173,7 +172,7 @@ def batch_stats(
 
     stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(6)))
     block = channel_block(channels)
-    _stats_combine_kernel[(triton.cdiv(channels, block),)](
+    _stats_combine_kernel[(cdiv(channels, block),)](
         partial_mean, partial_m2, x,
         weight if weight is not None else stats.rstd,
         bias if bias is not None else stats.rstd,

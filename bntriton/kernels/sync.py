@@ -15,10 +15,9 @@ for this process's own pivot: the forward epilogue and the backward then run unc
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from .launch import accumulator_dtype, channel_block, kernel, plan, split_float, tl_accumulator
+from .launch import accumulator_dtype, cdiv, channel_block, kernel, plan, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import chan_merge, fold_affine, inverse_std
 from .stats import BatchStats, batch_stats
@@ -121,7 +120,7 @@ def combine_ranks(
     count = torch.empty(1, dtype=acc, device=gathered.device)
     block = channel_block(channels)
     has_running = running_mean is not None
-    _rank_combine_kernel[(triton.cdiv(channels, block),)](
+    _rank_combine_kernel[(cdiv(channels, block),)](
         gathered,
         weight if weight is not None else stats.rstd,
         bias if bias is not None else stats.rstd,
