@@ -186,3 +186,19 @@ def test_cpu_sweep_without_smoke_is_refused():
     result = _run(PERF / "sweep.py", "--device", "cpu", "--suites", "mlp", timeout=120)
     assert result.returncode == 2
     assert "--smoke" in result.stderr
+
+
+def test_host_overhead_script_runs():
+    """perf/host_overhead.py stubs the launches process-wide, so it runs in a subprocess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "perf" / "host_overhead.py"), "--calls", "20"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(" us") == 3
