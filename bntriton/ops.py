@@ -12,6 +12,11 @@ Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so t
 * ``batch_norm_eval``: normalizes with the running statistics; mutates nothing.
 * ``batch_norm_backward``: ``(dx, dweight, dbias)`` for either forward.
 
+Eager calls on plain tensors run the same implementations and autograd formulas through
+a bare ``autograd.Function`` instead (:func:`train`, :func:`update`, :func:`evaluate`, at
+the end of this file): torch.library's dispatch costs more host time than a small batch
+norm takes on a GPU.  Anything traced goes through the registered ops.
+
 Arguments are checked by :mod:`bntriton.functional` before these run: the ops assume
 valid input, so a failing call never reaches the point where state changes.
 

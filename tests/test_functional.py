@@ -113,3 +113,27 @@ def test_bad_input_raises_clear_error_and_changes_nothing(index):
     with pytest.raises(exc, match=message):
         bntriton.batch_norm(**kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, (rm, rv))), name
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eager_fast_path_matches_the_registered_ops_bitwise(training):
+    """Eager calls skip torch.library's dispatch; the ops (used when tracing) must agree."""
+    from bntriton import ops
+
+    x = torch.randn(5, 3, 4, device=DEVICE)
+    w, b = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+    rm, rv = _stats(3)
+    dy = torch.randn(5, 3, 4, device=DEVICE)
+    results = []
+    for use_op in (False, True):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        if training:
+            forward = ops.batch_norm_train if use_op else ops.train
+            y = forward(xs, ws, bs, 1e-5)[0]
+        else:
+            forward = ops.batch_norm_eval if use_op else ops.evaluate
+            y = forward(xs, ws, bs, rm, rv, 1e-5)
+        y.backward(dy)
+        results.append([y, xs.grad, ws.grad, bs.grad])
+    for eager, registered in zip(*results):
+        assert torch.equal(eager, registered)
