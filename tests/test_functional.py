@@ -2,7 +2,6 @@
 change nothing."""
 import inspect
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
