@@ -43,9 +43,9 @@ def _param_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtype:
     return weight.dtype if weight is not None else accumulator_dtype(x.dtype)
 
 
-def _per_channel(x: Tensor, acc: bool = True) -> Tensor:
-    dtype = accumulator_dtype(x.dtype) if acc else x.dtype
-    return x.new_empty(x.shape[1], dtype=dtype)
+def _per_channel(x: Tensor) -> Tensor:
+    """A per-channel statistic's (fake) output, in the accumulator dtype."""
+    return x.new_empty(x.shape[1], dtype=accumulator_dtype(x.dtype))
 
 
 def _train_impl(

@@ -28,7 +28,7 @@ def backward(
     batch_stats: bool, param_dtype: torch.dtype,
 ):
     """``(dx, dweight, dbias)``; ``dy`` shares the view's strides."""
-    single_read = fused_plan(view) if view.rows > 0 else None
+    single_read = fused_plan(view)  # None for an empty batch: the split path handles it
     if single_read is not None:
         return fused_backward(
             view, single_read, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype
