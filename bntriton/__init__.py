@@ -4,11 +4,12 @@ Public names only; see README.md.
 """
 from .distributed import SyncBatchNorm
 from .functional import batch_norm
+from .kernels.runtime import cpu_backend
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
-from .verify import Report, verify
+from .verification import Report, verify
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Report", "SyncBatchNorm", "batch_norm",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Report", "SyncBatchNorm", "batch_norm", "cpu_backend",
     "convert_model", "verify",
 ]
 __version__ = "0.1.0"

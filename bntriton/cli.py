@@ -38,7 +38,7 @@ class ProgressBar:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .families import FAMILIES
+    from .verification.families import FAMILIES
 
     parser = argparse.ArgumentParser(prog="bntriton", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,7 +76,7 @@ def _families(arg: Optional[list]) -> Optional[list]:
 
 
 def _case(text: str):
-    from .testing import Case
+    from .verification.strategies import Case
 
     d = json.loads(text)
     if "case" in d and isinstance(d["case"], dict):  # a whole report entry
@@ -85,8 +85,8 @@ def _case(text: str):
 
 
 def _verify(args, parser) -> int:
-    from .families import FAMILIES
-    from .verify import verify
+    from .verification.families import FAMILIES
+    from .verification import verify
 
     if args.list_families:
         width = max(map(len, FAMILIES))
@@ -130,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "verify":
         return _verify(args, parser)
     if args.command == "bounds":
-        from .verify import bounds_table
+        from .verification.report import bounds_table
 
         print(bounds_table())
         return 0

@@ -4,7 +4,7 @@ torch, pass by pass.  A fast wrong kernel must show up as a failure, not as a nu
 The bound is loose on purpose.  Two correct implementations differ by a few roundings of
 the stored dtype plus reduction error growing like log2(count) in fp32; a wrong kernel
 (bad index, missed tile, wrong channel) is off by O(1).  The float64 oracle and the tight
-per-quantity table (bntriton.tolerances) belong to the test suite; this only guards the
+per-quantity table (bntriton.verification.bounds) belong to the test suite; this only guards the
 sweep, on data far too large for a float64 reference on the host.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import torch
 
-from bntriton.tolerances import EPS
+from bntriton.verification.bounds import EPS
 
 from providers import Provider
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 import bntriton
-from bntriton.kernels import launch
+from bntriton.kernels import runtime
 
 
 def _per_call_us(fn, calls: int) -> float:
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=3000)
     args = parser.parse_args(argv)
 
-    launch.DualKernel.__getitem__ = lambda self, grid: (lambda *a, **k: None)
+    runtime.DualKernel.__getitem__ = lambda self, grid: (lambda *a, **k: None)
     x = torch.randn(4, 2048, 7, 7)  # small_batch's 4x2048x7x7; sizes do not matter here
     module = bntriton.BatchNorm2d(2048)
     x_grad = x.clone().requires_grad_()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bntriton
-from bntriton.tolerances import EPS, bound_units, normwise_error
+from bntriton.verification.bounds import EPS, bound_units, normwise_error
 
 from conftest import DEVICE
 

@@ -19,11 +19,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bntriton
-from bntriton import reference
+from bntriton.verification import oracle as reference
 from bntriton.kernels import (
     batch_norm_grads, batch_stats, channel_view, combine_ranks, forced_plan, grad_sums, input_grad, plan,
 )
-from bntriton.tolerances import EPS, bound_units, normwise_error, reduction_error
+from bntriton.verification.bounds import EPS, bound_units, normwise_error, reduction_error
 
 WORLD = 3
 BATCHES = (5, 0, 2)  # samples per rank: uneven, rank 1 empty

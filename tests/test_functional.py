@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import bntriton
-from bntriton import reference
+from bntriton.verification import oracle as reference
 from bntriton.functional import batch_norm_with_counter
-from bntriton.tolerances import bound_units, normwise_error
+from bntriton.verification.bounds import bound_units, normwise_error
 
 from conftest import DEVICE
 

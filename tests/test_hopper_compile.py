@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from bntriton.kernels import backward, fused, normalize, stats, sync
-from bntriton.kernels.launch import DualKernel
+from bntriton.kernels.runtime import DualKernel
 
 try:
     from triton.backends.compiler import GPUTarget

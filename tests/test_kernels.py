@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 import bntriton
-from bntriton import reference
+from bntriton.verification import oracle as reference
 from bntriton.kernels import channel_view, forced_plan
-from bntriton.kernels.launch import fused_plan_for, plan_for
+from bntriton.kernels.plans import fused_plan_for, plan_for
 from bntriton.testing import Case, cases, make_tensors, shapes
-from bntriton.tolerances import bound_units, normwise_error
-from bntriton.verify import check_case
+from bntriton.verification.bounds import bound_units, normwise_error
+from bntriton.verification import check_case
 
 from conftest import DEVICE
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bntriton
-from bntriton.tolerances import bound_units, normwise_error
+from bntriton.verification.bounds import bound_units, normwise_error
 
 from conftest import DEVICE
 

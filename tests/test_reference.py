@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bntriton import reference
-from bntriton.tolerances import bound_units, normwise_error, reduction_error
+from bntriton.verification import oracle as reference
+from bntriton.verification.bounds import bound_units, normwise_error, reduction_error
 
 SHAPES = [(5, 3), (4, 3, 7), (3, 4, 5, 6), (2, 3, 2, 3, 4)]
 

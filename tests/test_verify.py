@@ -18,9 +18,9 @@ import torch
 
 import bntriton
 from bntriton.cli import main
-from bntriton.families import FAMILIES, family_cases
+from bntriton.verification.families import FAMILIES, family_cases
 from bntriton.testing import Case
-from bntriton.verify import Report, check_case, verify
+from bntriton.verification import Report, check_case, verify
 
 from conftest import DEVICE
 

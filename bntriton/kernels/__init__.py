@@ -1,6 +1,7 @@
 """Triton kernels for batch normalization, each file one kernel family with its launcher."""
 from .backward import batch_norm_grads, grad_sums, input_grad
-from .launch import accumulator_dtype, forced_plan, plan
+from .plans import forced_plan, plan
+from .runtime import accumulator_dtype
 from .layout import ChannelView, channel_view
 from .normalize import channel_affine, eval_coefficients
 from .stats import BatchStats, batch_stats, update_running_stats

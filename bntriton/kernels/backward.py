@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, cdiv, channel_block, kernel, tl_accumulator
+from .plans import Plan, cdiv, channel_block
+from .runtime import accumulator_dtype, kernel, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
 from .tiles import channel_offsets, tile_offsets

@@ -6,7 +6,7 @@ import torch
 
 from .backward import batch_norm_grads
 from .fused import fused_backward, fused_forward
-from .launch import fused_plan, plan
+from .plans import fused_plan, plan
 from .layout import ChannelView
 from .normalize import channel_affine
 from .stats import BatchStats, batch_stats

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, cdiv, kernel, split_float, tl_accumulator
+from .plans import Plan, cdiv
+from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats
 from .numerics import inverse_std

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
-from .launch import Plan, accumulator_dtype, cdiv, channel_block, kernel, split_float, tl_accumulator
+from .plans import Plan, cdiv, channel_block
+from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import chan_merge, fold_affine, inverse_std
 from .tiles import channel_offsets, tile_offsets

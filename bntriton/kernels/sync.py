@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from .launch import accumulator_dtype, cdiv, channel_block, kernel, plan, split_float, tl_accumulator
+from .plans import cdiv, channel_block, plan
+from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import chan_merge, fold_affine, inverse_std
 from .stats import BatchStats, batch_stats

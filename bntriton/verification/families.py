@@ -1,4 +1,4 @@
-"""Case families: named groups of :class:`~bntriton.testing.Case` that each aim at one way
+"""Case families: named groups of :class:`~.strategies.Case` that each aim at one way
 a batch norm goes wrong.
 
 A family is a function ``(seed, quick) -> list[Case]``.  ``seed`` picks the data (each case
@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .testing import Case
+from .strategies import Case
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -84,7 +84,7 @@ def _random(seed: int, quick: bool) -> list:
         from hypothesis import seed as fixed_seed
     except ImportError as exc:  # hypothesis is an optional (test) dependency
         raise FamilyUnavailable("needs hypothesis (pip install 'bntriton[test]')") from exc
-    from .testing import cases
+    from .strategies import cases
 
     count, max_elements = RANDOM_CASES[quick]
     strategy = cases(max_elements=max_elements)

@@ -1,6 +1,6 @@
 """Error metrics and per-dtype error bounds: the one table that tests and `verify` use.
 
-Every error is measured against the float64 oracle (bntriton.reference) and expressed in
+Every error is measured against the float64 oracle (verification/oracle.py) and expressed in
 units of the machine epsilon of the dtype the quantity is stored in (``EPS``):
 
 * ``y`` and the running variance: ``max|out - ref| / max|ref|`` (normwise, infinity

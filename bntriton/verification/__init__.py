@@ -1,0 +1,19 @@
+"""Verification: the third part of bntriton, beside the kernels and the PyTorch front end.
+
+Checks any batch-norm implementation (``F.batch_norm``'s signature) against a float64
+oracle, with error bounds derived per dtype:
+
+* :mod:`.oracle`: the float64 NumPy reference (forward, backward, running statistics);
+* :mod:`.bounds`: the one table of error bounds and the error metrics;
+* :mod:`.strategies`: test cases (``Case``), the tensors they stand for, hypothesis
+  strategies (public as :mod:`bntriton.testing`);
+* :mod:`.families`: named groups of cases, each aimed at one way to be wrong;
+* :mod:`.harness`: :func:`check_case` and :func:`verify`;
+* :mod:`.report`: :class:`Report`, what a run found, as text and JSON.
+
+Nothing here is imported by the kernels; the command line lives in :mod:`bntriton.cli`.
+"""
+from .harness import check_case, resolve_impl, verify
+from .report import CaseResult, Report
+
+__all__ = ["CaseResult", "Report", "check_case", "resolve_impl", "verify"]

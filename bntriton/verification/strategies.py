@@ -1,0 +1,220 @@
+"""Test cases for batch-norm implementations: a description (``Case``), the tensors it
+stands for (``make_tensors``), and hypothesis strategies to generate them.
+
+Exported for other projects' test suites as :mod:`bntriton.testing`.
+A ``Case`` is plain data with a seed, so a failing one can be printed and rerun.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+# Layouts beyond the default strategies' (kept out of LAYOUTS so that ``cases()`` draws
+# exactly what it always drew): "reversed" stores the dims in reverse order (N innermost),
+# a dense layout that is neither channels-first nor channels-last.
+EXTRA_LAYOUTS = ("reversed",)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DATA_KINDS = ("normal", "constant_channel", "nan", "inf", "tiny_var")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One batch-norm call (or several, ``steps``, for running statistics)."""
+
+    shape: tuple
+    dtype: torch.dtype = torch.float32
+    layout: str = "contiguous"
+    param_dtype: Optional[torch.dtype] = torch.float32  # None: affine off (no weight, no bias)
+    bias: bool = True  # with affine on: False gives a weight without a bias
+    running: bool = True  # running statistics given
+    training: bool = True
+    momentum: Optional[float] = 0.1  # None: cumulative average (factor 1/step)
+    steps: int = 1
+    offset: float = 0.0  # data mean, in units of its std
+    scale: float = 1.0  # data std
+    data: str = "normal"
+    seed: int = 0
+    family: str = "random"
+    backward: bool = True
+    eps: float = 1e-5
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def count(self) -> int:
+        """Values per channel."""
+        return math.prod(self.shape) // self.shape[1]
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        d["param_dtype"] = None if self.param_dtype is None else str(self.param_dtype).replace("torch.", "")
+        return d
+
+    @classmethod
+    def from_description(cls, d: dict) -> "Case":
+        """The inverse of :meth:`describe` (JSON-friendly dict -> Case); missing fields
+        take their defaults, unknown ones raise, so a typo cannot pass silently."""
+        d = dict(d)
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown Case fields {sorted(unknown)}")
+        if "shape" in d:
+            d["shape"] = tuple(int(n) for n in d["shape"])
+        for key in ("dtype", "param_dtype"):
+            if isinstance(d.get(key), str):
+                dtype = getattr(torch, d[key].replace("torch.", ""), None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"{key}: {d[key]!r} is not a torch dtype")
+                d[key] = dtype
+        return cls(**d)
+
+
+def apply_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x``'s values in the memory layout ``layout`` (same shape)."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        # C innermost: (N, *spatial, C) storage seen as (N, C, *spatial).
+        perm = (0,) + tuple(range(2, x.dim())) + (1,)
+        inverse = [0] * x.dim()
+        for i, p in enumerate(perm):
+            inverse[p] = i
+        return x.permute(perm).contiguous().permute(inverse)
+    if layout == "strided":
+        # Every other element of a twice-as-long last dim: a view no fast path takes whole.
+        wide = torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
+        view = wide[..., ::2]
+        view.copy_(x)
+        return view
+    if layout == "reversed":
+        # Storage in reverse dim order: x.permute(reversed) is contiguous.
+        rev = tuple(range(x.dim() - 1, -1, -1))
+        return x.permute(rev).contiguous().permute(rev)
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS + EXTRA_LAYOUTS}")
+
+
+@dataclass
+class Tensors:
+    """The inputs of one step (``x``) and what every step shares."""
+
+    xs: list  # one input per step
+    dy: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+
+
+def _data(case: Case, gen: torch.Generator) -> torch.Tensor:
+    shape = case.shape
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale
+    # A per-channel offset around case.offset (in units of the std).
+    channel_offset = case.offset * case.scale * (1 + 0.1 * torch.rand(case.channels, generator=gen, dtype=torch.float64))
+    x = x + channel_offset.reshape((1, -1) + (1,) * (len(shape) - 2))
+    if case.data == "constant_channel":
+        x[:, 0] = case.offset * case.scale + 0.5
+    elif case.data == "tiny_var":
+        x = x * 1e-3 + case.scale
+    elif case.data in ("nan", "inf") and x.numel():
+        x[(0, 0) + (0,) * (len(shape) - 2)] = math.nan if case.data == "nan" else math.inf
+    return x
+
+
+def make_tensors(case: Case, device: str | torch.device = "cpu") -> Tensors:
+    """Fresh random tensors for ``case``, drawn from its seed (reproducible)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    xs = [apply_layout(_data(case, gen).to(case.dtype), case.layout).to(device) for _ in range(case.steps)]
+    dy = torch.randn(case.shape, generator=gen, dtype=torch.float64).to(case.dtype).to(device)
+    c = case.channels
+    pd = case.param_dtype
+    weight = bias = None
+    if pd is not None:
+        weight = (1 + 0.5 * torch.randn(c, generator=gen, dtype=torch.float64)).to(pd).to(device)
+        if case.bias:
+            bias = torch.randn(c, generator=gen, dtype=torch.float64).to(pd).to(device)
+    running_mean = running_var = None
+    if case.running:
+        stat_dtype = pd or (torch.float64 if case.dtype == torch.float64 else torch.float32)
+        running_mean = (case.offset * case.scale + torch.randn(c, generator=gen, dtype=torch.float64)).to(stat_dtype).to(device)
+        running_var = (case.scale**2 * (0.5 + torch.rand(c, generator=gen, dtype=torch.float64))).to(stat_dtype).to(device)
+    return Tensors(xs, dy, weight, bias, running_mean, running_var)
+
+
+# ----------------------------------------------------------------- hypothesis strategies
+
+
+def shapes(min_rank: int = 2, max_rank: int = 5, max_elements: int = 24_000, max_channels: int = 1100):
+    """(N, C, *spatial) shapes, at least 2 values per channel, at most ``max_elements``."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw(d):
+        rank = d(st.integers(min_rank, max_rank))
+        c = d(st.integers(1, max(1, min(max_channels, max_elements // 2))))
+        budget = max(2, max_elements // c)
+        n = d(st.integers(1, min(budget, 64 if rank > 2 else budget)))
+        spatial = []
+        for _ in range(rank - 2):
+            room = max(1, budget // (n * math.prod(spatial or [1])))
+            spatial.append(d(st.integers(1, min(room, 40))))
+        shape = (n, c, *spatial)
+        if math.prod(shape) // c < 2:  # training needs two values per channel
+            shape = (2,) + shape[1:]
+        return shape
+
+    return draw()
+
+
+def cases(
+    dtypes=DTYPES,
+    layouts=LAYOUTS,
+    max_elements: int = 24_000,
+    min_rank: int = 2,
+    max_rank: int = 5,
+    training=None,
+    backward: bool = True,
+):
+    """Random ``Case``s: shapes, layouts, dtypes, affine / bias / running-stat flags,
+    momentum (None included), several steps, data offsets and scales."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw(d):
+        dtype = d(st.sampled_from(dtypes))
+        param = d(st.sampled_from([None, torch.float32, dtype]))
+        if dtype == torch.float64 and param is not None:
+            param = torch.float64
+        is_training = d(st.booleans()) if training is None else training
+        running = True if not is_training else d(st.booleans())
+        scale = d(st.sampled_from([1e-2, 1.0, 30.0]))
+        offset = d(st.sampled_from([0.0, 1.0, 100.0, 1e4]))
+        if dtype == torch.float16 and (1.1 * offset + 8) * scale > 3e4:
+            offset = 0.0  # keep fp16 data (and its deviations) inside fp16's range
+        return Case(
+            shape=d(shapes(min_rank, max_rank, max_elements)),
+            dtype=dtype,
+            layout=d(st.sampled_from(layouts)),
+            param_dtype=param,
+            bias=d(st.booleans()) if param is not None else False,
+            running=running,
+            training=is_training,
+            momentum=d(st.sampled_from([0.1, 0.5, 1.0, None])),
+            steps=d(st.integers(1, 3)) if running and is_training else 1,
+            offset=offset,
+            scale=scale,
+            seed=d(st.integers(0, 2**31 - 1)),
+            backward=backward,
+        )
+
+    return draw()
+
+
+__all__ = ["Case", "DTYPES", "EXTRA_LAYOUTS", "LAYOUTS", "Tensors", "apply_layout", "cases", "make_tensors", "shapes"]
