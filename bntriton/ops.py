@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import traceable
 from .kernels import accumulator_dtype, channel_view, dispatch
 
 
@@ -244,7 +245,10 @@ def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, m
 
 
 def evaluate(x, weight, bias, running_mean, running_var, eps):
-    """``batch_norm_eval``: eager fast path or the registered op."""
+    """``batch_norm_eval``: eager fast path or the registered op; plain torch operations
+    while a graph that leaves bntriton is captured (export, tracing: see traceable.py)."""
+    if traceable.capturing():
+        return traceable.evaluate(x, weight, bias, running_mean, running_var, eps)
     if _plain(x, weight, bias, running_mean, running_var):
         return _EagerEval.apply(x, weight, bias, running_mean, running_var, eps)
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
