@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -144,7 +145,8 @@ def summary(rows: list[dict], reps: int) -> str:
         f"# bntriton native CPU path vs torch: {first['device']}",
         "",
         f"torch {first['torch']}, triton {first['triton']}, {datetime.date.today().isoformat()}; "
-        f"median of {reps} interleaved repetitions; written by `python perf/cpu.py`.",
+        f"median of {reps} interleaved repetitions; load average {os.getloadavg()[0]:.1f} at the end "
+        f"(other processes on the machine); written by `python perf/cpu.py`.",
         "",
         "| shape | layout | dtype | pass | torch ms | bntriton ms | ratio | target |",
         "|---|---|---|---|---|---|---|---|",
