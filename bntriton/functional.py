@@ -39,22 +39,16 @@ def _check_per_channel(name: str, t: Optional[Tensor], input: Tensor) -> None:
         )
 
 
-def _check_parameter_dtypes(input: Tensor, named: list) -> None:
-    """As torch: weight, bias and the running statistics share one dtype, the input's, or
-    float32 under a float16 / bfloat16 input (autocast's case)."""
-    if not named:
-        return
-    allowed = (input.dtype, torch.float32) if input.dtype in (torch.float16, torch.bfloat16) else (input.dtype,)
-    first = named[0][1].dtype
-    expected = first if first in allowed else input.dtype
-    for name, t in named:
-        if t.dtype != expected:
-            want, got = (_TORCH_DTYPE_NAMES.get(d, str(d)) for d in (expected, t.dtype))
-            also = " (or float32 for all of them)" if len(allowed) > 1 else ""
-            raise RuntimeError(
-                f"expected scalar type {want} but found {got}: {name} is {t.dtype}; weight, bias, "
-                f"running_mean and running_var must all be {input.dtype} like the input{also}"
-            )
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _dtype_error(name: str, t: Tensor, expected: torch.dtype, input: Tensor) -> RuntimeError:
+    want, got = (_TORCH_DTYPE_NAMES.get(d, str(d)) for d in (expected, t.dtype))
+    also = " (or all float32)" if input.dtype in _LOW_PRECISION else ""
+    return RuntimeError(
+        f"expected scalar type {want} but found {got}: {name} is {t.dtype}; weight, bias, "
+        f"running_mean and running_var must all be {input.dtype} like the input{also}"
+    )
 
 
 def check_arguments(
@@ -78,18 +72,29 @@ def check_arguments(
         )
     if input.device.type not in ("cpu", "cuda", "meta"):
         raise RuntimeError(f"bntriton runs on CUDA (compiled) and CPU (interpreted), not {input.device}")
-    named = [(name, t) for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                                       ("running_var", running_var))]
-    for name, t in named:
+    # As torch: weight, bias and the running statistics share one dtype, the input's, or
+    # float32 under a float16 / bfloat16 input (autocast's case).
+    param_dtype = None
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
         _check_per_channel(name, t, input)
-    _check_parameter_dtypes(input, [(name, t) for name, t in named if t is not None])
+        if param_dtype is None:
+            param_dtype = t.dtype
+            if param_dtype != input.dtype and not (param_dtype == torch.float32 and input.dtype in _LOW_PRECISION):
+                raise _dtype_error(name, t, input.dtype, input)
+        elif t.dtype != param_dtype:
+            raise _dtype_error(name, t, param_dtype, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
-    if running_mean is not None and torch.is_grad_enabled():
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad
+                                     or forward_ad._current_level >= 0):
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if t.requires_grad or (forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None):
+            if (t.requires_grad and torch.is_grad_enabled()) or (
+                    forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None):
                 raise RuntimeError(
                     f"batch_norm is not differentiable with respect to argument '{name}' (as torch): "
                     "this input cannot have requires_grad=True"

@@ -247,14 +247,15 @@ def _route(*tensors) -> int:
     being traced (fake, functional, proxy tensors; torch.compile)."""
     if torch.compiler.is_compiling():
         return _TRACED
-    if not all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors):
-        return _TRACED
-    if torch._C._are_functorch_transforms_active():
-        return _TRANSFORMED
-    return _EAGER
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TYPES:
+            return _TRACED
+    return _TRANSFORMED if _functorch_active() else _EAGER
 
 
 _EAGER, _TRANSFORMED, _TRACED = 0, 1, 2
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _plain(*tensors) -> bool:
