@@ -60,12 +60,12 @@ def _like_input(t: Tensor, x: Tensor) -> Tensor:
 
 
 def _normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``(x_hat, rstd)`` from the batch's statistics, differentiable in ``x``."""
-    dims = _reduce_dims(x)
+    """``(x_hat, rstd)`` from the batch's statistics, differentiable in ``x`` (one fused
+    mean / variance reduction; its derivative is torch's exact formula)."""
     shifted = x.to(accumulator_dtype(x.dtype)) - _pivot(x)
-    centred = shifted - shifted.mean(dims, keepdim=True)
-    rstd = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
-    return centred * rstd, rstd
+    var, mean = torch.var_mean(shifted, _reduce_dims(x), correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (shifted - mean) * rstd, rstd
 
 
 def train_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], eps: float):
@@ -80,7 +80,10 @@ def train_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], eps: flo
     sum_dy = dy.sum(dims, keepdim=True)
     sum_dy_x_hat = (dy * x_hat).sum(dims, keepdim=True)
     scale = rstd if weight is None else rstd * weight.to(acc).reshape(shape)
-    dx = scale * (dy - sum_dy / max(count, 1) - x_hat * (sum_dy_x_hat / max(count, 1)))
+    # dx = scale * dy + (x_hat * c1 + c0): per-channel coefficients, two fused passes.
+    c1 = scale * sum_dy_x_hat / -max(count, 1)
+    c0 = scale * sum_dy / -max(count, 1)
+    dx = torch.addcmul(torch.addcmul(c0, x_hat, c1), dy, scale)
     param_dtype = _param_dtype(x, weight)
     return (_like_input(dx, x), sum_dy_x_hat.reshape(-1).to(param_dtype), sum_dy.reshape(-1).to(param_dtype))
 
