@@ -300,3 +300,13 @@ def test_functional_call_ensemble_matches_separate_models(momentum):
     out = vmap(ensemble, in_dims=(0, 0, None))(params, buffers, x)
     for i, reference in enumerate(references):
         _close_to_torch(out[i], reference.eval()(x), "y", 36, f"eval model {i}")
+
+
+def test_readme_autograd_snippet_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Autograd support", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    exec(compile(snippet, "README.md (Autograd support)", "exec"), {})
