@@ -94,3 +94,15 @@ def update_rule(update: Callable, info, in_dims, running_mean, running_var, num_
         if f.data_ptr() != r.data_ptr() or not r.is_contiguous():
             r.copy_(f.reshape(r.shape))
     return None, None
+
+
+def backward_rule(backward: Callable, info, in_dims, grad_out, x, weight, running_mean, mean_shifted, rstd):
+    """``(dx, dweight, dbias)`` for the folded problem, unfolded."""
+    size = info.batch_size
+    g_dim, x_dim, w_dim, m_dim, s_dim, r_dim = in_dims
+    dx, dweight, dbias = backward(
+        fold_input(grad_out, g_dim, size), fold_input(x, x_dim, size), fold_channels(weight, w_dim, size),
+        fold_channels(running_mean, m_dim, size), fold_channels(mean_shifted, s_dim, size),
+        fold_channels(rstd, r_dim, size),
+    )
+    return (unfold_output(dx, size), unfold_channels(dweight, size), unfold_channels(dbias, size)), (1, 0, 0)

@@ -15,8 +15,8 @@ from torch.autograd import forward_ad
 from . import ops
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Names in torch's dtype errors ("expected scalar type Float but found Half").
 _TORCH_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
                       torch.float64: "Double"}
 
@@ -37,9 +37,6 @@ def _check_per_channel(name: str, t: Optional[Tensor], input: Tensor) -> None:
         raise RuntimeError(
             f"{name} is on {t.device} but input is on {input.device}: expected all tensors on one device"
         )
-
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _dtype_error(name: str, t: Tensor, expected: torch.dtype, input: Tensor) -> RuntimeError:

@@ -379,9 +379,29 @@ def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd):
     return op(*tensors)
 
 
+# vmap rules of the registered ops (the torch.func path above carries its own): B problems
+# of C channels folded into one of B*C channels.
+
+
+def _train_vmap(info, in_dims, x, weight, bias, eps):
+    return batching.train_rule(batch_norm_train, info, in_dims, x, weight, bias, eps)
+
+
+def _eval_vmap(info, in_dims, x, weight, bias, running_mean, running_var, eps):
+    return batching.eval_rule(batch_norm_eval, info, in_dims, x, weight, bias, running_mean, running_var, eps)
+
+
+def _backward_vmap(info, in_dims, grad_out, x, weight, running_mean, mean_shifted, rstd):
+    return batching.backward_rule(batch_norm_backward, info, in_dims, grad_out, x, weight, running_mean,
+                                  mean_shifted, rstd)
+
+
 def _update_vmap(info, in_dims, running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
     return batching.update_rule(update, info, in_dims, running_mean, running_var, num_batches_tracked,
                                 mean, var_unbiased, momentum)
 
 
+batch_norm_train.register_vmap(_train_vmap)
+batch_norm_eval.register_vmap(_eval_vmap)
+batch_norm_backward.register_vmap(_backward_vmap)
 update_running_stats.register_vmap(_update_vmap)

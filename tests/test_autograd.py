@@ -310,3 +310,27 @@ def test_readme_autograd_snippet_runs():
     section = readme.split("## Autograd support", 1)[1].split("\n## ", 1)[0]
     (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     exec(compile(snippet, "README.md (Autograd support)", "exec"), {})
+
+
+def test_registered_ops_vmap_like_a_loop():
+    """torch.ops.bntriton.* carry the same folding rules as the eager path (bitwise: the
+    folded problem normalizes each channel exactly as the separate ones do)."""
+    ops = torch.ops.bntriton
+    gen = torch.Generator().manual_seed(0)
+    x, grad_out = (torch.randn(3, 4, 2, 5, generator=gen, dtype=F64).to(DEVICE) for _ in range(2))
+    weight, bias, running_mean = (torch.randn(3, 2, generator=gen, dtype=F64).to(DEVICE) for _ in range(3))
+    running_var = weight.abs() + 0.5
+
+    def loop(fn, *args):
+        results = [fn(*(a[i] for a in args)) for i in range(3)]
+        return torch.stack(results) if isinstance(results[0], torch.Tensor) else \
+            tuple(torch.stack(r) for r in zip(*results))
+
+    def check(fn, *args):
+        for a, b in zip(*(torch.utils._pytree.tree_leaves(r) for r in (vmap(fn)(*args), loop(fn, *args)))):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    check(lambda x, w, b: ops.batch_norm_train(x, w, b, 1e-5), x, weight, bias)
+    check(lambda x, w, b, m, v: ops.batch_norm_eval(x, w, b, m, v, 1e-5), x, weight, bias, running_mean, running_var)
+    _, mean_shifted, rstd, _, _ = loop(lambda x, w, b: ops.batch_norm_train(x, w, b, 1e-5), x, weight, bias)
+    check(lambda g, x, w, m, r: ops.batch_norm_backward(g, x, w, None, m, r), grad_out, x, weight, mean_shifted, rstd)
