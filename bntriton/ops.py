@@ -15,7 +15,13 @@ Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so t
 Eager calls on plain tensors run the same implementations and autograd formulas through
 a bare ``autograd.Function`` instead (:func:`train`, :func:`update`, :func:`evaluate`, at
 the end of this file): torch.library's dispatch costs more host time than a small batch
-norm takes on a GPU.  Anything traced goes through the registered ops.
+norm takes on a GPU.  Anything traced goes through the registered ops.  Under torch.func
+transforms a third pair of Functions runs (setup_context, jvp and a vmap rule).
+
+Beyond the first derivative: a backward that must itself be differentiable or batched
+(``create_graph=True``, torch.func, gradcheck's batched checks) runs as torch ops
+(:mod:`bntriton.autograd`); forward mode (``jvp``) too.  vmap folds the vmapped dimension
+into the channels (:mod:`bntriton.batching`), for the eager path and the registered ops.
 
 Arguments are checked by :mod:`bntriton.functional` before these run: the ops assume
 valid input, so a failing call never reaches the point where state changes.
