@@ -49,12 +49,14 @@ def test_native_passes_verify_quick():
 def _run(backend, x, train, weight, bias, momentum=0.1):
     channels = x.shape[1]
     gen = torch.Generator().manual_seed(1)
-    running_mean = torch.randn(channels, generator=gen, dtype=torch.float32) + 1000
-    running_var = torch.rand(channels, generator=gen, dtype=torch.float32) + 0.5
+    # fp32 statistics and parameters (fp64 for fp64 input), as torch accepts them.
+    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    running_mean = torch.randn(channels, generator=gen, dtype=param_dtype) + 1000
+    running_var = torch.rand(channels, generator=gen, dtype=param_dtype) + 0.5
     counter = torch.tensor(3)
     leaf = x.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_() if weight is not None else None
-    b = bias.detach().clone().requires_grad_() if bias is not None else None
+    w = weight.detach().to(param_dtype).requires_grad_() if weight is not None else None
+    b = bias.detach().to(param_dtype).requires_grad_() if bias is not None else None
     from bntriton.functional import batch_norm_with_counter
 
     with bntriton.cpu_backend(backend):
