@@ -156,6 +156,9 @@ def _train_setup(ctx, inputs, output):
     # The statistics are outputs for the backward and the running-stat update, not
     # something to differentiate through: say so, rather than drop their gradients.
     ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased)
+    # Their gradients are never used: do not let autograd fill four zero tensors (four
+    # memset launches per backward on a GPU) for them.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, mean_shifted, rstd)
     ctx.has_bias = bias is not None
 
