@@ -35,7 +35,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import accumulator_dtype, channel_affine, channel_view, dispatch, eval_coefficients, plan
+from .kernels import (
+    RunningStats, accumulator_dtype, channel_affine, channel_view, dispatch, eval_coefficients, plan,
+)
 from .kernels import update_running_stats as update_running_stats_kernel
 
 
@@ -52,12 +54,18 @@ def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean_shifted, rstd, mean, var_unbiased)`` from the batch's statistics."""
+    return _train_and_update(x, weight, bias, eps, None)
+
+
+def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
+    """:func:`_train_impl`, also updating ``running`` (non-empty batches) in the same
+    launches: the eager path's training forward (the op must stay functional)."""
     view = channel_view(x)
     if view.rows == 0:
         # An empty batch has no statistics: an empty output (as torch).
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
         return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone()
-    y, stats = dispatch.forward_train(view, weight, bias, eps)
+    y, stats = dispatch.forward_train(view, weight, bias, eps, running)
     return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased
 
 
@@ -164,6 +172,8 @@ def _train_setup(ctx, inputs, output):
 
 
 def _train_backward(ctx, grad_y, *_grads_of_statistics):
+    if grad_y is None:  # gradients are not materialized (see _train_setup)
+        return None, None, None, None
     x, weight, mean_shifted, rstd = ctx.saved_tensors
     dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd)
     return (
@@ -216,12 +226,16 @@ def _plain(*tensors) -> bool:
 
 class _EagerTrain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        output = _train_impl(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, running):
+        # The running statistics (buffers, never differentiated) are updated in place by
+        # the statistics' own launches: one launch fewer than the op and its update.
+        output = _train_and_update(x, weight, bias, eps, running)
         _train_setup(ctx, (x, weight, bias, eps), output)
         return output
 
-    backward = staticmethod(_train_backward)
+    @staticmethod
+    def backward(ctx, grad_y, *grads_of_statistics):
+        return (*_train_backward(ctx, grad_y, *grads_of_statistics), None)
 
 
 class _EagerEval(torch.autograd.Function):
@@ -235,18 +249,17 @@ class _EagerEval(torch.autograd.Function):
     backward = staticmethod(_eval_backward)
 
 
-def train(x, weight, bias, eps):
-    """``batch_norm_train``: eager fast path or the registered op."""
-    if _plain(x, weight, bias):
-        return _EagerTrain.apply(x, weight, bias, eps)
-    return batch_norm_train(x, weight, bias, eps)
-
-
-def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
-    """``update_running_stats``: eager fast path or the registered op."""
-    tensors = (running_mean, running_var, num_batches_tracked, mean, var_unbiased)
-    op = _update_impl if _plain(*tensors) else update_running_stats
-    op(*tensors, momentum)
+def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
+    """``batch_norm_train`` and, with ``running`` given, ``update_running_stats``: the
+    eager fast path (one set of launches does both) or the registered ops."""
+    if _plain(x, weight, bias) and (running is None or _plain(running.mean, running.var, running.num_batches_tracked)):
+        return _EagerTrain.apply(x, weight, bias, eps, running)
+    output = batch_norm_train(x, weight, bias, eps)
+    if running is not None:
+        update_running_stats(
+            running.mean, running.var, running.num_batches_tracked, output[3], output[4], running.momentum
+        )
+    return output
 
 
 def evaluate(x, weight, bias, running_mean, running_var, eps):

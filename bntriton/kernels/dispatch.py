@@ -9,16 +9,27 @@ from .fused import fused_backward, fused_forward
 from .plans import fused_plan, plan
 from .layout import ChannelView
 from .normalize import channel_affine
-from .stats import BatchStats, batch_stats
+from .stats import BatchStats, RunningStats, batch_stats, update_running_stats
 
 
-def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Tensor, BatchStats]:
-    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``)."""
+def forward_train(
+    view: ChannelView, weight, bias, eps: float, running: RunningStats | None = None
+) -> tuple[torch.Tensor, BatchStats]:
+    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``); with
+    ``running`` given, also updates the running statistics and the counter: inside the
+    statistics' combine on the split path (three launches in all), after the single read
+    otherwise (two)."""
     single_read = fused_plan(view)
     if single_read is not None:
-        return fused_forward(view, single_read, weight, bias, eps)
+        y, stats = fused_forward(view, single_read, weight, bias, eps)
+        if running is not None:
+            update_running_stats(
+                running.mean, running.var, running.num_batches_tracked, stats.mean, stats.var_unbiased,
+                running.momentum,
+            )
+        return y, stats
     tiles = plan(view)
-    stats = batch_stats(view, tiles, weight, bias, eps)
+    stats = batch_stats(view, tiles, weight, bias, eps, running)
     y = channel_affine(view, tiles, view.tensor, view.stride_c, stats.scale, stats.shift)
     return y, stats
 
