@@ -22,26 +22,34 @@ from .tiles import channel_offsets, tile_offsets
 @kernel
 def _channel_affine_kernel(
     x_ptr, dy_ptr, out_ptr, pivot_ptr, scale_ptr, shift_ptr, dy_scale_ptr,
-    rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride,
+    rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
 ):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # The statistics' grid: each program streams one split's row tiles, so its
+    # per-channel vectors are loaded once per split rather than once per tile (on a
+    # channels-last tensor, tiles of 64 rows would reload them for every 64 rows).
+    split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-    mask = (r < rows)[:, None] & c_mask[None, :]
-
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    out = (x - pivot[None, :]) * scale[None, :] + shift[None, :]
     if HAS_DY:
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy_scale = tl.load(dy_scale_ptr + c, mask=c_mask, other=0.0)
-        out = out + dy * dy_scale[None, :]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        mask = (r < row_end)[:, None] & c_mask[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        out = (x - pivot[None, :]) * scale[None, :] + shift[None, :]
+        if HAS_DY:
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+            out = out + dy * dy_scale[None, :]
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def channel_affine(
@@ -64,12 +72,12 @@ def channel_affine(
     out = view.empty_like(out_dtype)
     if out.numel() == 0:
         return out
-    grid = (cdiv(view.rows, plan.block_rows), cdiv(view.channels, plan.block_channels))
+    grid = (plan.num_splits, cdiv(view.channels, plan.block_channels))
     _channel_affine_kernel[grid](
         x, dy if dy is not None else x, out, pivot, scale, shift,
         dy_scale if dy_scale is not None else scale,
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
-        pivot_stride,
+        pivot_stride, plan.rows_per_split,
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_DY=dy is not None,
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
         num_warps=plan.num_warps,
