@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .kernels import RunningStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -19,6 +20,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_per_channel(name: str, t: Optional[Tensor], input: Tensor) -> None:
     if t is None:
         return
+    if (
+        type(t) in (Tensor, torch.nn.Parameter) and t.dim() == 1 and t.shape[0] == input.shape[1]
+        and t.is_floating_point() and t.device == input.device
+    ):
+        return  # the common case in one expression: this runs four times per call
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
     channels = input.shape[1]
@@ -114,15 +120,15 @@ def batch_norm_with_counter(
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
     eps = float(eps)
     if training:
-        y, _, _, mean, var_unbiased = ops.train(input, weight, bias, eps)
+        running = None
         if running_mean is not None and input.numel() > 0:
-            # One launch bumps the counter and updates the running statistics.
-            ops.update(
-                running_mean, running_var, num_batches_tracked, mean, var_unbiased,
-                None if momentum is None else float(momentum),
+            # The counter and the running statistics are updated on device by the
+            # statistics' launches (eager) or one launch after them (traced).
+            running = RunningStats(
+                running_mean, running_var, num_batches_tracked, None if momentum is None else float(momentum)
             )
         elif num_batches_tracked is not None:
             # An empty batch leaves the running statistics as they are (as torch).
             num_batches_tracked.add_(1)
-        return y
+        return ops.train(input, weight, bias, eps, running)[0]
     return ops.evaluate(input, weight, bias, running_mean, running_var, eps)
