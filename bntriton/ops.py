@@ -215,6 +215,12 @@ def _plain(*tensors) -> bool:
     return all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
 
 
+def _records_graph(*tensors) -> bool:
+    """Whether autograd would record this call; when not (inference, frozen layers),
+    eager calls skip ``autograd.Function.apply`` and its bookkeeping altogether."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # forward(ctx, ...) rather than a separate setup_context: the latter binds arguments with
 # inspect.signature on every call (~20 us).
 
@@ -248,6 +254,8 @@ def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
     """``batch_norm_train`` and, with ``running`` given, ``update_running_stats``: the
     eager fast path (one set of launches does both) or the registered ops."""
     if _plain(x, weight, bias) and (running is None or _plain(running.mean, running.var, running.num_batches_tracked)):
+        if not _records_graph(x, weight, bias):
+            return _train_and_update(x, weight, bias, eps, running)
         return _EagerTrain.apply(x, weight, bias, eps, running)
     output = batch_norm_train(x, weight, bias, eps)
     if running is not None:
@@ -260,6 +268,8 @@ def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
 def evaluate(x, weight, bias, running_mean, running_var, eps):
     """``batch_norm_eval``: eager fast path or the registered op."""
     if _plain(x, weight, bias, running_mean, running_var):
+        if not _records_graph(x, weight, bias):
+            return _eval_impl(x, weight, bias, running_mean, running_var, eps)
         return _EagerEval.apply(x, weight, bias, running_mean, running_var, eps)
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
 

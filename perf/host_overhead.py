@@ -10,7 +10,8 @@ its time is its host path plus a kernel of a few thousand elements: the bar to m
 
     python perf/host_overhead.py [--calls 3000] [--channels 2048]
 
-Prints one row per call kind (training forward, forward + backward, eval forward):
+Prints one row per call kind (training forward, forward + backward, eval forward with
+the module's parameters requiring grad, and eval forward under ``torch.no_grad()``):
 bntriton's microseconds, torch's, and their ratio.  Timings are the best of five rounds
 (other processes on the machine only ever add time), counted in the calling thread's
 CPU time with one intra-op thread, so that a busy machine does not inflate them.
@@ -61,10 +62,16 @@ def _calls(module, x, x_grad):
         module.eval()
         return module(x)
 
+    def eval_forward_no_grad():
+        module.eval()
+        with torch.no_grad():
+            return module(x)
+
     return [
         ("BatchNorm2d training forward", train_forward),
         ("BatchNorm2d training forward + backward", train_forward_backward),
         ("BatchNorm2d eval forward", eval_forward),
+        ("BatchNorm2d eval forward, no_grad", eval_forward_no_grad),
     ]
 
 
