@@ -1,0 +1,195 @@
+"""The demo's markdown report and its JSON twin: the numbers, and whether each claim held.
+
+The verdicts are computed from the numbers with the rule stated next to them; nothing is
+tuned until a claim holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import torch
+
+from .experiments import IdentityCheck, Sweep, TestTime, depth_lr
+from .figures import NORM_TITLES
+from .settings import LR_STEP_DECADES
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _pct(v: float) -> str:
+    return "diverged" if v != v else f"{100 * v:.1f}%"
+
+
+def _band(lrs: list) -> str:
+    return "none" if not lrs else f"{min(lrs):g} .. {max(lrs):g}"
+
+
+def widths(sweep: Sweep) -> dict:
+    """(init, depth) -> {norm: width in decades}."""
+    s = sweep.settings
+    return {(init, d): {n: sweep.width_decades(n, init, d) for n in sweep.norms} for init in s.inits for d in s.depths}
+
+
+def summary_lines(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime) -> list:
+    """The few lines the command prints: the band widths and the headline numbers."""
+    lines = ["learning-rate band that trains (decades of the grid; none / BN on z / BN on a):"]
+    for (init, d), w in widths(sweep).items():
+        lines.append(f"  init {init:5s} depth {d:2d}: " + " / ".join(f"{w[n]:.1f}" for n in sweep.norms))
+    lines.append(f"identity (gamma = sqrt(var + eps), beta = mean): max|y - x| = {ident.max_abs:.3g} "
+                 f"= {ident.error_units:.2f} eps x max|x| (bound {ident.bound_units:.2f}): "
+                 f"{'within' if ident.passed else 'OUTSIDE'} the bound")
+    lines.append("test time: eval mode " + _pct(tt.eval_accuracy) + "; batch statistics "
+                 + ", ".join(f"batch {b}: {_pct(a)}" for b, a in tt.batch_stat_accuracy.items()))
+    return lines
+
+
+def to_json(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime) -> dict:
+    """Every number of the report (no timings), for checking that a rerun gives the same."""
+    s = sweep.settings
+
+    def nan_none(v):
+        return None if v != v else v
+
+    return {
+        "settings": s.describe(),
+        "sweep": [{"norm": n, "init": i, "depth": d, "lr": lr, "accuracy": nan_none(r.accuracy),
+                   "diverged": r.diverged, "final_loss": nan_none(r.losses[-1]) if r.losses else None}
+                  for (n, i, d, lr), r in sweep.runs.items()],
+        "widths_decades": [{"init": i, "depth": d, **w} for (i, d), w in widths(sweep).items()],
+        "identity": {"max_abs": ident.max_abs, "error_units": ident.error_units, "bound_units": ident.bound_units},
+        "sigmoid": [{"affine": r.affine, "accuracy": nan_none(r.result.accuracy),
+                     "saturated": [r.saturated(k) for k in range(len(r.z))]} for r in sig],
+        "test_time": {"eval": nan_none(tt.eval_accuracy),
+                      "batch_stats": {str(b): nan_none(a) for b, a in tt.batch_stat_accuracy.items()}},
+    }
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, header: dict,
+             figures: dict) -> str:
+    s = sweep.settings
+    out = ["# What batch norm buys: the lecture's claims, run with bntriton's layers", ""]
+    out += [f"- **{k}**: {v}" for k, v in header.items()]
+    out += [f"- **data**: {s.classes} classes labelled by a random tanh teacher network on {s.features} Gaussian "
+            f"features; {s.train_size} training and {s.test_size} test samples, generated from seed {s.seed}",
+            f"- **training**: plain SGD (no momentum), batch {s.batch}, {s.steps} steps, cross-entropy; MLPs of "
+            f"width {s.width}; every batch norm is `bntriton.BatchNorm1d`",
+            f"- **initializations**: `he` = N(0, 2/fan_in) (variance-preserving for ReLU), `small` = N(0, 0.01^2)",
+            ""]
+    if not figures:
+        out += ["*Figures were not drawn: matplotlib is not installed (`pip install -e '.[demo]'`).*", ""]
+
+    # 1
+    out += ["## 1. Learning-rate range", "",
+            f"ReLU MLPs of {', '.join(map(str, s.depths))} hidden layers, trained at each learning rate of a "
+            f"half-decade grid ({', '.join(f'{lr:g}' for lr in s.lrs)}) with each initialization. A run "
+            f"*trains* if its final test accuracy reaches {s.trains_fraction:g} x the best accuracy any run of "
+            f"the same depth reached; the band's width is the number of grid rates that train x "
+            f"{LR_STEP_DECADES} decades.", ""]
+    if "lr_sweep" in figures:
+        out += [f"![learning-rate sweep]({figures['lr_sweep']})", ""]
+    head = "| init | depth | threshold | " + " | ".join(f"{NORM_TITLES[n]}: band (width)" for n in sweep.norms) + " |"
+    out += [head, "|" + "---|" * (3 + len(sweep.norms))]
+    held, total = 0, 0
+    for init in s.inits:
+        for d in s.depths:
+            cells = [f"{_band(sweep.band(n, init, d))} ({sweep.width_decades(n, init, d):.1f})" for n in sweep.norms]
+            out.append(f"| {init} | {d} | {_pct(sweep.threshold(d))} | " + " | ".join(cells) + " |")
+            total += 1
+            held += sweep.width_decades("before", init, d) > sweep.width_decades("none", init, d)
+    out += ["", f"**Claim (a wider band of learning rates trains with batch norm):** the band with batch norm "
+            f"on z is wider than without in {held} of {total} (init, depth) cells"
+            + (" — the claim holds on this data." if held == total else
+               " — the claim does **not** hold everywhere on this data (see the table)."), ""]
+
+    # 2
+    depth = max(s.depths)
+    out += ["## 2. Depth", "",
+            f"Loss curves of the deepest net ({depth} hidden layers) with and without batch norm at a common "
+            f"learning rate: the rate at which the net without batch norm did best (its own best case).", ""]
+    if "depth_curves" in figures:
+        out += [f"![depth]({figures['depth_curves']})", ""]
+    out += ["| init | lr | " + " | ".join(f"{NORM_TITLES[n]}: final loss, test accuracy" for n in ("none", "before"))
+            + " |", "|---|---|---|---|"]
+    for init in s.inits:
+        lr = depth_lr(sweep, init)
+        cells = []
+        for n in ("none", "before"):
+            r = sweep.runs[n, init, depth, lr]
+            cells.append(f"{r.losses[-1]:.3f}, {_pct(r.accuracy)}" if not r.diverged else "diverged")
+        out.append(f"| {init} | {lr:g} | " + " | ".join(cells) + " |")
+    out.append("")
+
+    # 3
+    if "after" in sweep.norms:
+        out += ["## 3. Normalize z or a?", "",
+                "The same sweep with batch norm after the activation (normalizing a) instead of before it "
+                "(normalizing z), summed over depths and initializations:", ""]
+        parts = []
+        for n in sweep.norms:
+            total_w = sum(sweep.width_decades(n, i, d) for i in s.inits for d in s.depths)
+            best = max((sweep.best(n, i, d)[1] for i in s.inits for d in s.depths), default=float("nan"))
+            parts.append(f"{NORM_TITLES[n]}: {total_w:.1f} decades, best {_pct(best)}")
+        out += ["**" + "; ".join(parts) + ".**", ""]
+
+    # 4
+    out += ["## 4. gamma and beta", "",
+            f"With gamma = sqrt(var + eps) and beta = mean (the batch's own statistics, exact and rounded to "
+            f"fp32), a training-mode `bntriton.BatchNorm1d` is the identity: on {ident.rows} x {ident.channels} "
+            f"random values with per-channel offsets and scales, max|y - x| = {ident.max_abs:.3g}, that is "
+            f"{ident.error_units:.2f} fp32 eps x max|x| (bound `bounds.identity_units`: "
+            f"{ident.bound_units:.2f}; {'within' if ident.passed else '**outside**'} it).", "",
+            f"A sigmoid net ({s.sigmoid_depth} hidden layers, batch norm before each sigmoid, lr {s.sigmoid_lr:g}) "
+            f"trained with gamma/beta learned and with them fixed at 1/0. The table gives the fraction of the "
+            f"sigmoid inputs on the test set with |z~| > 2, outside the sigmoid's near-linear middle.", ""]
+    if "sigmoid" in figures:
+        out += [f"![sigmoid inputs]({figures['sigmoid']})", ""]
+    out += ["| gamma, beta | test accuracy | " + " | ".join(f"layer {k + 1}: \\|z~\\| > 2" for k in range(len(sig[0].z)))
+            + " | mean gamma per layer |", "|" + "---|" * (3 + len(sig[0].z))]
+    for r in sig:
+        gam = "–" if r.gamma[0] is None else ", ".join(f"{g.mean():.2f}" for g in r.gamma)
+        out.append(f"| {'learned' if r.affine else 'fixed 1, 0'} | {_pct(r.result.accuracy)} | "
+                   + " | ".join(f"{100 * r.saturated(k):.1f}%" for k in range(len(r.z))) + f" | {gam} |")
+    learned, fixed = sig
+    moved = sum(learned.saturated(k) > fixed.saturated(k) for k in range(len(learned.z)))
+    out += ["", f"With gamma/beta learned, more sigmoid inputs lie outside the linear middle in {moved} of "
+            f"{len(learned.z)} layers: the layers "
+            + ("do use" if moved else "did **not** use") + " the freedom to leave the linear regime here.", ""]
+
+    # 5
+    out += ["## 5. Test time", "",
+            f"One batch-norm net ({s.test_time_depth} hidden layers, lr {s.test_time_lr:g}), evaluated with its "
+            f"running averages (eval mode) and in training mode with the statistics of each test batch.", ""]
+    if "test_time" in figures:
+        out += [f"![test time]({figures['test_time']})", ""]
+    out += ["| statistics | test accuracy |", "|---|---|", f"| running averages (eval mode) | {_pct(tt.eval_accuracy)} |"]
+    out += [f"| batch statistics, test batches of {b} | {_pct(a)} |" for b, a in tt.batch_stat_accuracy.items()]
+    small = min(tt.batch_stat_accuracy)
+    drop = tt.eval_accuracy - tt.batch_stat_accuracy[small]
+    out += ["", f"Batch statistics of {small} samples cost {100 * drop:.1f} points of accuracy against the "
+            f"running averages, and they make a sample's prediction depend on the other samples in its batch: "
+            f"what the running averages are for.", ""]
+    return "\n".join(out)
+
+
+def write_markdown(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
