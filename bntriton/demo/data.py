@@ -32,7 +32,7 @@ def teacher_task(train_size: int, test_size: int, features: int, classes: int, s
                  hidden: int = 32) -> Dataset:
     """Inputs ~ N(0, I); label = argmax of a random tanh network (fixed by ``seed``)."""
     g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(features, hidden, generator=g, dtype=torch.float64) * (2.0 / features ** 0.5)
+    w1 = torch.randn(features, hidden, generator=g, dtype=torch.float64) / features ** 0.5
     w2 = torch.randn(hidden, classes, generator=g, dtype=torch.float64) / hidden ** 0.5
     x = torch.randn(train_size + test_size, features, generator=g, dtype=torch.float64)
     y = (torch.tanh(x @ w1) @ w2).argmax(dim=1)

@@ -34,7 +34,7 @@ def _plt():
 
 def _save(fig, out: str, name: str) -> str:
     # Fixed metadata: the same run writes the same bytes.
-    fig.savefig(os.path.join(out, name), dpi=110, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(os.path.join(out, name), dpi=110, metadata={"Software": None})
     _plt().close(fig)
     return name
 
@@ -43,8 +43,8 @@ def draw_lr_heatmaps(sweep: Sweep, out: str) -> str:
     plt = _plt()
     s = sweep.settings
     norms, inits = sweep.norms, list(s.inits)
-    fig, axes = plt.subplots(len(inits), len(norms), squeeze=False,
-                             figsize=(3.9 * len(norms), 0.55 * len(s.depths) * len(inits) + 1.6 * len(inits)))
+    fig, axes = plt.subplots(len(inits), len(norms), squeeze=False, layout="constrained",
+                             figsize=(3.9 * len(norms), len(inits) * (0.45 * len(s.depths) + 2.0)))
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("#d62728")  # diverged runs in red
     for i, init in enumerate(inits):
@@ -77,7 +77,8 @@ def draw_depth_curves(sweep: Sweep, out: str) -> str:
     plt = _plt()
     s = sweep.settings
     depth = max(s.depths)
-    fig, axes = plt.subplots(1, len(s.inits), squeeze=False, figsize=(4.6 * len(s.inits), 3.2))
+    fig, axes = plt.subplots(1, len(s.inits), squeeze=False, figsize=(4.6 * len(s.inits), 3.4),
+                             layout="constrained")
     for ax, init in zip(axes[0], s.inits):
         lr = depth_lr(sweep, init)
         for norm in ("none", "before"):
@@ -96,7 +97,8 @@ def draw_depth_curves(sweep: Sweep, out: str) -> str:
 def draw_sigmoid_histograms(runs: list, out: str) -> str:
     plt = _plt()
     layers = len(runs[0].z)
-    fig, axes = plt.subplots(1, layers, squeeze=False, figsize=(3.0 * layers, 2.8), sharey=True)
+    fig, axes = plt.subplots(1, layers, squeeze=False, figsize=(3.0 * layers, 3.0), sharey=True,
+                             layout="constrained")
     bins = np.linspace(-8, 8, 81)
     for k, ax in enumerate(axes[0]):
         for run in runs:
@@ -116,7 +118,7 @@ def draw_test_time(tt, out: str) -> str:
     plt = _plt()
     labels = ["eval mode\n(running averages)"] + [f"batch stats\nbatch {b}" for b in tt.batch_stat_accuracy]
     values = [tt.eval_accuracy] + list(tt.batch_stat_accuracy.values())
-    fig, ax = plt.subplots(figsize=(1.3 * len(values) + 1, 3.0))
+    fig, ax = plt.subplots(figsize=(1.3 * len(values) + 1, 3.2), layout="constrained")
     ax.bar(range(len(values)), [100 * (v if v == v else 0) for v in values],
            color=["#2ca02c"] + ["#1f77b4"] * (len(values) - 1))
     for i, v in enumerate(values):

@@ -33,8 +33,13 @@ def _pct(v: float) -> str:
     return "diverged" if v != v else f"{100 * v:.1f}%"
 
 
-def _band(lrs: list) -> str:
-    return "none" if not lrs else f"{min(lrs):g} .. {max(lrs):g}"
+def _band(lrs: list, grid: tuple) -> str:
+    """``lo .. hi``; a ``<=`` / ``>=`` where the band reaches the grid's end (it may go on)."""
+    if not lrs:
+        return "none"
+    lo = f"<= {min(lrs):g}" if min(lrs) == min(grid) else f"{min(lrs):g}"
+    hi = f">= {max(lrs):g}" if max(lrs) == max(grid) else f"{max(lrs):g}"
+    return f"{lo} .. {hi}"
 
 
 def widths(sweep: Sweep) -> dict:
@@ -103,7 +108,7 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
             f"half-decade grid ({', '.join(f'{lr:g}' for lr in s.lrs)}) with each initialization. A run "
             f"*trains* if its final test accuracy reaches {s.trains_fraction:g} x the best accuracy any run of "
             f"the same depth reached; the band's width is the number of grid rates that train x "
-            f"{LR_STEP_DECADES} decades.", ""]
+            f"{LR_STEP_DECADES} decades (a band that reaches an end of the grid may extend beyond it, '<=' / '>=').", ""]
     if "lr_sweep" in figures:
         out += [f"![learning-rate sweep]({figures['lr_sweep']})", ""]
     head = "| init | depth | threshold | " + " | ".join(f"{NORM_TITLES[n]}: band (width)" for n in sweep.norms) + " |"
@@ -111,7 +116,7 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
     held, total = 0, 0
     for init in s.inits:
         for d in s.depths:
-            cells = [f"{_band(sweep.band(n, init, d))} ({sweep.width_decades(n, init, d):.1f})" for n in sweep.norms]
+            cells = [f"{_band(sweep.band(n, init, d), s.lrs)} ({sweep.width_decades(n, init, d):.1f})" for n in sweep.norms]
             out.append(f"| {init} | {d} | {_pct(sweep.threshold(d))} | " + " | ".join(cells) + " |")
             total += 1
             held += sweep.width_decades("before", init, d) > sweep.width_decades("none", init, d)
@@ -149,6 +154,17 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
             best = max((sweep.best(n, i, d)[1] for i in s.inits for d in s.depths), default=float("nan"))
             parts.append(f"{NORM_TITLES[n]}: {total_w:.1f} decades, best {_pct(best)}")
         out += ["**" + "; ".join(parts) + ".**", ""]
+        z_w = sum(sweep.width_decades("before", i, d) for i in s.inits for d in s.depths)
+        a_w = sum(sweep.width_decades("after", i, d) for i in s.inits for d in s.depths)
+        which = ("the same total width" if z_w == a_w else
+                 f"a wider total band when normalizing {'z' if z_w > a_w else 'a'}")
+        n_w = sum(sweep.width_decades("none", i, d) for i in s.inits for d in s.depths) \
+            if "none" in sweep.norms else float("nan")
+        wider = [name for name, w in (("z", z_w), ("a", a_w)) if w > n_w]
+        vs_none = {2: "Both placements train", 1: f"Only normalizing {''.join(wider)} trains",
+                   0: "Neither placement trains"}[len(wider)]
+        out += [f"{vs_none} over a wider total band than no batch norm; the sweep gives {which}. "
+                f"(Normalizing z is the usual default, not a claim that it always trains better.)", ""]
 
     # 4
     out += ["## 4. gamma and beta", "",
@@ -169,10 +185,13 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
         out.append(f"| {'learned' if r.affine else 'fixed 1, 0'} | {_pct(r.result.accuracy)} | "
                    + " | ".join(f"{100 * r.saturated(k):.1f}%" for k in range(len(r.z))) + f" | {gam} |")
     learned, fixed = sig
-    moved = sum(learned.saturated(k) > fixed.saturated(k) for k in range(len(learned.z)))
-    out += ["", f"With gamma/beta learned, more sigmoid inputs lie outside the linear middle in {moved} of "
-            f"{len(learned.z)} layers: the layers "
-            + ("do use" if moved else "did **not** use") + " the freedom to leave the linear regime here.", ""]
+    moved = [k for k in range(len(learned.z)) if learned.saturated(k) >= 2 * max(fixed.saturated(k), 1e-12)]
+    out += ["", f"Learned gamma/beta at least doubled the fraction of sigmoid inputs outside the linear middle "
+            f"in {len(moved)} of {len(learned.z)} layers"
+            + (f" (layer {', '.join(str(k + 1) for k in moved)})" if moved else "")
+            + ": with gamma = 1, beta = 0 the inputs stay where the normalization puts them, mostly inside "
+              "|z~| < 2; learned, a layer " + ("used" if moved else "did **not** use")
+            + " its freedom to move them out of the sigmoid's linear regime on this data.", ""]
 
     # 5
     out += ["## 5. Test time", "",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-# Learning rates on a log grid with half-decade steps, 1e-3 .. 3.16: the band of rates
-# that trains is then measured in units of 0.5 decades.
-LR_GRID = tuple(round(10.0 ** (k / 2), 6) for k in range(-6, 2))
+# Learning rates on a log grid with half-decade steps, 1e-3 .. 10 (3 significant digits):
+# the band of rates that trains is then measured in units of 0.5 decades.
+LR_GRID = tuple(float(f"{10.0 ** (k / 2):.3g}") for k in range(-6, 3))
 LR_STEP_DECADES = 0.5
 
 
@@ -19,7 +19,7 @@ class Settings:
     width: int = 64                     # units per hidden layer
     steps: int = 150                    # SGD steps per training run
     batch: int = 64
-    train_size: int = 2048
+    train_size: int = 8192
     test_size: int = 1024
     features: int = 16
     classes: int = 10
@@ -38,7 +38,7 @@ class Settings:
 
 PRESETS = {
     "quick": Settings(),
-    "full": Settings(depths=(4, 8, 12), steps=600, train_size=8192, test_size=2048),
+    "full": Settings(depths=(4, 8, 12), steps=600, train_size=16384, test_size=2048),
     # The test suite's size: every code path, seconds on a CPU through the interpreter.
     "tiny": Settings(depths=(2,), lrs=(0.01, 1.0), inits=("he",), width=8, steps=3, batch=16,
                      train_size=64, test_size=32, features=4, classes=3, sigmoid_depth=2,
