@@ -45,8 +45,7 @@ def draw_lr_heatmaps(sweep: Sweep, out: str) -> str:
     norms, inits = sweep.norms, list(s.inits)
     fig, axes = plt.subplots(len(inits), len(norms), squeeze=False, layout="constrained",
                              figsize=(3.9 * len(norms), len(inits) * (0.45 * len(s.depths) + 2.0)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#d62728")  # diverged runs in red
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d62728")  # diverged runs in red
     for i, init in enumerate(inits):
         for j, norm in enumerate(norms):
             ax = axes[i][j]

@@ -40,9 +40,9 @@ PRESETS = {
     "quick": Settings(),
     "full": Settings(depths=(4, 8, 12), steps=600, train_size=16384, test_size=2048),
     # The test suite's size: every code path, seconds on a CPU through the interpreter.
-    "tiny": Settings(depths=(2,), lrs=(0.01, 1.0), inits=("he",), width=8, steps=3, batch=16,
-                     train_size=64, test_size=32, features=4, classes=3, sigmoid_depth=2,
-                     test_time_depth=2, identity_rows=16, identity_channels=8),
+    "tiny": Settings(depths=(1,), lrs=(0.01, 1.0), inits=("he",), width=8, steps=2, batch=16,
+                     train_size=64, test_size=32, features=4, classes=3, sigmoid_depth=1,
+                     test_time_depth=1, identity_rows=16, identity_channels=8),
 }
 
 
