@@ -84,11 +84,15 @@ def lr_sweep(data: Dataset, s: Settings, norms=("none", "before", "after"), tick
 
 def depth_lr(sweep: Sweep, init: str) -> float:
     """The common learning rate of the depth comparison: the one at which the deepest net
-    *without* batch norm did best (so the plain net is shown at its own best rate)."""
-    lr, _ = sweep.best("none", init, max(sweep.settings.depths))
-    if lr != lr:  # the plain net never trained: fall back to the batch-norm net's best
-        lr, _ = sweep.best("before", init, max(sweep.settings.depths))
-    return lr
+    *without* batch norm did best (the plain net at its own best rate); if that net learned
+    nothing anywhere (every rate gave the same accuracy, or diverged), the batch-norm net's
+    best rate instead, since "best" would then only be a tie-break."""
+    depth = max(sweep.settings.depths)
+    plain = {r.accuracy for (n, i, d, _), r in sweep.runs.items()
+             if (n, i, d) == ("none", init, depth) and not r.diverged}
+    if len(plain) > 1:
+        return sweep.best("none", init, depth)[0]
+    return sweep.best("before", init, depth)[0]
 
 
 # ------------------------------------------------------------------ 4: gamma and beta

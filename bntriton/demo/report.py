@@ -129,7 +129,8 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
     depth = max(s.depths)
     out += ["## 2. Depth", "",
             f"Loss curves of the deepest net ({depth} hidden layers) with and without batch norm at a common "
-            f"learning rate: the rate at which the net without batch norm did best (its own best case).", ""]
+            f"learning rate: the rate at which the net without batch norm did best (its own best case), or, "
+            f"where it learned nothing at any rate, the batch-norm net's best rate.", ""]
     if "depth_curves" in figures:
         out += [f"![depth]({figures['depth_curves']})", ""]
     out += ["| init | lr | " + " | ".join(f"{NORM_TITLES[n]}: final loss, test accuracy" for n in ("none", "before"))
@@ -141,6 +142,13 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
             r = sweep.runs[n, init, depth, lr]
             cells.append(f"{r.losses[-1]:.3f}, {_pct(r.accuracy)}" if not r.diverged else "diverged")
         out.append(f"| {init} | {lr:g} | " + " | ".join(cells) + " |")
+    out += ["", "Best test accuracy over the learning-rate grid, by depth (from the sweep):", "",
+            "| init | " + " | ".join(f"{d} layers: none / BN on z" for d in s.depths) + " |",
+            "|" + "---|" * (1 + len(s.depths))]
+    for init in s.inits:
+        out.append(f"| {init} | " + " | ".join(
+            f"{_pct(sweep.best('none', init, d)[1])} / {_pct(sweep.best('before', init, d)[1])}" for d in s.depths)
+            + " |")
     out.append("")
 
     # 3
