@@ -38,6 +38,7 @@ def run(settings: Settings, out: str, device, *, progress: bool = False, preset_
     device = torch.device(device)
     os.makedirs(out, exist_ok=True)
     tick = Progress(experiments.runs_total(settings)) if progress else None
+    load = _load()
     start = time.perf_counter()
     with deterministic(device):
         data = teacher_task(settings.train_size, settings.test_size, settings.features, settings.classes,
@@ -64,7 +65,7 @@ def run(settings: Settings, out: str, device, *, progress: bool = False, preset_
         "device": f"{report.device_name(device)} ({backend}"
                   + ("; one compute thread)" if device.type == "cpu" else ")"),
         "versions": f"torch {torch.__version__}, triton {_triton_version()}, Python {sys.version.split()[0]}",
-        "wall time": f"{seconds:.0f} s for the training runs",
+        "wall time": f"{seconds:.0f} s for the training runs" + (f" ({load} at the start)" if load else ""),
     }
     numbers = report.to_json(sweep, ident, sig, tt)
     report.write_json(os.path.join(out, "results.json"), numbers)
@@ -74,6 +75,14 @@ def run(settings: Settings, out: str, device, *, progress: bool = False, preset_
         print(line)
     print(f"{seconds:.0f} s; report written to {os.path.join(out, 'report.md')}")
     return numbers
+
+
+def _load() -> str:
+    """The machine's load when the run started: wall times on a shared machine need it."""
+    try:
+        return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    except (OSError, AttributeError):
+        return ""
 
 
 def _triton_version() -> str:
