@@ -10,7 +10,7 @@ import bntriton
 from bntriton.demo import experiments, figures, preset, run
 from bntriton.demo.data import teacher_task
 from bntriton.demo.models import batch_norms, mlp
-from bntriton.demo.training import deterministic, train
+from bntriton.demo.training import accuracy, deterministic, train
 from bntriton.verification.bounds import EPS, identity_units
 
 TINY = preset("tiny")
@@ -98,3 +98,11 @@ def test_models_reject_unknown_choices():
         mlp(4, 8, 2, 3, init="zeros")
     with pytest.raises(ValueError, match="preset"):
         preset("huge")
+
+
+def test_batch_statistics_need_two_rows_per_test_batch():
+    model = mlp(4, 8, 1, 3, norm="before")
+    x, y = torch.randn(5, 4), torch.zeros(5, dtype=torch.long)
+    for batch in (1, 2):  # 5 rows in batches of 2 leave a last batch of one row
+        with pytest.raises(ValueError, match="one row"):
+            accuracy(model, x, y, batch_stats=True, batch=batch)

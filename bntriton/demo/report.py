@@ -58,6 +58,7 @@ def summary_lines(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime) -
                  f"{'within' if ident.passed else 'OUTSIDE'} the bound")
     lines.append("test time: eval mode " + _pct(tt.eval_accuracy) + "; batch statistics "
                  + ", ".join(f"batch {b}: {_pct(a)}" for b, a in tt.batch_stat_accuracy.items()))
+    lines += [v.replace("**", "") for v in verdicts(sweep, ident, sig, tt)]
     return lines
 
 
@@ -88,6 +89,53 @@ def write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
+def _total_width(sweep: Sweep, norm: str) -> float:
+    s = sweep.settings
+    return sum(sweep.width_decades(norm, i, d) for i in s.inits for d in s.depths)
+
+
+def saturating_layers(sig: list) -> list:
+    """Layers (0-based) where learned gamma/beta at least doubled the fraction of sigmoid
+    inputs outside the linear middle, against gamma = 1, beta = 0."""
+    learned, fixed = sig
+    return [k for k in range(len(learned.z)) if learned.saturated(k) >= 2 * max(fixed.saturated(k), 1e-12)]
+
+
+def verdicts(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime) -> list:
+    """One line per claim, each computed from the numbers by the rule it states."""
+    s = sweep.settings
+    cells = [(i, d) for i in s.inits for d in s.depths]
+    wider = sum(sweep.width_decades("before", i, d) > sweep.width_decades("none", i, d) for i, d in cells)
+    deep = max(s.depths)
+    gains = {i: sweep.best("before", i, deep)[1] - sweep.best("none", i, deep)[1] for i in s.inits}
+    lines = [
+        f"**Learning-rate range** — {'holds' if wider == len(cells) else 'does not hold everywhere'}: the band "
+        f"of rates that trains is wider with batch norm on z in {wider} of {len(cells)} (init, depth) cells "
+        f"({_total_width(sweep, 'before'):.1f} against {_total_width(sweep, 'none'):.1f} decades in total).",
+        f"**Depth** — {'holds' if all(g > 0 for g in gains.values()) else 'does not hold everywhere'}: at "
+        f"{deep} hidden layers the best accuracy with batch norm minus without is "
+        + ", ".join(f"{100 * g:+.1f} points ({i} init)" for i, g in gains.items()) + ".",
+    ]
+    if "after" in sweep.norms:
+        z_w, a_w = _total_width(sweep, "before"), _total_width(sweep, "after")
+        lines.append(f"**z or a** — normalizing z: {z_w:.1f} decades, normalizing a: {a_w:.1f} decades in "
+                     f"total; " + ("the same." if z_w == a_w else f"normalizing {'z' if z_w > a_w else 'a'} "
+                                   f"trains over the wider band here."))
+    moved = saturating_layers(sig)
+    lines += [
+        f"**gamma, beta** — the identity {'holds' if ident.passed else '**fails**'}: max|y - x| = "
+        f"{ident.error_units:.2f} fp32 eps x max|x| (bound {ident.bound_units:.2f}); learned gamma/beta moved "
+        f"the sigmoid inputs out of the linear middle (at least twice the fraction) in {len(moved)} of "
+        f"{len(sig[0].z)} layers.",
+    ]
+    small = min(tt.batch_stat_accuracy)
+    lines.append(f"**Test time** — running averages: {_pct(tt.eval_accuracy)}; batch statistics of {small} "
+                 f"samples: {_pct(tt.batch_stat_accuracy[small])}"
+                 + (" (the running averages are needed)." if tt.eval_accuracy > tt.batch_stat_accuracy[small]
+                    else " (no loss from small test batches here)."))
+    return lines
+
+
 def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, header: dict,
              figures: dict) -> str:
     s = sweep.settings
@@ -101,6 +149,8 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
             ""]
     if not figures:
         out += ["*Figures were not drawn: matplotlib is not installed (`pip install -e '.[demo]'`).*", ""]
+    out += ["## The claims at a glance", ""] + [f"{k}. {v}" for k, v in
+                                                enumerate(verdicts(sweep, ident, sig, tt), 1)] + [""]
 
     # 1
     out += ["## 1. Learning-rate range", "",
@@ -192,14 +242,13 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
         gam = "–" if r.gamma[0] is None else ", ".join(f"{g.mean():.2f}" for g in r.gamma)
         out.append(f"| {'learned' if r.affine else 'fixed 1, 0'} | {_pct(r.result.accuracy)} | "
                    + " | ".join(f"{100 * r.saturated(k):.1f}%" for k in range(len(r.z))) + f" | {gam} |")
-    learned, fixed = sig
-    moved = [k for k in range(len(learned.z)) if learned.saturated(k) >= 2 * max(fixed.saturated(k), 1e-12)]
+    moved = saturating_layers(sig)
     out += ["", f"Learned gamma/beta at least doubled the fraction of sigmoid inputs outside the linear middle "
-            f"in {len(moved)} of {len(learned.z)} layers"
+            f"in {len(moved)} of {len(sig[0].z)} layers"
             + (f" (layer {', '.join(str(k + 1) for k in moved)})" if moved else "")
             + ": with gamma = 1, beta = 0 the inputs stay where the normalization puts them, mostly inside "
-              "|z~| < 2; learned, a layer " + ("used" if moved else "did **not** use")
-            + " its freedom to move them out of the sigmoid's linear regime on this data.", ""]
+              f"|z~| < 2; with gamma/beta learned, {len(moved)} of {len(sig[0].z)} layers used that freedom "
+              f"to move them out of the sigmoid's linear regime in {s.steps} steps on this data.", ""]
 
     # 5
     out += ["## 5. Test time", "",

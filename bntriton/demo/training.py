@@ -6,6 +6,8 @@ knob the sweep turns.  A run stops early, marked diverged, as soon as its loss i
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -61,7 +63,7 @@ def train(model: nn.Module, data: Dataset, lr: float, steps: int, batch: int, se
         loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         value = float(loss.detach())  # a host sync per step: fine for a demo, and it stops a diverged run
         result.losses.append(value)
-        if not torch.isfinite(torch.tensor(value)):
+        if not math.isfinite(value):
             result.diverged = True
             return result
         opt.zero_grad(set_to_none=True)
@@ -81,12 +83,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_stats:
     statistics of each test batch of ``batch`` rows and the model's running averages stay
     as they are; nan if the outputs are not finite."""
     if batch_stats:
-        import copy
-
         model = copy.deepcopy(model).train()
     else:
         model.eval()
     batch = batch or x.shape[0]
+    if batch_stats and (batch == 1 or x.shape[0] % batch == 1):
+        raise ValueError(f"a test batch of one row has no batch statistics ({x.shape[0]} rows, batch {batch})")
     correct = 0
     for start in range(0, x.shape[0], batch):
         logits = model(x[start:start + batch])
