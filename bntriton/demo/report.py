@@ -263,6 +263,18 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
     out += ["", f"Batch statistics of {small} samples cost {100 * drop:.1f} points of accuracy against the "
             f"running averages, and they make a sample's prediction depend on the other samples in its batch: "
             f"what the running averages are for.", ""]
+
+    out += ["## How far these numbers go", "",
+            f"- Short training: {s.steps} steps of plain SGD on one synthetic task, one seed. The accuracies are "
+            f"those of brief training, not converged results; another `--seed` moves individual cells.",
+            f"- \"Trains\" is a relative rule ({s.trains_fraction:g} x the best run of the same depth), counted on a "
+            f"half-decade grid: band widths come in steps of {LR_STEP_DECADES} decades and their edges are known "
+            f"only to the grid's resolution.",
+            "- A net that learned nothing predicts one class everywhere: read the heatmap against the floor "
+            "given at the top.",
+            "- The verdicts above are computed from these numbers by the rules stated with them. The task's "
+            "size and the learning-rate grid were chosen so that the task is learnable well above the floor and "
+            "the grid reaches divergence, not for the verdicts.", ""]
     return "\n".join(out)
 
 

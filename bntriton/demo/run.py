@@ -67,6 +67,7 @@ def run(settings: Settings, out: str, device, *, progress: bool = False, preset_
                   + ("; one compute thread)" if device.type == "cpu" else ")"),
         "versions": f"torch {torch.__version__}, triton {_triton_version()}, Python {sys.version.split()[0]}",
         "wall time": f"{seconds:.0f} s for the training runs" + (f" ({load} at the start)" if load else ""),
+        "floor": f"predicting the most frequent class scores {100 * _majority(data.y_test):.1f}% on the test set",
     }
     numbers = report.to_json(sweep, ident, sig, tt)
     report.write_json(os.path.join(out, "results.json"), numbers)
@@ -76,6 +77,10 @@ def run(settings: Settings, out: str, device, *, progress: bool = False, preset_
         print(line)
     print(f"{seconds:.0f} s; report written to {os.path.join(out, 'report.md')}")
     return numbers
+
+
+def _majority(labels: torch.Tensor) -> float:
+    return float(torch.bincount(labels.cpu()).max()) / labels.numel()
 
 
 def _load() -> str:
