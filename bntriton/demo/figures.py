@@ -5,6 +5,7 @@ returns its name.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -16,11 +17,7 @@ NORM_TITLES = {"none": "no batch norm", "before": "batch norm on z (before activ
 
 
 def available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _plt():

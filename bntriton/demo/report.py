@@ -6,7 +6,6 @@ tuned until a claim holds.
 from __future__ import annotations
 
 import json
-import os
 import platform
 
 import torch
@@ -145,7 +144,7 @@ def markdown(sweep: Sweep, ident: IdentityCheck, sig: list, tt: TestTime, *, hea
             f"features; {s.train_size} training and {s.test_size} test samples, generated from seed {s.seed}",
             f"- **training**: plain SGD (no momentum), batch {s.batch}, {s.steps} steps, cross-entropy; MLPs of "
             f"width {s.width}; every batch norm is `bntriton.BatchNorm1d`",
-            f"- **initializations**: `he` = N(0, 2/fan_in) (variance-preserving for ReLU), `small` = N(0, 0.01^2)",
+            "- **initializations**: `he` = N(0, 2/fan_in) (variance-preserving for ReLU), `small` = N(0, 0.01^2)",
             ""]
     if not figures:
         out += ["*Figures were not drawn: matplotlib is not installed (`pip install -e '.[demo]'`).*", ""]

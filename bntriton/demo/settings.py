@@ -3,7 +3,7 @@ to a named configuration (``quick`` for a CPU in minutes, ``full`` for a GPU or 
 ``tiny`` for the test suite)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 # Learning rates on a log grid with half-decade steps, 1e-3 .. 10 (3 significant digits):
 # the band of rates that trains is then measured in units of 0.5 decades.
