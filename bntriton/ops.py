@@ -16,7 +16,10 @@ Eager calls on plain tensors run the same implementations and autograd formulas 
 a bare ``autograd.Function`` instead (:func:`train`, :func:`update`, :func:`evaluate`, at
 the end of this file): torch.library's dispatch costs more host time than a small batch
 norm takes on a GPU.  Anything traced goes through the registered ops.  Under torch.func
-transforms a third pair of Functions runs (setup_context, jvp and a vmap rule).
+transforms a third pair of Functions runs (setup_context, jvp and a vmap rule).  The
+eager training forward also updates the running statistics inside the statistics'
+launches (the op and its update take one launch more); eager calls that autograd would
+not record skip the Function altogether.
 
 Beyond the first derivative: a backward that must itself be differentiable or batched
 (``create_graph=True``, torch.func, gradcheck's batched checks) runs as torch ops
