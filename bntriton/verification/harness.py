@@ -18,6 +18,7 @@ import platform
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -25,10 +26,10 @@ import numpy as np
 import torch
 
 from . import oracle as reference
-from .bounds import bound_units, normwise_error, reduction_error
+from .bounds import bound_units, normwise_error, reduction_error, second_order_dtype
 from .families import FAMILIES, FamilyUnavailable, family_cases
 from .report import CaseResult, Report, default_device
-from .strategies import Case, make_tensors
+from .strategies import Case, Placed, make_tensors, param_layout, place, second_order_directions
 
 Impl = Callable[..., torch.Tensor]
 
@@ -80,6 +81,31 @@ def _expect_exact_beta(case: Case, y: torch.Tensor, bias, result: CaseResult) ->
         result.problems.append(f"constant channel: output is not exactly beta = {expected.item():.9g} (off by up to {worst:.3g})")
 
 
+class Unsupported(Exception):
+    """The implementation refused a feature with a clear error (raised, not a silent
+    answer): the case is reported as unsupported, apart from the wrong ones."""
+
+
+# The exceptions that count as a clear refusal when a case exercises a feature an
+# implementation may not have (second-order gradients, per-channel tensors that are
+# views): what libraries raise to say "not supported".  Anything else is a crash, and
+# any answer, however quiet, is judged against the oracle.
+CLEAR_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError)
+
+
+@contextmanager
+def _feature(what: str, applies: bool = True):
+    """Turn a clear error raised inside the block into :class:`Unsupported` (``what``
+    names the feature in the report); outside a feature's cases errors stay failures."""
+    try:
+        yield
+    except CLEAR_ERRORS as exc:
+        if not applies:
+            raise
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise Unsupported(f"{what}: {type(exc).__name__}: {first_line}") from exc
+
+
 def check_case(impl: Impl, case: Case, device: str | torch.device = "cpu") -> CaseResult:
     """Run ``impl`` on ``case`` and compare every output with the float64 oracle."""
     result = CaseResult(case)
@@ -90,6 +116,8 @@ def check_case(impl: Impl, case: Case, device: str | torch.device = "cpu") -> Ca
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
             _check(impl, case, device, result)
+    except Unsupported as why:
+        result.unsupported = str(why)
     except Exception as exc:  # an implementation that raises fails the case, with the reason
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         result.problems.append(f"raised {last}")
@@ -97,10 +125,38 @@ def check_case(impl: Impl, case: Case, device: str | torch.device = "cpu") -> Ca
     return result
 
 
+def _placed(case: Case, role: str, values, grad: bool = False) -> Optional[Placed]:
+    return None if values is None else place(values, param_layout(case, role), grad)
+
+
+def _grad(p: Optional[Placed]):
+    return None if p is None else p.view.grad
+
+
+def _check_untouched(name: str, p: Optional[Placed], values, result: CaseResult) -> None:
+    """A per-channel tensor the implementation must only read: same values, and its
+    buffer untouched outside the view."""
+    if p is None:
+        return
+    if not torch.equal(p.view.detach(), values):
+        result.problems.append(f"{name} was modified")
+    _check_buffer(name, p, result)
+
+
+def _check_buffer(name: str, p: Optional[Placed], result: CaseResult) -> None:
+    if p is None:
+        return
+    touched = p.outside_touched()
+    if touched:
+        shown = ", ".join(map(str, touched[:8])) + (", ..." if len(touched) > 8 else "")
+        result.problems.append(f"{name}: written outside its view, at buffer elements [{shown}]")
+
+
 def _check(impl: Impl, case: Case, device, result: CaseResult) -> None:
     t = make_tensors(case, device)
-    running_mean = None if t.running_mean is None else t.running_mean.clone()
-    running_var = None if t.running_var is None else t.running_var.clone()
+    views = case.param_layout != "contiguous"
+    running_mean = _placed(case, "running_mean", t.running_mean)
+    running_var = _placed(case, "running_var", t.running_var)
     ref_mean, ref_var = _np(t.running_mean), _np(t.running_var)
     mean_magnitude = None  # the running mean's error scale, chained over the steps
     grads = case.backward
@@ -110,9 +166,11 @@ def _check(impl: Impl, case: Case, device, result: CaseResult) -> None:
         # factor torch's modules pass: 1 / step.
         momentum = case.momentum if case.momentum is not None else 1.0 / step
         x_in = x.detach().requires_grad_(grads and last)
-        weight = _leaf(t.weight, grads and last)
-        bias = _leaf(t.bias, grads and last)
-        y = impl(x_in, running_mean, running_var, weight, bias, case.training, momentum, case.eps)
+        weight = _placed(case, "weight", t.weight, grads and last)
+        bias = _placed(case, "bias", t.bias, grads and last)
+        with _feature(f"per-channel tensors as {case.param_layout} views", views):
+            y = impl(x_in, _view(running_mean), _view(running_var), _view(weight), _view(bias),
+                     case.training, momentum, case.eps)
         ref = reference.forward(
             _np(x), ref_mean, ref_var, _np(t.weight), _np(t.bias), case.training, momentum, case.eps,
             running_mean_magnitude=mean_magnitude,
@@ -136,15 +194,23 @@ def _check(impl: Impl, case: Case, device, result: CaseResult) -> None:
         # error is relative to that scale (the oracle's magnitude), not to a mean near 0.
         for name, out, expected, magnitude in (("running_mean", running_mean, ref_mean, mean_magnitude),
                                                ("running_var", running_var, ref_var, None)):
-            result.errors[name] = normwise_error(out, expected, out.dtype, magnitude)
-            result.bounds[name] = bound_units(name, out.dtype, count)
+            result.errors[name] = normwise_error(out.view, expected, out.view.dtype, magnitude)
+            result.bounds[name] = bound_units(name, out.view.dtype, count)
+            _check_buffer(name, out, result)
     elif case.running:
-        if not (torch.equal(running_mean, t.running_mean) and torch.equal(running_var, t.running_var)):
+        if not (torch.equal(running_mean.view, t.running_mean) and torch.equal(running_var.view, t.running_var)):
             result.problems.append("running statistics changed in evaluation mode")
+        _check_buffer("running_mean", running_mean, result)
+        _check_buffer("running_var", running_var, result)
 
     if not grads:
+        _check_untouched("weight", weight, t.weight, result)
+        _check_untouched("bias", bias, t.bias, result)
         return
-    y.backward(t.dy)
+    with _feature(f"per-channel tensors as {case.param_layout} views", views):
+        y.backward(t.dy)
+    _check_untouched("weight", weight, t.weight, result)
+    _check_untouched("bias", bias, t.bias, result)
     ref_grad = reference.backward(
         _np(t.dy), _np(x), ref.mean, ref.var, _np(t.weight), case.training, case.eps
     )
@@ -156,15 +222,65 @@ def _check(impl: Impl, case: Case, device, result: CaseResult) -> None:
     _nonfinite_leak("input gradient", x_in.grad, ref_grad.dx, result)
     result.bounds["dx"] = bound_units("dx", case.dtype, count)
     for name, leaf in (("weight", weight), ("bias", bias)):
-        if leaf is not None and leaf.grad is None:
+        if leaf is not None and leaf.view.grad is None:
             result.problems.append(f"no gradient reached the {name}")
             return
     if weight is not None:
-        result.errors["dweight"] = reduction_error(weight.grad, ref_grad.dweight, ref_grad.dweight_scale, weight.dtype)
-        result.bounds["dweight"] = bound_units("dweight", weight.dtype, count)
+        result.errors["dweight"] = reduction_error(weight.view.grad, ref_grad.dweight, ref_grad.dweight_scale, weight.view.dtype)
+        result.bounds["dweight"] = bound_units("dweight", weight.view.dtype, count)
     if bias is not None:
-        result.errors["dbias"] = reduction_error(bias.grad, ref_grad.dbias, ref_grad.dbias_scale, bias.dtype)
-        result.bounds["dbias"] = bound_units("dbias", bias.dtype, count)
+        result.errors["dbias"] = reduction_error(bias.view.grad, ref_grad.dbias, ref_grad.dbias_scale, bias.view.dtype)
+        result.bounds["dbias"] = bound_units("dbias", bias.view.dtype, count)
+    if case.second_order:
+        _check_second_order(impl, case, t, x, momentum, result)
+
+
+def _view(p: Optional[Placed]):
+    return None if p is None else p.view
+
+
+def _check_second_order(impl: Impl, case: Case, t, x: torch.Tensor, momentum: float, result: CaseResult) -> None:
+    """Gradients of ``L = <v, dx> + <u, dweight>`` with respect to x, weight and bias,
+    through the implementation's own backward (``create_graph=True``), against the
+    float64 oracle.  A backward that is not differentiable and says nothing gives zero
+    (or partial) second-order gradients: judged like any other wrong answer."""
+    v, u = second_order_directions(case, x.device)
+    x_in = x.detach().requires_grad_(True)
+    weight = _placed(case, "weight", t.weight, True)
+    bias = _placed(case, "bias", t.bias, True)
+    # Fresh running statistics: the forward's update was checked above.
+    running_mean = _placed(case, "running_mean", t.running_mean)
+    running_var = _placed(case, "running_var", t.running_var)
+    leaves = [x_in] + [p.view for p in (weight, bias) if p is not None]
+    y = impl(x_in, _view(running_mean), _view(running_var), _view(weight), _view(bias),
+             case.training, momentum, case.eps)
+    first = torch.autograd.grad(y, leaves, t.dy, create_graph=True, allow_unused=True)
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    if first[0] is not None:
+        loss = loss + (first[0].to(torch.float64) * v.to(torch.float64)).sum()
+    if weight is not None and first[1] is not None:
+        loss = loss + (first[1].to(torch.float64) * u.to(torch.float64)).sum()
+    second = [None] * len(leaves)
+    if loss.requires_grad:
+        with _feature("second-order gradients"):
+            second = list(torch.autograd.grad(loss, leaves, allow_unused=True))
+    else:  # the backward's outputs hang off no graph: every second-order gradient is zero
+        result.problems.append("the backward is not differentiable (its gradients have no graph), "
+                               "yet it raised nothing: second-order gradients silently zero")
+    second = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(second, leaves)]
+    ref = reference.second_order(
+        _np(t.dy), _np(x), _np(v), _np(u), _np(t.weight), _np(t.running_mean), _np(t.running_var),
+        case.training, case.eps,
+    )
+    count = case.count
+    result.errors["d2x"] = normwise_error(second[0], ref.dx, case.dtype)
+    result.bounds["d2x"] = bound_units("d2x", case.dtype, count)
+    if weight is not None:
+        unit = second_order_dtype(case.dtype, weight.view.dtype)
+        result.errors["d2weight"] = normwise_error(second[1], ref.dweight, unit)
+        result.bounds["d2weight"] = bound_units("d2weight", unit, count)
+    if bias is not None and bool(second[-1].detach().ne(0).any()):
+        result.problems.append("second-order gradient of the bias is not zero (bias enters neither dx nor dweight)")
 
 
 # ------------------------------------------------------------------ the harness as a product
