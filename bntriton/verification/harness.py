@@ -12,9 +12,12 @@ command line ``bntriton verify`` (:mod:`bntriton.cli`) prints it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
+import os
 import platform
+import sys
 import time
 import traceback
 import warnings
@@ -28,6 +31,7 @@ import torch
 from . import oracle as reference
 from .bounds import bound_units, normwise_error, reduction_error, second_order_dtype
 from .families import FAMILIES, FamilyUnavailable, family_cases
+from .peers import PEERS, InductorBatchNorm, load_peer
 from .report import CaseResult, Report, default_device
 from .strategies import Case, Placed, make_tensors, param_layout, place, second_order_directions
 
@@ -287,32 +291,62 @@ def _check_second_order(impl: Impl, case: Case, t, x: torch.Tensor, momentum: fl
 
 # Column names for the quantities (check_case's keys are F.batch_norm's argument names).
 
-IMPL_ALIASES = {
-    "bntriton": ("bntriton", "batch_norm"),
-    "torch": ("torch.nn.functional", "batch_norm"),
-}
+def resolve_impl(spec, device=None) -> tuple[Impl, str]:
+    """The implementation to check, and its name for the report, from:
 
-
-def resolve_impl(spec) -> tuple[Impl, str]:
-    """``None`` / ``"bntriton"``, ``"torch"``, ``"module:function"`` (dotted attributes
-    allowed after the colon) or a callable -> (callable, name for the report)."""
+    * ``None`` / a built-in peer's name (:data:`.peers.PEERS`: ``bntriton``, ``torch``,
+      ``inductor``, ``cudnn``, ``native``, ``flag_gems``, ``attorch``), loaded for ``device``;
+    * ``"module:function"`` (dotted attributes allowed after the colon), the module found
+      on ``sys.path`` or else in the current directory;
+    * ``"path/to/file.py:function"``;
+    * a callable.
+    """
     if spec is None:
         spec = "bntriton"
     if callable(spec):
         name = f"{getattr(spec, '__module__', None) or '?'}.{getattr(spec, '__qualname__', repr(spec))}"
         return spec, name
-    if spec in IMPL_ALIASES:
-        module_name, attr = IMPL_ALIASES[spec]
-    else:
-        module_name, _, attr = str(spec).partition(":")
+    spec = str(spec)
+    if spec in PEERS:
+        return load_peer(spec, device or default_device())
+    module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise ValueError(f"--impl {spec!r}: expected 'bntriton', 'torch' or MODULE:FUNCTION")
-    obj = importlib.import_module(module_name)
+        raise ValueError(f"--impl {spec!r}: expected one of {', '.join(PEERS)}, MODULE:FUNCTION "
+                         "or path/to/file.py:FUNCTION")
+    obj = _load_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{spec!r} is not callable")
     return obj, f"{module_name}.{attr}"
+
+
+def _load_module(name: str):
+    """A module by dotted name, or by file path (``x/y.py``).  A console script does not
+    put the current directory on ``sys.path`` (``python -m`` does), so a module there is
+    looked for explicitly: ``bntriton verify --impl mymod:fn`` works either way."""
+    if name.endswith(".py") or os.sep in name or (os.altsep and os.altsep in name):
+        path = os.path.abspath(name)
+        if not os.path.isfile(path):
+            raise ImportError(f"no such file: {name}")
+        module_name = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(module_name, module)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            sys.path.remove(cwd)
+            raise exc from None
 
 
 def _importable_name(fn) -> Optional[str]:
@@ -322,6 +356,8 @@ def _importable_name(fn) -> Optional[str]:
         return "bntriton"
     if fn is torch.nn.functional.batch_norm:
         return "torch"
+    if isinstance(fn, InductorBatchNorm):
+        return "inductor"
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or "<" in qualname:
         return None
@@ -375,9 +411,9 @@ def verify(
     run exactly these instead (to rerun one case).  ``progress(done, total, result)`` is
     called once before the first case (``result`` None) and after each case.
     """
-    fn, name = resolve_impl(impl)
-    spec = impl if isinstance(impl, str) else _importable_name(fn)
     device = str(device or default_device())
+    fn, name = resolve_impl(impl, device)
+    spec = impl if isinstance(impl, str) else _importable_name(fn)
     report = Report(name, spec, device, seed, quick, environment=_environment(device))
     if cases is not None:
         todo = list(cases)
