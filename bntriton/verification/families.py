@@ -347,7 +347,7 @@ def _strided_params(quick):
     ]
 
 
-@_family("second_order", "double backward: d/d(x, gamma, beta) of <v, dx> + <u, dgamma>, train and eval")
+@_family("second_order", "double backward: d/d(x, gamma, beta, dy) of <v, dx> + <u, dgamma>, train and eval")
 def _second_order(quick):
     so = dict(second_order=True)
     return [

@@ -258,19 +258,25 @@ def _check_second_order(impl: Impl, case: Case, t, x: torch.Tensor, momentum: fl
     leaves = [x_in] + [p.view for p in (weight, bias) if p is not None]
     y = impl(x_in, _view(running_mean), _view(running_var), _view(weight), _view(bias),
              case.training, momentum, case.eps)
-    first = torch.autograd.grad(y, leaves, t.dy, create_graph=True, allow_unused=True)
+    # dy requires grad, as it does inside a network (it comes from the layers above):
+    # that is when a backward marked once-differentiable raises its clear error.
+    dy = t.dy.detach().requires_grad_(True)
+    first = torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True)
     loss = torch.zeros((), dtype=torch.float64, device=x.device)
     if first[0] is not None:
         loss = loss + (first[0].to(torch.float64) * v.to(torch.float64)).sum()
     if weight is not None and first[1] is not None:
         loss = loss + (first[1].to(torch.float64) * u.to(torch.float64)).sum()
-    second = [None] * len(leaves)
     if loss.requires_grad:
         with _feature("second-order gradients"):
-            second = list(torch.autograd.grad(loss, leaves, allow_unused=True))
-    else:  # the backward's outputs hang off no graph: every second-order gradient is zero
-        result.problems.append("the backward is not differentiable (its gradients have no graph), "
-                               "yet it raised nothing: second-order gradients silently zero")
+            # backward(), not autograd.grad(inputs=...): it walks the whole graph, so a
+            # node that refuses to be differentiated (once_differentiable) gets to raise.
+            loss.backward()
+    second = [leaf.grad for leaf in leaves]
+    ddy = dy.grad
+    if all(g is None for g in second):  # dx and dweight hang off x and weight by no graph
+        result.problems.append("the backward is not differentiable (its gradients do not depend on x or "
+                               "weight), yet it raised nothing: second-order gradients silently zero")
     second = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(second, leaves)]
     ref = reference.second_order(
         _np(t.dy), _np(x), _np(v), _np(u), _np(t.weight), _np(t.running_mean), _np(t.running_var),
@@ -279,6 +285,11 @@ def _check_second_order(impl: Impl, case: Case, t, x: torch.Tensor, momentum: fl
     count = case.count
     result.errors["d2x"] = normwise_error(second[0], ref.dx, case.dtype)
     result.bounds["d2x"] = bound_units("d2x", case.dtype, count)
+    # d/d(dy): the backward is linear in dy, so this is the forward's derivative in the
+    # direction v (plus u's term): the graph a once-differentiable backward cuts.
+    ddy = torch.zeros_like(dy) if ddy is None else ddy
+    result.errors["d2dy"] = normwise_error(ddy, ref.ddy, case.dtype)
+    result.bounds["d2dy"] = bound_units("d2x", case.dtype, count)
     if weight is not None:
         unit = second_order_dtype(case.dtype, weight.view.dtype)
         result.errors["d2weight"] = normwise_error(second[1], ref.dweight, unit)

@@ -172,11 +172,12 @@ def backward(
 @dataclass
 class SecondOrderResult:
     """Gradients of ``L = <v, dx> + <u, dweight>`` (dx, dweight: the first-order gradients
-    for the upstream gradient dy) with respect to x and weight; bias does not enter dx or
-    dweight, so its gradient is zero."""
+    for the upstream gradient dy) with respect to x, weight and dy; bias does not enter dx
+    or dweight, so its gradient is zero."""
 
     dx: np.ndarray
     dweight: Optional[np.ndarray]
+    ddy: np.ndarray  # gradient with respect to dy (the backward is linear in dy)
 
 
 def second_order(
@@ -218,10 +219,11 @@ def second_order(
         var = _per_channel(torch.tensor(np.asarray(running_var, np.float64), dtype=f64), nd)
     y = centred * torch.rsqrt(var + eps) * _per_channel(W, nd)
     leaves = [X, W] if has_weight else [X]
-    first = torch.autograd.grad(y, leaves, torch.tensor(np.asarray(dy, np.float64)), create_graph=True)
+    DY = torch.tensor(np.asarray(dy, np.float64), requires_grad=True)
+    first = torch.autograd.grad(y, leaves, DY, create_graph=True)
     loss = (first[0] * torch.tensor(np.asarray(v, np.float64))).sum()
     if has_weight:
         loss = loss + (first[1] * torch.tensor(np.asarray(u, np.float64))).sum()
-    second = torch.autograd.grad(loss, leaves, allow_unused=True)
-    as_np = [np.zeros(t.shape) if g is None else g.detach().numpy() for g, t in zip(second, leaves)]
-    return SecondOrderResult(as_np[0], as_np[1] if has_weight else None)
+    second = torch.autograd.grad(loss, leaves + [DY], allow_unused=True)
+    as_np = [np.zeros(t.shape) if g is None else g.detach().numpy() for g, t in zip(second, leaves + [DY])]
+    return SecondOrderResult(as_np[0], as_np[1] if has_weight else None, as_np[-1])

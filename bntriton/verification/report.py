@@ -24,6 +24,7 @@ QUANTITIES = {
     "running_var": "run_var",
     "d2x": "d2x",
     "d2weight": "d2gamma",
+    "d2dy": "d2dy",
 }
 
 
