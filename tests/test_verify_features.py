@@ -240,3 +240,16 @@ def test_version_and_help_texts(capsys):
         assert "``" not in text, text  # no raw reST
         description = text.split("\n\n")[1]
         assert len(description) > 40 and not description.startswith(("options", "positional")), text
+
+
+def test_conformance_page_is_generated_from_runs(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_conformance", ROOT / "docs" / "make_conformance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "conformance.md"
+    assert module.main(["--impl", "torch", "--family", "eval", "--family", "second_order", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "| family | torch eager |" in page and "| `eval` | 3/3 · " in page and "| `second_order` | 4/4 · " in page
+    assert "python docs/make_conformance.py" in page and "min in all" in page

@@ -73,7 +73,7 @@ BOUNDS = {
     "dbias": Bound(rounding=1.0, growth=4.0),
     "running_mean": Bound(rounding=2.0, growth=4.0),
     "running_var": Bound(rounding=2.0, growth=8.0),
-    # Second-order gradients (d/dx and d/dgamma of <v, dx> + <u, dgamma>), normwise, in
+    # Second-order gradients (d/dx, d/dgamma, d/ddy of <v, dx> + <u, dgamma>), normwise, in
     # units of the coarser of the input's and the stored dtype (see ``second_order_dtype``).
     # The derivative of the backward chains two rounds of reductions (the backward's, and
     # the forward statistics it depends on): twice the backward's growth.  Rounding: an
@@ -82,6 +82,7 @@ BOUNDS = {
     # plus the result's own rounding: 4 half-ulps in all, rounded up to 4 ulps.
     "d2x": Bound(rounding=4.0, growth=16.0),
     "d2weight": Bound(rounding=4.0, growth=16.0),
+    "d2dy": Bound(rounding=4.0, growth=16.0),
 }
 
 
