@@ -97,6 +97,19 @@ def run(rows, device: str, quick: bool, seed: int, families):
     return reports
 
 
+def _identical_pairs(reports) -> list:
+    """Pairs of columns whose every error is the same (e.g. a CPU backend that falls back
+    to the other): said under the table rather than left for the reader to spot."""
+    out = []
+    for i, (a, ra, _) in enumerate(reports):
+        for b, rb, _ in reports[i + 1:]:
+            if len(ra.results) == len(rb.results) and all(
+                x.errors == y.errors and x.status == y.status for x, y in zip(ra.results, rb.results)
+            ):
+                out.append((a, b))
+    return out
+
+
 def render(reports, device: str, quick: bool, seed: int, total_seconds: float, command: str) -> str:
     env = reports[0][1].environment if reports else {}
     families = list(dict.fromkeys(name for _, report, _ in reports for name in report.families()))
@@ -126,6 +139,10 @@ def render(reports, device: str, quick: bool, seed: int, total_seconds: float, c
         totals.append(f"{n - f - u}/{n}" + (f" ({u} unsupported)" if u else ""))
     lines.append("| " + " | ".join(totals) + " |")
     lines.append("| time | " + " | ".join(f"{seconds:.0f} s" for _, _, seconds in reports) + " |")
+    same = _identical_pairs(reports)
+    if same:
+        lines += [""] + [f"{a} and {b} gave bit-identical errors on every case: the same code ran "
+                         "(no separate CPU path yet)." for a, b in same]
     lines += ["", "## What is wrong, family by family (the first failing case of each)", ""]
     for label, report, _ in reports:
         failed = report.failed_families()
