@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import math
 import os
 import platform
 import sys
@@ -22,7 +20,6 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -40,10 +37,6 @@ Impl = Callable[..., torch.Tensor]
 
 def _np(t: torch.Tensor | None):
     return None if t is None else t.detach().cpu().to(torch.float64).numpy()
-
-
-def _leaf(t: torch.Tensor | None, grad: bool):
-    return None if t is None else t.detach().clone().requires_grad_(grad)
 
 
 def _expect_layout(case: Case, x: torch.Tensor, out: torch.Tensor, name: str, result: CaseResult):
@@ -133,10 +126,6 @@ def check_case(impl: Impl, case: Case, device: str | torch.device = "cpu") -> Ca
 
 def _placed(case: Case, role: str, values, grad: bool = False) -> Optional[Placed]:
     return None if values is None else place(values, param_layout(case, role), grad)
-
-
-def _grad(p: Optional[Placed]):
-    return None if p is None else p.view.grad
 
 
 def _check_untouched(name: str, p: Optional[Placed], values, result: CaseResult) -> None:
