@@ -1,6 +1,6 @@
 """Regenerate docs/conformance.md: every implementation bntriton can check, on every case family.
 
-    python docs/make_conformance.py                 # quick families, CPU: ~10 min on 2 busy cores
+    python docs/make_conformance.py                 # quick families, CPU: ~15 min on 2 busy cores, most of it Inductor compiling
     python docs/make_conformance.py --device cuda   # on a GPU: adds cudnn, native, FlagGems, attorch
     python docs/make_conformance.py --full          # every case of every family (much longer)
     python docs/make_conformance.py --impl torch --impl inductor --out /tmp/c.md

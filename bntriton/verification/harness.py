@@ -252,7 +252,8 @@ def _check_second_order(impl: Impl, case: Case, t, x: torch.Tensor, momentum: fl
     # dy requires grad, as it does inside a network (it comes from the layers above):
     # that is when a backward marked once-differentiable raises its clear error.
     dy = t.dy.detach().requires_grad_(True)
-    first = torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True)
+    with _feature("second-order gradients"):  # create_graph=True is where some refuse already
+        first = torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True)
     loss = torch.zeros((), dtype=torch.float64, device=x.device)
     if first[0] is not None:
         loss = loss + (first[0].to(torch.float64) * v.to(torch.float64)).sum()
