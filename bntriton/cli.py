@@ -26,7 +26,7 @@ class ProgressBar:
         self.failed = 0
 
     def __call__(self, done: int, total: int, result) -> None:
-        if result is not None and not result.passed:
+        if result is not None and result.wrong:
             self.failed += 1
         filled = self.width * done // max(total, 1)
         where = "" if result is None else f" {result.case.family}"
