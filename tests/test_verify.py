@@ -183,22 +183,11 @@ PLANTED = {
 # ----------------------------------------------------------------------------------- tests
 
 
-# Families bntriton does not pass yet (double backward; per-channel tensors that are
-# views): the harness must say so, case by case, until the front end handles them.
-NOT_YET = {"second_order", "strided_params"}
-
-
 def test_bntriton_passes_the_quick_families():
-    report = verify(bntriton.batch_norm, device=DEVICE, quick=True, families=sorted(ALL_FAMILIES - NOT_YET))
-    assert report.passed, report.render()
-    assert set(report.families()) == ALL_FAMILIES - NOT_YET
+    report = verify(bntriton.batch_norm, device=DEVICE, quick=True)
+    assert report.passed and not report.unsupported, report.render()
+    assert set(report.families()) == ALL_FAMILIES
     assert len(report.results) >= 60
-
-
-@pytest.mark.xfail(reason="bntriton: double backward and per-channel views not handled yet", strict=False)
-def test_bntriton_passes_second_order_and_strided_params():
-    report = verify(bntriton.batch_norm, device=DEVICE, quick=True, families=sorted(NOT_YET))
-    assert report.passed, report.render()
 
 
 def test_a_correct_float64_implementation_passes_every_quick_family():
