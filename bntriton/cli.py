@@ -3,6 +3,7 @@
 ``bntriton verify``   check an implementation against the float64 oracle (exit 0 if no
                       case is wrong, 1 if any is, 2 for a usage error)
 ``bntriton bounds``   print the error-bound table (markdown)
+``bntriton demo``     what batch norm buys, shown with bntriton's layers (figures + report)
 ``bntriton --version``
 """
 from __future__ import annotations
@@ -91,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="bntriton",
-        description="Batch normalization as Triton kernels, and the float64 harness that checks it "
-        "(or any other batch norm): bntriton verify --help.",
+        description="Batch normalization as Triton kernels with a PyTorch front end: the float64 harness "
+        "that checks it or any other batch norm (verify, bounds), and a demo of what batch norm buys (demo).",
     )
     parser.add_argument("--version", action="version", version=f"bntriton {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -192,6 +193,25 @@ def _bounds(args, parser) -> int:
 
     print(bounds_table())
     return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .demo.run import add_arguments
+
+    add_arguments(parser)
+
+
+@command(
+    "demo",
+    help="the lecture's claims about batch norm, reproduced with bntriton's layers",
+    description="Train MLPs with and without bntriton.BatchNorm1d on seeded synthetic data and write "
+    "figures and a markdown report: learning-rate range, depth, z or a, gamma/beta, test time.",
+    configure=_demo_arguments,
+)
+def _demo(args, parser) -> int:
+    from .demo.run import command as run_demo
+
+    return run_demo(args, parser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

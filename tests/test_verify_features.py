@@ -233,7 +233,7 @@ def test_version_and_help_texts(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"bntriton {bntriton.__version__}"
-    for argv in (["--help"], ["bounds", "--help"], ["verify", "--help"]):
+    for argv in (["--help"], ["bounds", "--help"], ["verify", "--help"], ["demo", "--help"]):
         with pytest.raises(SystemExit):
             main(argv)
         text = capsys.readouterr().out
