@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .activations import NO_EPILOGUE, Epilogue
 from .backward import batch_norm_grads
 from .fused import fused_backward, fused_forward
 from .plans import fused_plan, plan
@@ -12,28 +13,38 @@ from .normalize import channel_affine
 from .stats import BatchStats, batch_stats
 
 
-def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Tensor, BatchStats]:
+def forward_train(
+    view: ChannelView, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE,
+) -> tuple[torch.Tensor, BatchStats]:
     """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``)."""
     single_read = fused_plan(view)
     if single_read is not None:
-        return fused_forward(view, single_read, weight, bias, eps)
+        return fused_forward(view, single_read, weight, bias, eps, epilogue)
     tiles = plan(view)
     stats = batch_stats(view, tiles, weight, bias, eps)
-    y = channel_affine(view, tiles, view.tensor, view.stride_c, stats.scale, stats.shift)
+    pivot = view.tensor
+    if epilogue.out is not None and epilogue.out.data_ptr() == pivot.data_ptr():
+        # In place: the pivot (each channel's first element) would be overwritten by the
+        # program that owns the first rows while others still read it; copy it (O(C)).
+        pivot = torch.as_strided(pivot, (view.channels,), (view.stride_c,)).clone()
+        y = channel_affine(view, tiles, pivot, 1, stats.scale, stats.shift, epilogue=epilogue)
+        return y, stats
+    y = channel_affine(view, tiles, pivot, view.stride_c, stats.scale, stats.shift, epilogue=epilogue)
     return y, stats
 
 
 def backward(
     view: ChannelView, dy, weight, pivot, pivot_stride: int, mean_shifted, rstd,
-    batch_stats: bool, param_dtype: torch.dtype,
+    batch_stats: bool, param_dtype: torch.dtype, epilogue: Epilogue = NO_EPILOGUE,
 ):
     """``(dx, dweight, dbias)``; ``dy`` shares the view's strides."""
     single_read = fused_plan(view)  # None for an empty batch: the split path handles it
     if single_read is not None:
         return fused_backward(
-            view, single_read, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype
+            view, single_read, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype,
+            epilogue,
         )
     return batch_norm_grads(
         view, plan(view), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
-        batch_stats=batch_stats, param_dtype=param_dtype,
+        batch_stats=batch_stats, param_dtype=param_dtype, epilogue=epilogue,
     )
