@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .runtime import split_float
+
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
 # Activations whose derivative depends only on the sign of z: a 1-bit mask suffices.
 MASKABLE = frozenset({"relu", "leaky_relu"})
@@ -59,14 +61,14 @@ class Epilogue:
     invert: bool = False
 
     def pointers(self, fallback: torch.Tensor, per_channel: torch.Tensor) -> tuple:
-        """``res, mask, act_scale, act_shift, slope`` kernel arguments (unused ones get a
+        """``res, mask, act_scale, act_shift, slope_hi, slope_lo`` kernel arguments (unused ones get a
         placeholder of the right kind: the kernels never touch them)."""
         return (
             self.residual if self.residual is not None else fallback,
             self.mask if self.mask is not None else fallback,
             self.act_scale if self.act_scale is not None else per_channel,
             self.act_shift if self.act_shift is not None else per_channel,
-            float(self.slope),
+            *split_float(self.slope),
         )
 
     def constexprs(self) -> dict:

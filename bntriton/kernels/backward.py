@@ -35,7 +35,7 @@ from .tiles import channel_offsets, tile_offsets
 @kernel
 def _grad_partial_kernel(
     x_ptr, dy_ptr, pivot_ptr, mean_s_ptr, part_dy_ptr, part_dyc_ptr,
-    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope,
+    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
@@ -48,6 +48,8 @@ def _grad_partial_kernel(
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
+    # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
+    slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
     if ACTIVATION != 0:
@@ -65,15 +67,15 @@ def _grad_partial_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         if INVERT:
-            z = invert_activation(x, slope, ACTIVATION)
-            dy = activation_grad(z, dy, slope, ACTIVATION)
+            z = invert_activation(x, slope[None, :], ACTIVATION)
+            dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
             x_k = (z - act_shift[None, :]) / act_scale[None, :]
         else:
             x_k = x - pivot[None, :]
             if MASK:
-                dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope, ACTIVATION)
+                dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope[None, :], ACTIVATION)
             elif ACTIVATION != 0:
-                dy = activation_grad(x_k * act_scale[None, :] + act_shift[None, :], dy, slope, ACTIVATION)
+                dy = activation_grad(x_k * act_scale[None, :] + act_shift[None, :], dy, slope[None, :], ACTIVATION)
         # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.
         centred = tl.where(mask, x_k - mean_s[None, :], 0.0)
         sum_dy += tl.sum(dy, axis=0)

@@ -31,7 +31,7 @@ from .tiles import channel_offsets, tile_offsets
 @kernel
 def _fused_forward_kernel(
     x_ptr, y_ptr, weight_ptr, bias_ptr, mean_s_ptr, rstd_ptr, mean_ptr, var_unbiased_ptr,
-    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope,
+    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, eps_hi, eps_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
@@ -44,6 +44,8 @@ def _fused_forward_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < channels
+    # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
+    slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = (r < rows)[:, None] & c_mask[None, :]
 
@@ -66,7 +68,7 @@ def _fused_forward_kernel(
         y = y + tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
     if MASK:
         store_mask(mask_ptr, (y > 0) & mask, 0, rows, c, c_mask, channels, BLOCK_R, BLOCK_C)
-    y = activate(y, slope, ACTIVATION)
+    y = activate(y, slope[None, :], ACTIVATION)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
@@ -78,7 +80,7 @@ def _fused_forward_kernel(
 @kernel
 def _fused_backward_kernel(
     x_ptr, dy_ptr, dx_ptr, weight_ptr, pivot_ptr, mean_s_ptr, rstd_ptr, dweight_ptr, dbias_ptr,
-    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope,
+    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BATCH_STATS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
@@ -90,6 +92,8 @@ def _fused_backward_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < channels
+    # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
+    slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = (r < rows)[:, None] & c_mask[None, :]
 
@@ -102,15 +106,15 @@ def _fused_backward_kernel(
         act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
         act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
     if INVERT:
-        z = invert_activation(x, slope, ACTIVATION)
-        dy = activation_grad(z, dy, slope, ACTIVATION)
+        z = invert_activation(x, slope[None, :], ACTIVATION)
+        dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
         x_k = (z - act_shift[None, :]) / act_scale[None, :]
     else:
         x_k = x - pivot[None, :]
         if MASK:
-            dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope, ACTIVATION)
+            dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope[None, :], ACTIVATION)
         elif ACTIVATION != 0:
-            dy = activation_grad(x_k * act_scale[None, :] + act_shift[None, :], dy, slope, ACTIVATION)
+            dy = activation_grad(x_k * act_scale[None, :] + act_shift[None, :], dy, slope[None, :], ACTIVATION)
     dy = tl.where(mask, dy, 0.0)
     if HAS_RESIDUAL:
         tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)

@@ -27,7 +27,7 @@ from .tiles import channel_offsets, tile_offsets
 @kernel
 def _channel_affine_kernel(
     x_ptr, dy_ptr, out_ptr, pivot_ptr, scale_ptr, shift_ptr, dy_scale_ptr,
-    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope,
+    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
@@ -45,6 +45,8 @@ def _channel_affine_kernel(
     r = r0 + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
+    # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
+    slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = (r < rows)[:, None] & c_mask[None, :]
 
@@ -57,17 +59,17 @@ def _channel_affine_kernel(
             act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
             act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
         if INVERT:
-            z = invert_activation(x, slope, ACTIVATION)
-            dy = activation_grad(z, dy, slope, ACTIVATION)
+            z = invert_activation(x, slope[None, :], ACTIVATION)
+            dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
             x_k = (z - act_shift[None, :]) / act_scale[None, :]
         else:
             pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
             x_k = x - pivot[None, :]
             if MASK:
-                dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope, ACTIVATION)
+                dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope[None, :], ACTIVATION)
             elif ACTIVATION != 0:
                 z = x_k * act_scale[None, :] + act_shift[None, :]
-                dy = activation_grad(z, dy, slope, ACTIVATION)
+                dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
         if HAS_RESIDUAL:
             tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
         dy_scale = tl.load(dy_scale_ptr + c, mask=c_mask, other=0.0)
@@ -79,7 +81,7 @@ def _channel_affine_kernel(
             out = out + tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
         if MASK:
             store_mask(mask_ptr, (out > 0) & mask, r0, rows, c, c_mask, channels, BLOCK_R, BLOCK_C)
-        out = activate(out, slope, ACTIVATION)
+        out = activate(out, slope[None, :], ACTIVATION)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
