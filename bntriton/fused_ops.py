@@ -162,9 +162,10 @@ def _backward_impl(
         z = channel_affine(view, plan(view), pivot, pivot_stride, act_scale, act_shift,
                            out_dtype=accumulator_dtype(x.dtype),
                            epilogue=Epilogue(residual=view.same_layout(residual)))
-        dy = _torch_activation_grad(z, dy.to(z.dtype), activation).to(x.dtype)
+        # dz stays in the accumulator dtype for the reductions (the kernels read any dtype).
+        dy = _torch_activation_grad(z, dy.to(z.dtype), activation)
         epilogue = Epilogue()
-        dresidual = dy
+        dresidual = dy.to(grad.dtype)
     else:
         dres_out = view.empty_like(grad.dtype) if has_residual and activation != 0 else None
         epilogue = Epilogue(

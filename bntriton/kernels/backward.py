@@ -52,7 +52,7 @@ def _grad_partial_kernel(
     slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
-    if ACTIVATION != 0:
+    if ACTIVATION != 0 or INVERT:
         act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
         act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
 

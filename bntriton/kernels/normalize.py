@@ -55,7 +55,7 @@ def _channel_affine_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     if HAS_DY:
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if ACTIVATION != 0:
+        if ACTIVATION != 0 or INVERT:
             act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
             act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
         if INVERT:
