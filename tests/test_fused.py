@@ -360,3 +360,22 @@ def test_compiled_fused_model_fullgraph_matches_eager():
     torch.testing.assert_close(out_c, out_e, rtol=tol, atol=tol)
     for g_c, p in zip(grads_c, fused.parameters()):
         torch.testing.assert_close(g_c, p.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("act,res,layout", [("relu", True, "channels_last"), ("gelu", True, "nchw"),
+                                            ("leaky_relu", False, "2d")])
+def test_opcheck_activated_ops(act, res, layout):
+    from bntriton.kernels.activations import activation_code
+
+    gen = torch.Generator().manual_seed(2)
+    shape = SHAPES[layout]
+    c = shape[1]
+    x = _tensor(shape, layout, torch.float32, gen).requires_grad_()
+    r = _tensor(shape, layout, torch.float32, gen).requires_grad_() if res else None
+    w = torch.randn(c, generator=gen).to(DEVICE).requires_grad_()
+    b = torch.randn(c, generator=gen).to(DEVICE).requires_grad_()
+    rm, rv = torch.randn(c, generator=gen).to(DEVICE), (torch.rand(c, generator=gen) + 0.5).to(DEVICE)
+    code = activation_code(act)
+    ops = torch.ops.bntriton
+    torch.library.opcheck(ops.batch_norm_act_train, (x, w, b, r, 1e-5, code, SLOPE))
+    torch.library.opcheck(ops.batch_norm_act_eval, (x, w, b, rm, rv, r, 1e-5, code, SLOPE))
