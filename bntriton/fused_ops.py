@@ -144,7 +144,9 @@ def _backward_impl(
     activation: int, slope: float, has_residual: bool, invert: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dresidual)`` of either forward (batch statistics when
-    ``running_mean`` is None).  ``x`` is the forward's output when ``invert``."""
+    ``running_mean`` is None).  ``has_residual`` asks for dresidual = dz (with an
+    activation: without one it is the incoming gradient itself, which the autograd
+    formulas pass on directly, as an op may not return an alias of its input)."""
     view = channel_view(x)
     dy = view.same_layout(grad)
     batch_stats_used = running_mean is None
@@ -167,12 +169,11 @@ def _backward_impl(
         epilogue = Epilogue()
         dresidual = dy.to(grad.dtype)
     else:
-        dres_out = view.empty_like(grad.dtype) if has_residual and activation != 0 else None
+        dresidual = view.empty_like(grad.dtype) if has_residual else None
         epilogue = Epilogue(
-            activation=activation, slope=slope, residual=dres_out, mask=mask if mask.numel() else None,
+            activation=activation, slope=slope, residual=dresidual, mask=mask if mask.numel() else None,
             act_scale=act_scale, act_shift=act_shift, invert=invert,
         )
-        dresidual = dres_out if dres_out is not None else (dy if has_residual else None)
     dx, dweight, dbias = dispatch.backward(
         view, dy, weight, pivot, pivot_stride, mean_shifted, rstd,
         batch_stats=batch_stats_used, param_dtype=param_dtype, epilogue=epilogue,
@@ -222,10 +223,10 @@ def _train_backward(ctx, grad_y, *_unused):
     has_weight, has_bias, has_residual, activation, slope = ctx.flags
     dx, dweight, dbias, dres = _backward(
         grad_y, x, weight, bias, None, mean_shifted, rstd, mask, residual,
-        activation, slope, has_residual, False,
+        activation, slope, has_residual and activation != 0, False,
     )
-    return (dx, dweight if has_weight else None, dbias if has_bias else None,
-            dres if has_residual else None, None, None, None)
+    dres = (dres if activation != 0 else grad_y) if has_residual else None
+    return (dx, dweight if has_weight else None, dbias if has_bias else None, dres, None, None, None)
 
 
 batch_norm_act_train.register_autograd(_train_backward, setup_context=_train_setup)
@@ -248,10 +249,10 @@ def _eval_backward(ctx, grad_y, _grad_mask):
     rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + eps)
     dx, dweight, dbias, dres = _backward(
         grad_y, x, weight, bias, running_mean, torch.zeros_like(rstd), rstd, mask, residual,
-        activation, slope, has_residual, False,
+        activation, slope, has_residual and activation != 0, False,
     )
-    return (dx, dweight if has_weight else None, dbias if has_bias else None, None, None,
-            dres if has_residual else None, None, None, None)
+    dres = (dres if activation != 0 else grad_y) if has_residual else None
+    return (dx, dweight if has_weight else None, dbias if has_bias else None, None, None, dres, None, None, None)
 
 
 batch_norm_act_eval.register_autograd(_eval_backward, setup_context=_eval_setup)

@@ -7,7 +7,9 @@ fp64; the bytes kept for backward; fused networks against unfused ones.
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import operator
 import warnings
 
 import pytest
@@ -286,28 +288,26 @@ class ResNetish(nn.Module):
         return self.head(self.gelu(self.bn1d(x.mean((2, 3)))))
 
 
-def _fused_node_count(gm):
-    """Activation and add nodes left in the graph."""
-    names = {"relu", "silu", "gelu", "add", "iadd"}
-    left = 0
-    for node in gm.graph.nodes:
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if node.op == "call_module":
-            target = type(gm.get_submodule(node.target)).__name__.lower()
-        if node.op != "placeholder" and any(n == target or target == n + "_" for n in names | {"relu", "silu", "gelu"}):
-            left += 1
-    return left
+def _activation_and_add_nodes(gm):
+    """The activation and add nodes left in a traced graph."""
+    functions = {F.relu, torch.relu, F.leaky_relu, F.silu, F.gelu, operator.add, operator.iadd, torch.add}
+    modules = (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU)
+    return [
+        node for node in gm.graph.nodes
+        if (node.op == "call_function" and node.target in functions)
+        or (node.op == "call_method" and node.target in ("relu", "relu_", "add", "add_"))
+        or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), modules))
+    ]
 
 
 def test_fuse_resnet_style_net_matches_unfused_in_train_and_eval():
     torch.manual_seed(0)
     reference = ResNetish().to(DEVICE).double()
-    import copy
     fused = bntriton.convert_model(copy.deepcopy(reference), fuse=True)
     assert isinstance(fused, torch.fx.GraphModule)
     kinds = [type(m).__name__ for m in fused.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert kinds.count("BatchNormAct2d") == 6 and kinds.count("BatchNormAct1d") == 1 and "BatchNorm2d" in kinds
-    assert _fused_node_count(fused) == 0
+    assert _activation_and_add_nodes(fused) == []
     assert fused.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(3, 3, 4, 4, device=DEVICE, dtype=torch.float64)
     for training in (True, False):
