@@ -14,7 +14,8 @@ What the backward keeps (bytes, B = the input's size):
 * a residual with relu / leaky_relu: x, a 1-bit mask of ``z > 0`` (8 values per byte),
   O(C) (B + numel/8 + O(C));
 * a residual with silu / gelu: x and the residual (z cannot be recomputed without it,
-  and its sign is not enough); the derivative is then taken with torch ops.  In a
+  and its sign is not enough); z is then formed by one more pass and the derivative
+  taken with torch ops (kernels/native_act.py).  In a
   residual network the residual is the block's input, which the block's first
   convolution keeps anyway.
 
@@ -36,10 +37,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .kernels import accumulator_dtype, channel_view, dispatch
-from .kernels.activations import MASKABLE, Epilogue, activation_code
-from .kernels.normalize import channel_affine, eval_coefficients
-from .kernels.plans import plan
+from .kernels import accumulator_dtype, channel_view, dispatch, native_act
+from .kernels.activations import MASKABLE, Epilogue
 
 ACTIVATION_NAMES = {code: name for name, code in (
     (None, 0), ("relu", 1), ("leaky_relu", 2), ("silu", 3), ("gelu", 4))}
@@ -105,9 +104,8 @@ def _eval_impl(
     mask = _mask_like(view.tensor, _needs_mask(activation, residual is not None))
     if view.rows == 0:
         return view.empty_like(), mask
-    _, scale, shift = eval_coefficients(x.dtype, running_var, weight, bias, eps)
     epilogue = _forward_epilogue(view, residual, activation, slope, mask)
-    return channel_affine(view, plan(view), running_mean, 1, scale, shift, epilogue=epilogue), mask
+    return dispatch.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue), mask
 
 
 batch_norm_act_eval = torch.library.custom_op(
@@ -126,16 +124,6 @@ def _act_coefficients(weight, bias, mean_shifted, rstd):
     if bias is not None:
         shift = shift + bias.to(rstd.dtype)
     return scale, shift
-
-
-def _torch_activation_grad(z: Tensor, grad: Tensor, activation: int) -> Tensor:
-    """``grad * act'(z)`` for silu / gelu with torch ops (the residual-kept case)."""
-    if activation == 3:
-        sig = torch.sigmoid(z)
-        return grad * (sig * (1 + z * (1 - sig)))
-    cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
-    pdf = 0.3989422804014327 * torch.exp(-0.5 * z * z)
-    return grad * (cdf + z * pdf)
 
 
 def _backward_impl(
@@ -161,11 +149,10 @@ def _backward_impl(
     dresidual = None
     if _keeps_residual(activation, has_residual):
         # z = BN(x) + residual in the accumulator dtype, then dz with torch ops.
-        z = channel_affine(view, plan(view), pivot, pivot_stride, act_scale, act_shift,
-                           out_dtype=accumulator_dtype(x.dtype),
-                           epilogue=Epilogue(residual=view.same_layout(residual)))
+        z = dispatch.affine(view, pivot, pivot_stride, act_scale, act_shift, accumulator_dtype(x.dtype),
+                            Epilogue(residual=view.same_layout(residual)))
         # dz stays in the accumulator dtype for the reductions (the kernels read any dtype).
-        dy = _torch_activation_grad(z, dy.to(z.dtype), activation)
+        dy = native_act.activation_grad(z, dy.to(z.dtype), activation, slope)
         epilogue = Epilogue()
         dresidual = dy.to(grad.dtype)
     else:
@@ -338,9 +325,8 @@ class InplaceABN(torch.autograd.Function):
                 stats = (s.mean_shifted, s.rstd, s.mean, s.var_unbiased)
             mean_shifted, rstd, mean, var_unbiased = stats
         else:
-            _, scale, shift = eval_coefficients(x.dtype, running_var, weight, bias, eps)
             if view.rows:
-                channel_affine(view, plan(view), running_mean, 1, scale, shift, epilogue=epilogue)
+                dispatch.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue)
             rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + eps)
             # With the pivot at 0, the running mean plays the shifted mean's part: the
             # backward's z = x * scale + (bias - running_mean * scale).

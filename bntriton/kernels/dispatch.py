@@ -1,22 +1,41 @@
-"""Which kernels run: the single-read path when a channel block's rows fit on chip
-(fused.py), else the grid-split path (stats.py + normalize.py, backward.py)."""
+"""Which implementation runs: for CPU tensors the native path (native_cpu.py, torch's CPU
+operations) unless the interpreter is asked for (runtime.current_cpu_backend); else the
+kernels: the single-read path when a channel block's rows fit on chip (fused.py), else
+the grid-split path (stats.py + normalize.py, backward.py).
+
+An ``epilogue`` (activation, residual, 1-bit mask, in-place output; activations.py) is
+a constexpr switch in the kernels; on the native path native_act.py composes it from
+torch ops around native_cpu.py's functions.
+"""
 from __future__ import annotations
 
 import torch
 
+from . import native_act, native_cpu
 from .activations import NO_EPILOGUE, Epilogue
 from .backward import batch_norm_grads
 from .fused import fused_backward, fused_forward
 from .plans import fused_plan, plan
 from .layout import ChannelView
-from .normalize import channel_affine
+from .normalize import channel_affine, eval_coefficients
+from .runtime import current_cpu_backend
 from .stats import BatchStats, batch_stats
+from .stats import update_running_stats as _update_running_stats_kernel
+
+
+def native(t: torch.Tensor) -> bool:
+    """Whether ``t`` (a CPU tensor) runs on the native CPU path rather than the kernels."""
+    return t.device.type == "cpu" and current_cpu_backend() == "native"
 
 
 def forward_train(
     view: ChannelView, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE,
 ) -> tuple[torch.Tensor, BatchStats]:
     """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``)."""
+    if native(view.tensor):
+        if epilogue is NO_EPILOGUE:
+            return native_cpu.forward_train(view, weight, bias, eps)
+        return native_act.forward_train(view, weight, bias, eps, epilogue)
     single_read = fused_plan(view)
     if single_read is not None:
         return fused_forward(view, single_read, weight, bias, eps, epilogue)
@@ -38,6 +57,14 @@ def backward(
     batch_stats: bool, param_dtype: torch.dtype, epilogue: Epilogue = NO_EPILOGUE,
 ):
     """``(dx, dweight, dbias)``; ``dy`` shares the view's strides."""
+    if native(view.tensor):
+        if epilogue is NO_EPILOGUE:
+            return native_cpu.backward(
+                view, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype
+            )
+        return native_act.backward(
+            view, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype, epilogue
+        )
     single_read = fused_plan(view)  # None for an empty batch: the split path handles it
     if single_read is not None:
         return fused_backward(
@@ -48,3 +75,35 @@ def backward(
         view, plan(view), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
         batch_stats=batch_stats, param_dtype=param_dtype, epilogue=epilogue,
     )
+
+
+def forward_eval(
+    view: ChannelView, weight, bias, running_mean, running_var, eps: float, epilogue: Epilogue = NO_EPILOGUE,
+) -> torch.Tensor:
+    """``y`` normalized with the running statistics (``view.rows >= 1``)."""
+    if native(view.tensor):
+        if epilogue is NO_EPILOGUE:
+            return native_cpu.forward_eval(view, weight, bias, running_mean, running_var, eps)
+        return native_act.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue)
+    _, scale, shift = eval_coefficients(view.tensor.dtype, running_var, weight, bias, eps)
+    # Pivot = running mean: y = (x - running_mean) * scale + bias.
+    return channel_affine(view, plan(view), running_mean, 1, scale, shift, epilogue=epilogue)
+
+
+def affine(view: ChannelView, pivot, pivot_stride: int, scale, shift, out_dtype, epilogue: Epilogue):
+    """``(x - K) * scale + shift`` with the epilogue's residual / activation, in ``out_dtype``
+    (the fused backward's pre-activation when it cannot be recomputed inside the kernels)."""
+    if native(view.tensor):
+        return native_act.affine(view, pivot, pivot_stride, scale, shift, out_dtype, epilogue)
+    return channel_affine(view, plan(view), pivot, pivot_stride, scale, shift, out_dtype=out_dtype,
+                          epilogue=epilogue)
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum) -> None:
+    """The counter and running-statistics update, in place (see stats.update_running_stats)."""
+    if native(running_mean):
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        native_cpu.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
+        return
+    _update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
