@@ -379,3 +379,35 @@ def test_opcheck_activated_ops(act, res, layout):
     ops = torch.ops.bntriton
     torch.library.opcheck(ops.batch_norm_act_train, (x, w, b, r, 1e-5, code, SLOPE))
     torch.library.opcheck(ops.batch_norm_act_eval, (x, w, b, rm, rv, r, 1e-5, code, SLOPE))
+
+
+# ------------------------------------------------------------------ native CPU path
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the native path is for CPU tensors")
+@pytest.mark.parametrize("act,res,layout,dtype,training", [
+    ("relu", True, "channels_last", torch.float32, True), ("leaky_relu", True, "3d", torch.bfloat16, False),
+    ("silu", True, "nchw", torch.float16, True), ("gelu", False, "2d", torch.float32, True),
+    (None, True, "nchw", torch.float32, False),
+])
+def test_native_cpu_path_matches_float64_composition_and_the_kernels_mask(act, res, layout, dtype, training):
+    with bntriton.cpu_backend("native"):
+        test_matches_float64_composition(act, res, layout, dtype, training, None)
+    if res and act in ("relu", "leaky_relu"):
+        from bntriton import fused_ops
+
+        gen = torch.Generator().manual_seed(4)
+        x = _tensor(SHAPES[layout], layout, dtype, gen)
+        r = _tensor(SHAPES[layout], layout, dtype, gen)
+        w, b = torch.randn(x.shape[1], generator=gen), torch.randn(x.shape[1], generator=gen)
+        masks = []
+        for backend in ("native", "interpreter"):
+            with bntriton.cpu_backend(backend):
+                masks.append(fused_ops._train_impl(x, w, b, r, 1e-5, 1 if act == "relu" else 2, SLOPE)[5])
+        assert torch.equal(masks[0], masks[1])  # the same bit layout on both paths
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the native path is for CPU tensors")
+def test_native_cpu_inplace_abn_matches_out_of_place():
+    with bntriton.cpu_backend("native"):
+        test_inplace_abn_matches_the_unfused_composition("leaky_relu", "channels_last", torch.float32, True, None)
+        test_inplace_abn_matches_the_unfused_composition(None, "nchw", torch.bfloat16, False, None)
