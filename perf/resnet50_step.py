@@ -1,7 +1,7 @@
 """Time and peak memory of a ResNet-50 training step, four ways (needs a CUDA GPU).
 
     python perf/resnet50_step.py --out perf/results/<device>-<date>-resnet50-step.csv
-    python perf/resnet50_step.py --device cpu --smoke        # tooling check only (interpreter)
+    python perf/resnet50_step.py --device cpu --smoke        # tooling check only (CPU, native path)
 
 Providers: ``fused`` (bntriton.convert_model(fuse=True)), ``bntriton`` (convert_model:
 batch norms only), ``torch`` (eager, cuDNN), ``torch_compile`` (Inductor).  Passes:
@@ -131,8 +131,6 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     width, batch, size, reps = (4, 2, 32, 1) if args.smoke else (64, args.batch, args.size, args.reps)
-    if not cuda:
-        os.environ.setdefault("BNTRITON_CPU_BACKEND", "interpreter")
     dtype = getattr(torch, args.dtype)
     channels_last = args.layout == "channels_last"
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
