@@ -316,7 +316,9 @@ def test_fuse_resnet_style_net_matches_unfused_in_train_and_eval():
         out, want = fused(x), reference(x)
         out.square().sum().backward()
         want.square().sum().backward()
-        tol = 1e3 * EPS[torch.float64]
+        # Seven batch norms in sequence, each within its fp64 bound; the convolutions and
+        # the head between them are torch's own on both sides.
+        tol = 7 * bound_units("dx_act", torch.float64, x.numel() // 3) * EPS[torch.float64]
         torch.testing.assert_close(out, want, rtol=tol, atol=tol)
         grads = dict(fused.named_parameters())
         for name, p in reference.named_parameters():
@@ -324,7 +326,7 @@ def test_fuse_resnet_style_net_matches_unfused_in_train_and_eval():
             p.grad = None
             grads[name].grad = None
     for name, buf in reference.named_buffers():
-        torch.testing.assert_close(dict(fused.named_buffers())[name], buf, rtol=1e3 * EPS[torch.float64], atol=0)
+        torch.testing.assert_close(dict(fused.named_buffers())[name], buf, rtol=tol, atol=tol)
 
 
 def test_fuse_falls_back_with_a_reason_when_tracing_fails():
@@ -356,7 +358,9 @@ def test_compiled_fused_model_fullgraph_matches_eager():
     fused.load_state_dict(state)
     out_e = fused(x)
     out_e.sum().backward()
-    tol = bound_units("dx_act", torch.float32, 32) * EPS[torch.float32] * 16
+    # The same kernels in the same order; Inductor may reorder the torch ops between them:
+    # the table's bound per batch norm, seven of them in sequence.
+    tol = 7 * bound_units("dx_act", torch.float32, 32) * EPS[torch.float32]
     torch.testing.assert_close(out_c, out_e, rtol=tol, atol=tol)
     for g_c, p in zip(grads_c, fused.parameters()):
         torch.testing.assert_close(g_c, p.grad, rtol=tol, atol=tol)
