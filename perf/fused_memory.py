@@ -29,7 +29,6 @@ statistics where possible) and is flagged as such.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from dataclasses import dataclass
