@@ -3,7 +3,9 @@ BN -> add -> activation into ``BatchNormAct`` modules, convert the remaining bat
 
 A pattern fuses when each intermediate value has exactly one user (nothing else reads
 the batch norm's output or the sum) and the batch-norm module is called once in the
-graph.  The fused module replaces the batch norm under the same name (the same
+graph.  The added operand must have the batch norm's output shape (a residual; the
+fused module raises a clear error otherwise, as tracing records no shapes), and a
+parameter or buffer operand is never taken for one.  The fused module replaces the batch norm under the same name (the same
 Parameter and buffer objects, so ``state_dict`` keys and optimizers carry over) and is
 called where the activation was, with the residual as its second argument.
 """
@@ -73,7 +75,9 @@ def _residual_of_add(node: fx.Node, bn: fx.Node) -> Optional[fx.Node]:
         return None
     a, b = node.args
     other = b if a is bn else a if b is bn else None
-    if not isinstance(other, fx.Node) or other is bn:
+    # A parameter or buffer operand is more likely a broadcast bias than a residual of the
+    # input's shape (which the fused module requires, and checks at run time).
+    if not isinstance(other, fx.Node) or other is bn or other.op == "get_attr":
         return None
     return other
 
