@@ -11,6 +11,7 @@ import copy
 import itertools
 import operator
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -63,7 +64,8 @@ def _path(path):
 
 @pytest.mark.parametrize("act,res,layout,dtype,training,path", list(_cases()))
 def test_matches_float64_composition(act, res, layout, dtype, training, path):
-    gen = torch.Generator().manual_seed(hash((act, res, layout)) % 2**31)
+    # A seed per case that is the same in every run (str hashes are salted per process).
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((act, res, layout, dtype, training)).encode()))
     shape = SHAPES[layout]
     c = shape[1]
     x = _tensor(shape, layout, dtype, gen, 2.0, 0.5).requires_grad_()
