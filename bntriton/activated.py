@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import fused_ops, ops
-from .functional import check_arguments
+from .functional import _dense, check_arguments
 from .kernels.activations import activation_code
 
 
@@ -56,6 +56,9 @@ def batch_norm_act(
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
     code = check_epilogue(input, activation, residual, negative_slope)
     eps, slope = float(eps), float(negative_slope)
+    weight, bias = _dense(weight), _dense(bias)
+    if not training and running_mean is not None:
+        running_mean, running_var = _dense(running_mean), _dense(running_var)
     if inplace and torch.compiler.is_compiling():
         inplace = False  # traced graphs get the out-of-place op (same values; see README)
     if inplace:
