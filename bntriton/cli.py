@@ -3,6 +3,7 @@
 ``bntriton verify``   check an implementation against the float64 oracle (exit 0 only if
                       every case passes, 1 if any fails, 2 for a usage error)
 ``bntriton bounds``   print the error-bound table (markdown)
+``bntriton demo``     what batch norm buys, shown with bntriton's layers (figures + report)
 """
 from __future__ import annotations
 
@@ -66,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--list-families", action="store_true", help="list the families and what each catches, then exit")
 
     sub.add_parser("bounds", help="print the error-bound table (markdown)")
+
+    from .demo.run import add_arguments as add_demo_arguments
+
+    add_demo_arguments(sub.add_parser(
+        "demo", help="the lecture's claims about batch norm, reproduced with bntriton's layers",
+        description="Train MLPs with and without bntriton.BatchNorm1d on seeded synthetic data and write "
+        "figures and a markdown report: learning-rate range, depth, z or a, gamma/beta, test time."))
     return parser
 
 
@@ -134,6 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print(bounds_table())
         return 0
+    if args.command == "demo":
+        from .demo.run import command
+
+        return command(args, parser)
     parser.error(f"unknown command {args.command}")  # argparse exits; unreachable otherwise
     return 2
 

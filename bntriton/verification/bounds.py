@@ -110,6 +110,19 @@ def bound_units(quantity: str, stored: torch.dtype, count: int) -> float:
     return BOUNDS[quantity].units(stored, count)
 
 
+def identity_units(stored: torch.dtype, count: int) -> float:
+    """Bound on ``max|y - x| / max|x|`` (units of ``EPS[stored]``) for a training-mode batch
+    norm whose gamma = sqrt(var + eps) and beta = mean are the batch's own statistics,
+    computed exactly and rounded to ``stored``: the layer is then the identity up to rounding.
+
+    ``y`` is within the ``"y"`` bound of the exact output for the rounded parameters, ``ref``
+    (taken relative to ``max|ref|``, which is ``max|x|`` to within 1.5 eps).  Rounding gamma
+    and beta to ``stored`` (half an ulp each) moves ``ref`` from ``x`` by at most
+    ``eps/2 * (|x - mean| + |mean|) <= eps/2 * 3 max|x|``: 1.5 units more.
+    """
+    return bound_units("y", stored, count) + 1.5
+
+
 def _f64(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().cpu().to(torch.float64).numpy()
