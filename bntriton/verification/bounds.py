@@ -73,7 +73,25 @@ BOUNDS = {
     "dbias": Bound(rounding=1.0, growth=4.0),
     "running_mean": Bound(rounding=2.0, growth=4.0),
     "running_var": Bound(rounding=2.0, growth=8.0),
+    # Second-order gradients (d/dx, d/dgamma, d/ddy of <v, dx> + <u, dgamma>), normwise, in
+    # units of the coarser of the input's and the stored dtype (see ``second_order_dtype``).
+    # The derivative of the backward chains two rounds of reductions (the backward's, and
+    # the forward statistics it depends on): twice the backward's growth.  Rounding: an
+    # implementation may differentiate through the intermediates of its backward kept in
+    # the input's dtype (x_hat, dy - mean(dy), their combination, dx), half an ulp each,
+    # plus the result's own rounding: 4 half-ulps in all, rounded up to 4 ulps.
+    "d2x": Bound(rounding=4.0, growth=16.0),
+    "d2weight": Bound(rounding=4.0, growth=16.0),
+    "d2dy": Bound(rounding=4.0, growth=16.0),
 }
+
+
+def second_order_dtype(input_dtype: torch.dtype, stored: torch.dtype) -> torch.dtype:
+    """The dtype whose eps measures a second-order gradient: the coarser of the input's
+    and the one it is stored in.  A second-order gradient is the derivative of the first
+    one, dx, which exists only in the input's dtype; so fp32 parameters of an fp16 input
+    get second-order gradients good to fp16's precision, not fp32's."""
+    return input_dtype if EPS[input_dtype] > EPS[stored] else stored
 
 
 # Batch norm with a fused epilogue, act(BN(x) + residual).  The activations are at most
