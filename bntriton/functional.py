@@ -141,13 +141,25 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     """Batch normalization with Triton kernels; a drop-in for ``F.batch_norm``.
 
     Training uses the batch's statistics and, when running statistics are given, updates
     them in place (``momentum``; unbiased variance).  Evaluation uses the running
     statistics.  Differentiable in ``input``, ``weight`` and ``bias``.
+
+    Keyword-only extras fuse the epilogue: ``act(BN(input) + residual)`` with
+    ``activation`` in ``None, "relu", "leaky_relu", "silu", "gelu"`` (see activated.py).
     """
+    if activation is not None or residual is not None:
+        from .activated import batch_norm_act  # activated.py imports this module
+
+        return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, None,
+                              activation=activation, residual=residual, negative_slope=negative_slope)
     return batch_norm_with_counter(
         input, running_mean, running_var, weight, bias, training, momentum, eps, None
     )

@@ -74,7 +74,7 @@ def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
         # An empty batch has no statistics: an empty output (as torch).
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
         return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone()
-    y, stats = dispatch.forward_train(view, weight, bias, eps, running)
+    y, stats = dispatch.forward_train(view, weight, bias, eps, running=running)
     return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased
 
 
