@@ -115,6 +115,17 @@ def test_fold_batch_norm_leaves_a_layer_with_other_users():
         assert _close(folded(_input()), model(_input()))
 
 
+def test_batch_norm_with_a_fused_activation_is_neither_folded_nor_reverted():
+    """Folding or reverting it would silently drop the activation."""
+    from bntriton.act_modules import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4, activation="relu")).eval()
+    folded = bntriton.fold_batch_norm(model)
+    assert isinstance(folded.get_submodule("1"), BatchNormAct2d)
+    with pytest.raises(TypeError, match="BatchNormAct2d has no torch class"):
+        bntriton.revert_model(model)
+
+
 def test_fold_batch_norm_needs_eval_mode():
     with pytest.raises(ValueError, match=r"model.eval\(\)"):
         bntriton.fold_batch_norm(_trained_model().train())
