@@ -42,9 +42,10 @@ def revert_model(module: nn.Module) -> nn.Module:
         reverted = torch_class.__new__(torch_class)
         reverted.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
         return reverted
-    if isinstance(module, modules._TritonBatchNorm):
+    if isinstance(module, _BatchNorm) and type(module).__module__.startswith("bntriton"):
+        # E.g. a batch norm with a fused activation: no single torch class computes it.
         raise TypeError(
-            f"revert_model: {type(module).__name__} has no torch equivalent to revert to"
+            f"revert_model: bntriton's {type(module).__name__} has no torch class to revert to"
         )
     for name, child in module.named_children():
         new_child = revert_model(child)
@@ -61,6 +62,12 @@ class _LeafBatchNorm(fx.Tracer):
 
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _plain_batch_norm(m: nn.Module) -> bool:
+    """torch's or bntriton's BatchNorm1d/2d/3d exactly: a subclass may compute more than
+    the affine map that folding replaces it with (a fused activation, say)."""
+    return type(m) in modules._REPLACEMENTS or type(m) in modules._REPLACEMENTS.values()
 
 
 def _folded(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
@@ -87,7 +94,8 @@ def fold_batch_norm(model: nn.Module) -> fx.GraphModule:
     linear layer folded into that layer's weights, via ``torch.fx``.
 
     Folded: a ``Conv1d/2d/3d`` (not transposed) or ``Linear`` whose only user is a batch
-    norm (torch's or bntriton's) with running statistics and as many channels as the
+    norm (torch's or bntriton's ``BatchNorm1d/2d/3d``, not a subclass) with running
+    statistics and as many channels as the
     layer has outputs (a ``Linear``'s output is taken to be ``(N, features)``, the only
     input on which a ``BatchNorm1d`` normalizes its features).  Everything else stays as it is.  ``model`` is not modified: the
     result is a new ``GraphModule`` whose unfolded layers are copies.  The model must be
@@ -100,7 +108,7 @@ def fold_batch_norm(model: nn.Module) -> fx.GraphModule:
     root = copy.deepcopy(model)
     traced = fx.GraphModule(root, _LeafBatchNorm().trace(root))
     for node in list(traced.graph.nodes):
-        if node.op != "call_module" or not isinstance(traced.get_submodule(node.target), _BatchNorm):
+        if node.op != "call_module" or not _plain_batch_norm(traced.get_submodule(node.target)):
             continue
         bn = traced.get_submodule(node.target)
         source = node.args[0] if node.args else None

@@ -13,6 +13,15 @@ from .functional import batch_norm_with_counter
 class _TritonBatchNorm:
     """Mixin holding the forward shared by the three module classes."""
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            f"torch.jit.script cannot compile bntriton's {type(self).__name__} (TorchScript cannot "
+            "call Triton kernels or Python operators).  Use bntriton.revert_model(model) first: it "
+            "gives torch's own classes back with the same parameters and buffers.  "
+            "torch.jit.trace, torch.export and torch.onnx.export work with bntriton's layers in eval mode."
+        )
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from torch.autograd import forward_ad
 
-from . import autograd, batching
+from . import autograd, batching, traceable
 from .kernels import RunningStats, accumulator_dtype, channel_view, dispatch
 
 
@@ -418,7 +418,11 @@ def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, m
 
 
 def evaluate(x, weight, bias, running_mean, running_var, eps):
-    """``batch_norm_eval``: eager fast path, torch.func path or the registered op."""
+    """``batch_norm_eval``: eager fast path, torch.func path or the registered op; plain
+    torch operations while a graph that leaves bntriton is captured (export, tracing: see
+    traceable.py)."""
+    if traceable.capturing():
+        return traceable.evaluate(x, weight, bias, running_mean, running_var, eps)
     route = _route(x, weight, bias, running_mean, running_var)
     if route == _EAGER:
         if not _records_graph(x, weight, bias):

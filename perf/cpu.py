@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -144,7 +145,8 @@ def summary(rows: list[dict], reps: int) -> str:
         f"# bntriton native CPU path vs torch: {first['device']}",
         "",
         f"torch {first['torch']}, triton {first['triton']}, {datetime.date.today().isoformat()}; "
-        f"median of {reps} interleaved repetitions; written by `python perf/cpu.py`.",
+        f"median of {reps} interleaved repetitions; load average {os.getloadavg()[0]:.1f} at the end "
+        f"(other processes on the machine); written by `python perf/cpu.py`.",
         "",
         "| shape | layout | dtype | pass | torch ms | bntriton ms | ratio | target |",
         "|---|---|---|---|---|---|---|---|",
@@ -166,11 +168,15 @@ def summary(rows: list[dict], reps: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=21, help="timed repetitions per provider (default 21)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads (default: torch's choice, one per core)")
     parser.add_argument("--quick", action="store_true", help="5 repetitions, the two target cases only")
     parser.add_argument("--out", type=Path, default=None,
                         help="output path without suffix (default perf/results/cpu-<date>)")
     args = parser.parse_args(argv)
     reps = 5 if args.quick else args.reps
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = CASES[:2] if args.quick else CASES
     with bntriton.cpu_backend("native"):
         rows = run(reps, cases)

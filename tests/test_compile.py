@@ -396,7 +396,9 @@ def test_export_eval_matches_eager():
     model.eval()
     (x, _), = _batches(1, seed=1)
     exported = torch.export.export(model, (x,))
-    assert _bntriton_ops(exported) == {"bntriton.batch_norm_eval.default"}
+    # Eval is recorded as standard operations (bntriton/traceable.py): the exported
+    # program runs where bntriton is not installed (ONNX, AOTInductor; tests/test_deploy.py).
+    assert _bntriton_ops(exported) == set()
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), **SAME_KERNELS)
 

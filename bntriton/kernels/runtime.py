@@ -67,6 +67,10 @@ def _interpreted(fn):
 
 _interpreter_lock = threading.RLock()
 
+# Triton 3.8 and later give tl.tensor a NumPy-2.4-proof ``__index__`` themselves: only
+# older interpreters need :func:`_interpreting`'s patch of that private hook.
+_INDEX_PATCH_NEEDED = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8)
+
 
 @contextlib.contextmanager
 def _interpreting():
@@ -79,7 +83,7 @@ def _interpreting():
 
     with _interpreter_lock:
         original_call = JITFunction.__call__
-        original_patch = getattr(interpreter, "_patch_lang_tensor", None)
+        original_patch = getattr(interpreter, "_patch_lang_tensor", None) if _INDEX_PATCH_NEEDED else None
         JITFunction.__call__ = _call_interpreted
         if original_patch is not None:
 

@@ -1,0 +1,46 @@
+"""Batch norm in plain torch operations, for graphs that leave bntriton.
+
+An exported or traced model (``torch.onnx.export``, ``torch.jit.trace``,
+``torch.export`` for ``torch._inductor.aoti_compile_and_package``) must run where
+bntriton's operators are not registered: ONNX has no ``bntriton.batch_norm_eval``, an
+AOTInductor package cannot call a Python operator, and a TorchScript trace cannot hold a
+Triton launch.  While such a graph is being captured, the eval forward is therefore
+recorded as the standard operations it is made of, with the kernels' numerics: the
+running mean as the pivot, subtracted before scaling (exact for offset data), in the
+accumulator dtype, rounded once into the input's dtype.  ONNX sees Sub, Mul, Add, Sqrt,
+Div and Cast.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import accumulator_dtype
+
+
+def capturing() -> bool:
+    """Whether the current call is being recorded into a graph that leaves bntriton
+    (not ``torch.compile``, which keeps bntriton's operators and kernels)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def evaluate(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tensor:
+    """``(x - running_mean) * weight / sqrt(running_var + eps) + bias``, as the kernels compute it."""
+    acc = accumulator_dtype(x.dtype)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = 1.0 / torch.sqrt(running_var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    y = (x.to(acc) - running_mean.to(acc).reshape(shape)) * scale.reshape(shape)
+    if bias is not None:
+        y = y + bias.to(acc).reshape(shape)
+    return y.to(x.dtype)

@@ -1,0 +1,146 @@
+"""The native CPU path (kernels/native_cpu.py): a second implementation of the kernels'
+algorithm on torch's CPU operations, held to the same oracle and bounds, and compared
+with the kernels themselves (in the interpreter) on the same inputs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import bntriton
+from bntriton.kernels.runtime import current_cpu_backend
+from bntriton.verification.bounds import EPS, bound_units
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: CPU tensors")
+
+
+def test_suite_runs_the_interpreter_and_native_is_one_switch_away():
+    assert current_cpu_backend() == "interpreter"  # conftest: the suite verifies the kernels
+    with bntriton.cpu_backend("native"):
+        assert current_cpu_backend() == "native"
+        with bntriton.cpu_backend("interpreter"):
+            assert current_cpu_backend() == "interpreter"
+        assert current_cpu_backend() == "native"
+    with pytest.raises(ValueError, match="cpu_backend must be one of"):
+        with bntriton.cpu_backend("numpy"):
+            pass
+
+
+def test_native_is_the_default_outside_the_suite():
+    env = {k: v for k, v in os.environ.items() if k != "BNTRITON_CPU_BACKEND"}
+    code = "from bntriton.kernels.runtime import current_cpu_backend as c; print(c())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "native"
+
+
+def test_native_passes_verify_quick():
+    """Every verification family (large offsets, constant channels, NaN, layouts, dtypes,
+    running statistics, eval) against the float64 oracle, on the native path."""
+    with bntriton.cpu_backend("native"):
+        report = bntriton.verify(device="cpu", quick=True)
+    assert report.environment["cpu_backend"] == "native"
+    assert report.passed, report.render()
+
+
+def _run(backend, x, train, weight, bias, momentum=0.1):
+    channels = x.shape[1]
+    gen = torch.Generator().manual_seed(1)
+    # fp32 statistics and parameters (fp64 for fp64 input), as torch accepts them.
+    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    running_mean = torch.randn(channels, generator=gen, dtype=param_dtype) + 1000
+    running_var = torch.rand(channels, generator=gen, dtype=param_dtype) + 0.5
+    counter = torch.tensor(3)
+    leaf = x.detach().clone().requires_grad_()
+    w = weight.detach().to(param_dtype).requires_grad_() if weight is not None else None
+    b = bias.detach().to(param_dtype).requires_grad_() if bias is not None else None
+    from bntriton.functional import batch_norm_with_counter
+
+    with bntriton.cpu_backend(backend):
+        y = batch_norm_with_counter(leaf, running_mean, running_var, w, b, train, momentum, 1e-5, counter)
+        dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+        y.backward(dy)
+    grads = (leaf.grad, w.grad if w is not None else None, b.grad if b is not None else None)
+    return y, grads, (running_mean, running_var, counter)
+
+
+LAYOUTS = {
+    "nchw": lambda x: x,
+    "channels_last": lambda x: x.to(memory_format=torch.channels_last),
+    "strided": lambda x: x[:, :, ::2],
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_native_matches_the_kernels(dtype, layout, train):
+    """Same outputs, gradients, running statistics and strides as the kernels in the
+    interpreter, within the two implementations' bounds added (both are bounded by the
+    same table against the oracle); data at an offset 1000x its spread."""
+    gen = torch.Generator().manual_seed(0)
+    x = LAYOUTS[layout]((torch.randn(3, 5, 6, 4, generator=gen) + 1000).to(dtype))
+    weight = torch.rand(5, generator=gen) + 0.5
+    bias = torch.randn(5, generator=gen)
+    count = x.numel() // x.shape[1]
+    native = _run("native", x, train, weight, bias, momentum=None if train else 0.1)
+    kernels = _run("interpreter", x, train, weight, bias, momentum=None if train else 0.1)
+    y_n, y_k = native[0], kernels[0]
+    assert y_n.dtype == y_k.dtype and y_n.stride() == y_k.stride()
+    limit = 2 * bound_units("y", dtype, count) * EPS[dtype]
+    assert (y_n.double() - y_k.double()).abs().max() <= limit * y_k.double().abs().max()
+    for name, g_n, g_k in zip(("dx", "dweight", "dbias"), native[1], kernels[1]):
+        assert g_n.dtype == g_k.dtype and g_n.stride() == g_k.stride(), name
+        stored = g_n.dtype
+        limit = 2 * bound_units(name, stored, count) * EPS[stored] * 4  # vs max|g|, not the sum of terms
+        assert (g_n.double() - g_k.double()).abs().max() <= limit * g_k.double().abs().max() + 1e-30, name
+    for s_n, s_k in zip(native[2], kernels[2]):
+        assert torch.allclose(s_n.double(), s_k.double(), rtol=1e-6, atol=0), (s_n, s_k)
+
+
+def test_native_keeps_the_pivot_exact_at_large_offsets():
+    """The point of the pivot: at mean 1e6 x std, fp32 output within a few ulps of the
+    float64 result (torch's own CPU batch norm on unshifted data is far off in eval)."""
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(8, 3, 16, generator=gen, dtype=torch.float64) + 1e6
+    x = x64.float()
+    exact = (x.double() - x.double().mean((0, 2), keepdim=True)) / x.double().std((0, 2), unbiased=False, keepdim=True)
+    running_mean = x.double().mean((0, 2)).float()
+    running_var = x.double().var((0, 2), unbiased=False).float()
+    exact_eval = (x.double() - running_mean.double().view(1, -1, 1)) / running_var.double().sqrt().view(1, -1, 1)
+    with bntriton.cpu_backend("native"):
+        y = bntriton.batch_norm(x, None, None, training=True, eps=1e-30)
+        y_eval = bntriton.batch_norm(x, running_mean, running_var, training=False, eps=1e-30)
+    assert (y.double() - exact).abs().max() < 16 * EPS[torch.float32] * exact.abs().max()
+    assert (y_eval.double() - exact_eval).abs().max() < 16 * EPS[torch.float32] * exact_eval.abs().max()
+
+
+def test_running_statistics_over_steps_match_torch():
+    torch.manual_seed(0)
+    ours = bntriton.BatchNorm2d(4, momentum=None)
+    theirs = torch.nn.BatchNorm2d(4, momentum=None)
+    with bntriton.cpu_backend("native"):
+        for _ in range(3):
+            x = torch.randn(4, 4, 3, 3) * 3 + 2
+            ours(x)
+            theirs(x)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
+    assert torch.allclose(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_interpreter_leaks_no_numpy_warnings_on_nan_and_inf():
+    x = torch.randn(4, 3, 5)
+    x[0, 0, 0] = float("nan")
+    x[1, 1, 1] = float("inf")
+    x.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bntriton.cpu_backend("interpreter"):
+            y = bntriton.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
+            y.sum().backward()
+            bntriton.batch_norm(x.detach(), torch.zeros(3), torch.ones(3), training=False)
+    assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 2]).all()
