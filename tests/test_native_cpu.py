@@ -13,7 +13,7 @@ import torch
 
 import bntriton
 from bntriton.kernels.runtime import current_cpu_backend
-from bntriton.verification.bounds import EPS, bound_units
+from bntriton.verification.bounds import EPS, bound_units, normwise_error
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: CPU tensors")
 
@@ -114,8 +114,37 @@ def test_native_keeps_the_pivot_exact_at_large_offsets():
     with bntriton.cpu_backend("native"):
         y = bntriton.batch_norm(x, None, None, training=True, eps=1e-30)
         y_eval = bntriton.batch_norm(x, running_mean, running_var, training=False, eps=1e-30)
-    assert (y.double() - exact).abs().max() < 16 * EPS[torch.float32] * exact.abs().max()
-    assert (y_eval.double() - exact_eval).abs().max() < 16 * EPS[torch.float32] * exact_eval.abs().max()
+    count = x.numel() // x.shape[1]
+    bound = bound_units("y", torch.float32, count)
+    assert normwise_error(y, exact, torch.float32) <= bound
+    assert normwise_error(y_eval, exact_eval, torch.float32) <= bound
+
+
+@pytest.mark.parametrize("offset_in_stds", [0.5, 1.0, 1.5, 1e4])
+def test_eval_takes_torchs_single_pass_only_where_it_is_as_accurate(offset_in_stds, monkeypatch):
+    """Eval runs torch's one-pass fold while every running mean is within one running std,
+    the exact shift beyond: both within the y bound, at any offset."""
+    from bntriton.kernels import native_cpu
+
+    gen = torch.Generator().manual_seed(1)
+    std = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
+    running_mean = (offset_in_stds * std * torch.where(torch.rand(6, generator=gen) < 0.5, -1.0, 1.0)).float()
+    running_var = (std * std).float()
+    x = (torch.randn(16, 6, 5, 5, generator=gen, dtype=torch.float64) * std.view(1, -1, 1, 1)
+         + running_mean.double().view(1, -1, 1, 1)).float()
+    weight = torch.rand(6, generator=gen) + 0.5
+    bias = torch.randn(6, generator=gen)
+    eps = 1e-5
+    exact = ((x.double() - running_mean.double().view(1, -1, 1, 1))
+             / (running_var.double() + eps).sqrt().view(1, -1, 1, 1)
+             * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1))
+    chosen = []
+    original = native_cpu._fold_is_exact_enough
+    monkeypatch.setattr(native_cpu, "_fold_is_exact_enough", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    with bntriton.cpu_backend("native"):
+        y = bntriton.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
+    assert chosen == [offset_in_stds <= 1.0]
+    assert normwise_error(y, exact, torch.float32) <= bound_units("y", torch.float32, x.numel() // 6)
 
 
 def test_running_statistics_over_steps_match_torch():
