@@ -114,7 +114,7 @@ def batch_norm_with_counter(
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
     eps = float(eps)
     if training:
-        y, _, _, mean, var_unbiased = ops.train(input, weight, bias, eps)
+        y, _, _, mean, var_unbiased, _ = ops.train(input, weight, bias, eps)
         if running_mean is not None and input.numel() > 0:
             # One launch bumps the counter and updates the running statistics.
             ops.update(

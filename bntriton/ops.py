@@ -4,8 +4,8 @@ Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so t
 ``torch.compile`` and ``torch.export`` can trace through them, and autograd formulas:
 
 * ``batch_norm_train``: normalizes with the batch's statistics and returns
-  ``(y, mean_shifted, rstd, mean, var_unbiased)``; ``mean_shifted`` / ``rstd`` feed the
-  backward, ``mean`` / ``var_unbiased`` the running statistics.
+  ``(y, mean_shifted, rstd, mean, var_unbiased, pivot)``; ``pivot`` / ``mean_shifted`` /
+  ``rstd`` feed the backward, ``mean`` / ``var_unbiased`` the running statistics.
 * ``update_running_stats``: the counter and running-statistics update, in place
   (declared as mutated; kept apart so that the statistics op stays functional, which autograd
   registration requires).
@@ -50,15 +50,15 @@ def _per_channel(x: Tensor) -> Tensor:
 
 def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean_shifted, rstd, mean, var_unbiased)`` from the batch's statistics."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean_shifted, rstd, mean, var_unbiased, pivot)`` from the batch's statistics."""
     view = channel_view(x)
     if view.rows == 0:
         # An empty batch has no statistics: an empty output (as torch).
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
-        return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone()
+        return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
     y, stats = dispatch.forward_train(view, weight, bias, eps)
-    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased
+    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, stats.pivot
 
 
 batch_norm_train = torch.library.custom_op("bntriton::batch_norm_train", _train_impl, mutates_args=())
@@ -66,7 +66,7 @@ batch_norm_train = torch.library.custom_op("bntriton::batch_norm_train", _train_
 
 @batch_norm_train.register_fake
 def _(x, weight, bias, eps):
-    return (channel_view(x).empty_like(), *(_per_channel(x) for _ in range(4)))
+    return (channel_view(x).empty_like(), *(_per_channel(x) for _ in range(5)))
 
 
 def _update_impl(
@@ -124,15 +124,17 @@ def _backward_impl(
     running_mean: Optional[Tensor],
     mean_shifted: Tensor,
     rstd: Tensor,
+    pivot: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of either forward: batch statistics when ``running_mean`` is None (the
-    pivot is then the input's first row), else the running statistics."""
+    """Gradients of either forward: batch statistics when ``running_mean`` is None (with
+    the forward's ``pivot``), else the running statistics (the pivot is the running mean)."""
     view = channel_view(x)
     dy = view.same_layout(grad_out)
     batch_stats_used = running_mean is None
-    pivot, pivot_stride = (view.tensor, view.stride_c) if batch_stats_used else (running_mean, 1)
+    if batch_stats_used and pivot is None:
+        raise ValueError("batch_norm_backward with batch statistics needs the forward's pivot")
     return dispatch.backward(
-        view, dy, weight, pivot, pivot_stride, mean_shifted, rstd,
+        view, dy, weight, pivot if batch_stats_used else running_mean, 1, mean_shifted, rstd,
         batch_stats=batch_stats_used, param_dtype=_param_dtype(x, weight),
     )
 
@@ -141,7 +143,7 @@ batch_norm_backward = torch.library.custom_op("bntriton::batch_norm_backward", _
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, x, weight, running_mean, mean_shifted, rstd):
+def _(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot=None):
     dtype = _param_dtype(x, weight)
     channels = x.shape[1]
     return channel_view(x).empty_like(), x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
@@ -152,17 +154,17 @@ def _(grad_out, x, weight, running_mean, mean_shifted, rstd):
 
 def _train_setup(ctx, inputs, output):
     x, weight, bias, _ = inputs
-    _, mean_shifted, rstd, mean, var_unbiased = output
+    _, mean_shifted, rstd, mean, var_unbiased, pivot = output
     # The statistics are outputs for the backward and the running-stat update, not
     # something to differentiate through: say so, rather than drop their gradients.
-    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased)
-    ctx.save_for_backward(x, weight, mean_shifted, rstd)
+    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, pivot)
+    ctx.save_for_backward(x, weight, mean_shifted, rstd, pivot)
     ctx.has_bias = bias is not None
 
 
 def _train_backward(ctx, grad_y, *_grads_of_statistics):
-    x, weight, mean_shifted, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd)
+    x, weight, mean_shifted, rstd, pivot = ctx.saved_tensors
+    dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd, pivot)
     return (
         dx,
         dweight if weight is not None else None,
@@ -253,7 +255,7 @@ def evaluate(x, weight, bias, running_mean, running_var, eps):
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
 
 
-def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd):
-    tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd)
+def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot=None):
+    tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd, pivot)
     op = _backward_impl if _plain(*tensors) else batch_norm_backward
     return op(*tensors)

@@ -28,7 +28,8 @@ from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
-from .tiles import channel_offsets, tile_offsets
+from .numerics import two_sum
+from .tiles import channel_offsets, channel_tile_offsets
 
 
 @kernel
@@ -46,18 +47,26 @@ def _grad_partial_kernel(
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
-    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dyc = tl.zeros([BLOCK_C], dtype=ACC)
+    # Sums carried in two parts (hi + lo): the tiles' pairwise sums are added with their
+    # rounding errors kept, so the error does not grow with the number of tiles.
+    dy_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    dy_lo = tl.zeros([BLOCK_C], dtype=ACC)
+    dyc_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    dyc_lo = tl.zeros([BLOCK_C], dtype=ACC)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-        mask = (r < row_end)[:, None] & c_mask[None, :]
+        offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        mask = c_mask[:, None] & (r < row_end)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.
-        centred = tl.where(mask, (x - pivot[None, :]) - mean_s[None, :], 0.0)
-        sum_dy += tl.sum(dy, axis=0)
-        sum_dyc += tl.sum(dy * centred, axis=0)
+        centred = tl.where(mask, (x - pivot[:, None]) - mean_s[:, None], 0.0)
+        dy_hi, carry = two_sum(dy_hi, tl.sum(dy, axis=1))
+        dy_lo += carry
+        dyc_hi, carry = two_sum(dyc_hi, tl.sum(dy * centred, axis=1))
+        dyc_lo += carry
+    sum_dy = dy_hi + dy_lo
+    sum_dyc = dyc_hi + dyc_lo
     out = split * channels + c
     tl.store(part_dy_ptr + out, sum_dy, mask=c_mask)
     tl.store(part_dyc_ptr + out, sum_dyc, mask=c_mask)
@@ -65,11 +74,14 @@ def _grad_partial_kernel(
 
 @triton.jit
 def _sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel sum of the ``num_splits`` partial rows, in split order (deterministic)."""
+    """Per-channel sum of the ``num_splits`` partial rows, in split order (deterministic),
+    compensated: the error does not grow with the number of splits."""
     total = tl.zeros([BLOCK_C], dtype=ACC)
+    lost = tl.zeros([BLOCK_C], dtype=ACC)
     for i in range(0, num_splits):
-        total += tl.load(part_ptr + i * channels + c, mask=c_mask, other=0.0)
-    return total
+        total, carry = two_sum(total, tl.load(part_ptr + i * channels + c, mask=c_mask, other=0.0))
+        lost += carry
+    return total + lost
 
 
 @triton.jit

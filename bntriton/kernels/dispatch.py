@@ -19,7 +19,7 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
         return fused_forward(view, single_read, weight, bias, eps)
     tiles = plan(view)
     stats = batch_stats(view, tiles, weight, bias, eps)
-    y = channel_affine(view, tiles, view.tensor, view.stride_c, stats.scale, stats.shift)
+    y = channel_affine(view, tiles, stats.pivot, 1, stats.scale, stats.shift)
     return y, stats
 
 
@@ -27,7 +27,10 @@ def backward(
     view: ChannelView, dy, weight, pivot, pivot_stride: int, mean_shifted, rstd,
     batch_stats: bool, param_dtype: torch.dtype,
 ):
-    """``(dx, dweight, dbias)``; ``dy`` shares the view's strides."""
+    """``(dx, dweight, dbias)``; ``dy`` shares the view's strides.  ``pivot`` /
+    ``mean_shifted`` / ``rstd``: what the forward normalized with, the batch's
+    (``BatchStats.pivot``, stride 1) or the running statistics (``running_mean``, a zero
+    shifted mean)."""
     single_read = fused_plan(view)  # None for an empty batch: the split path handles it
     if single_read is not None:
         return fused_backward(

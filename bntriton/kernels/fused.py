@@ -6,9 +6,10 @@ block in registers: the statistics, the normalization and the output then cost o
 read and one write of x (2B instead of 3B), and one launch instead of three.  The
 backward likewise reads x and dy once and writes dx (3B instead of 5B).
 
-The numerics are those of the split path (stats.py / backward.py): pivot-shifted values,
-centred two-pass variance (here exact two-pass, as the tile is in registers), fp32 or
-fp64 accumulation.
+The numerics are those of the split path (stats.py / backward.py): the same pivot
+(``numerics.batch_pivot``), channels x rows tiles summed over their last axis, the mean's
+residual and the corrected two-pass variance of ``numerics.tile_moments`` (here over the
+whole channel, as the tile is in registers), fp32 or fp64 accumulation.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats
-from .numerics import inverse_std
-from .tiles import channel_offsets, tile_offsets
+from .numerics import batch_pivot, inverse_std, resolve_mean, tile_moments
+from .tiles import channel_offsets, channel_tile_offsets
 
 
 @kernel
 def _fused_forward_kernel(
-    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_s_ptr, rstd_ptr, mean_ptr, var_unbiased_ptr,
+    x_ptr, y_ptr, weight_ptr, bias_ptr, pivot_ptr, mean_s_ptr, rstd_ptr, mean_ptr, var_unbiased_ptr,
     rows, channels, spatial, stride_n, stride_c, stride_s, eps_hi, eps_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
@@ -34,29 +35,31 @@ def _fused_forward_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < channels
-    offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-    mask = (r < rows)[:, None] & c_mask[None, :]
+    offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+    mask = c_mask[:, None] & (r < rows)[None, :]
 
-    pivot = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
+    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-    shifted = tl.where(mask, x - pivot[None, :], 0.0)
-    mean_s = tl.sum(shifted, axis=0) / n
-    centred = tl.where(mask, shifted - mean_s[None, :], 0.0)
-    m2 = tl.sum(centred * centred, axis=0)
+    shifted = tl.where(mask, x - pivot[:, None], 0.0)
+    tile_mean, resid, m2 = tile_moments(shifted, mask, n)
+    # The tile's sum is n * tile_mean + resid: the product's rounding is the fma's remainder.
+    part = n * tile_mean
+    mean_s, correction = resolve_mean(part, tl.fma(n, tile_mean, -part) + resid, n)
     rstd = inverse_std(m2 / n, eps_hi, eps_lo, BLOCK_C, ACC)
 
     scale = rstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    y = centred * scale[None, :]
+    y = (shifted - mean_s[:, None]) * scale[:, None]
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)[None, :]
+        y = y + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
+    tl.store(pivot_ptr + c, pivot, mask=c_mask)
     tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
-    tl.store(mean_ptr + c, pivot + mean_s, mask=c_mask)
+    tl.store(mean_ptr + c, (pivot + mean_s) + correction, mask=c_mask)
     tl.store(var_unbiased_ptr + c, m2 / (n - 1.0), mask=c_mask)
 
 
@@ -71,17 +74,17 @@ def _fused_backward_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < channels
-    offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-    mask = (r < rows)[:, None] & c_mask[None, :]
+    offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+    mask = c_mask[:, None] & (r < rows)[None, :]
 
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-    centred = tl.where(mask, (x - pivot[None, :]) - mean_s[None, :], 0.0)
-    sum_dy = tl.sum(dy, axis=0)
-    sum_dyc = tl.sum(dy * centred, axis=0)
+    centred = tl.where(mask, (x - pivot[:, None]) - mean_s[:, None], 0.0)
+    sum_dy = tl.sum(dy, axis=1)
+    sum_dyc = tl.sum(dy * centred, axis=1)
     tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=c_mask)
     tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
 
@@ -90,11 +93,11 @@ def _fused_backward_kernel(
         coef_a = coef_a * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
     if BATCH_STATS:
         n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        dx = coef_a[None, :] * (
-            dy - (sum_dy / n)[None, :] - centred * (rstd * rstd * sum_dyc / n)[None, :]
+        dx = coef_a[:, None] * (
+            dy - (sum_dy / n)[:, None] - centred * (rstd * rstd * sum_dyc / n)[:, None]
         )
     else:
-        dx = coef_a[None, :] * dy
+        dx = coef_a[:, None] * dy
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -103,11 +106,11 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float):
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     y = view.empty_like()
-    per_channel = [torch.empty(view.channels, dtype=acc, device=x.device) for _ in range(4)]
-    mean_s, rstd, mean, var_unbiased = per_channel
+    per_channel = [torch.empty(view.channels, dtype=acc, device=x.device) for _ in range(5)]
+    pivot, mean_s, rstd, mean, var_unbiased = per_channel
     _fused_forward_kernel[(cdiv(view.channels, plan.block_channels),)](
         x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
-        mean_s, rstd, mean, var_unbiased,
+        pivot, mean_s, rstd, mean, var_unbiased,
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         *split_float(eps),
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=weight is not None,
@@ -115,7 +118,7 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float):
         ACC=tl_accumulator(x.dtype), num_warps=plan.num_warps,
     )
     # scale / shift are folded inside the kernel; the split path's fields are not needed.
-    return y, BatchStats(mean_s, rstd, None, None, mean, var_unbiased)
+    return y, BatchStats(mean_s, rstd, None, None, mean, var_unbiased, pivot)
 
 
 def fused_backward(

@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+from .tiles import channel_offsets, channel_tile_offsets
+
 
 @triton.jit
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
@@ -44,3 +46,70 @@ def fold_affine(rstd, mean_s, weight_ptr, bias_ptr, c, c_mask,
     if HAS_BIAS:
         shift = shift + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
     return scale, shift
+
+
+@triton.jit
+def two_sum(a, b):
+    """``(s, e)`` with ``s = fl(a + b)`` and ``a + b = s + e`` exactly (Knuth; no branch,
+    so it holds whichever of a, b is larger).  Carrying ``e`` makes a running sum's error
+    independent of the number of terms."""
+    s = a + b
+    b_virtual = s - a
+    a_virtual = s - b_virtual
+    return s, (a - a_virtual) + (b - b_virtual)
+
+
+# Rows averaged into the pivot.
+PIVOT_ROWS = tl.constexpr(16)
+
+
+@triton.jit
+def batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s,
+                SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr):
+    """The statistics' per-channel pivot ``K = x_0 + mean_{i < m}(x_i - x_0)`` over the
+    channel's first ``m = min(16, rows)`` rows.
+
+    Close to the channel's mean (about std / 4 from it, where ``x_0`` alone is about one
+    std away), so the shifted values ``x - K`` have a small mean and their sums stay small;
+    and exactly ``x_0`` for a constant channel (every deviation is 0), which keeps its
+    shifted values exactly zero.  Every program that needs it computes it from the same
+    rows with the same code; the combine stores it for the epilogue and the backward.
+    """
+    r = tl.arange(0, PIVOT_ROWS)
+    offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+    mask = c_mask[:, None] & (r < rows)[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    first = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
+    deviation = tl.where(mask, x - first[:, None], 0.0)
+    return first + tl.sum(deviation, axis=1) / tl.minimum(rows, PIVOT_ROWS).to(ACC)
+
+
+@triton.jit
+def tile_moments(shifted, mask, count):
+    """``(mean, resid, m2)`` of a channels x rows tile of shifted values (zero where
+    masked), ``count`` values per channel.
+
+    ``mean`` is the rounded ``sum / count``; ``resid = sum(shifted - mean)`` is what that
+    rounding missed (``count * mean + resid`` is the sum, to the spread of the data rather
+    than to its offset), and ``m2`` the sum of squared deviations, corrected two-pass
+    (Chan, Golub and LeVeque): ``sum((shifted - mean)**2) - resid**2 / count``.
+    """
+    mean = tl.sum(shifted, axis=1) / count
+    centred = tl.where(mask, shifted - mean[:, None], 0.0)
+    resid = tl.sum(centred, axis=1)
+    m2 = tl.maximum(tl.sum(centred * centred, axis=1) - resid * resid / count, 0.0)
+    return mean, resid, m2
+
+
+@triton.jit
+def resolve_mean(total_hi, total_lo, n):
+    """The mean of ``total_hi + total_lo`` (a sum carried in two parts) over ``n`` values,
+    as ``(mean, correction)``: ``mean`` rounded, ``correction`` the part of the exact
+    quotient it misses.  ``K + mean`` rounds the mean once more; adding ``correction``
+    after it keeps the un-shifted mean accurate to its own size, not to ``|mean|``."""
+    first = total_hi / n
+    # The fma takes n * first exactly: this is the remainder of the division, exact.
+    remainder = tl.fma(-n, first, total_hi) + total_lo
+    tail = remainder / n
+    mean = first + tail
+    return mean, (first - mean) + tail

@@ -1,18 +1,39 @@
 """Training statistics: per-channel mean and biased variance, plus the running-stat update.
 
-Two launches:
+**The pivot.**  Values are shifted by a per-channel pivot ``K`` before anything is summed:
+``x - K`` is exact when x and K are close, which is precisely when the naive
+``E[x^2] - E[x]^2`` would cancel catastrophically.  ``K`` is defined as
+
+    K = x_0 + (sum over i < m of (x_i - x_0)) / m,    m = min(16, rows)
+
+with ``x_i`` the channel's value in row ``i`` of the rows x channels view (row 0 is
+sample 0, position 0; layout.py), summed in the accumulator dtype
+(:func:`numerics.batch_pivot`).  It sits about std / 4 from the channel's mean, where
+``x_0`` alone sits about one std away: the shifted values then have a small mean, and so
+do their running sums.  A constant channel gets ``K = x_0`` exactly (every deviation is
+0).  ``K`` is stored per channel (``BatchStats.pivot``) and travels with ``mean_shifted``
+and ``rstd`` to the forward epilogue and the backward, as the running mean does in eval.
+
+**The reductions** have an error that grows like log2(rows), on a GPU and in the
+interpreter alike: tiles are channels x rows and summed over their last axis (a tree on
+the GPU, pairwise in NumPy; tiles.py), and everything summed across tiles and splits is
+carried in two parts (``two_sum``), so its error does not grow with their number.
+
+Three launches:
 
 1. ``_stats_partial_kernel``: grid (splits, channel blocks).  Each program walks its
-   share of the rows in tiles.  Values are first shifted by a per-channel pivot ``K``
-   (the channel's first element): ``x - K`` is exact when x and K are close, which is
-   precisely when the naive ``E[x^2] - E[x]^2`` would cancel catastrophically.  Each
-   tile's shifted values are centred on the tile's own mean before squaring, and tiles
-   are merged with Chan's formula, so the variance is robust also when the pivot is an
-   outlier.
+   share of the rows in tiles.  Per tile: the mean of ``x - K``, the residual sum of the
+   values centred on that mean (what the rounded mean missed), and their corrected
+   two-pass M2; tiles are merged with Chan's formula for M2, and their sums
+   ``count * mean + residual`` are added with compensation.  Output per split: the sum of
+   ``x - K`` in two parts and M2.
 2. ``_stats_combine_kernel``: one program per channel block merges the splits in a
-   fixed order (deterministic, no atomics), writes the shifted mean and ``rstd`` that
-   the forward epilogue and the backward use, folds weight and bias into a per-channel
-   ``scale`` / ``shift``, and writes the mean and unbiased variance.
+   fixed order (deterministic, no atomics): the compensated total, then
+   ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``.  It writes the shifted mean and ``rstd``
+   that the forward epilogue and the backward use, folds weight and bias into a
+   per-channel ``scale`` / ``shift``, and writes the mean ``(K + mean_shifted) +
+   correction`` (the correction restores what rounding ``mean_shifted`` lost, so the mean
+   is accurate to its own size) and the unbiased variance.
 3. ``_running_update_kernel`` (a separate op, since the statistics op must stay
    functional for autograd): ``num_batches_tracked`` and the running statistics, on
    device (the cumulative momentum read from the counter: no host synchronization).
@@ -27,13 +48,13 @@ import triton.language as tl
 from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .numerics import chan_merge, fold_affine, inverse_std
-from .tiles import channel_offsets, tile_offsets
+from .numerics import batch_pivot, fold_affine, inverse_std, resolve_mean, tile_moments, two_sum
+from .tiles import channel_tile_offsets
 
 
 @kernel
 def _stats_partial_kernel(
-    x_ptr, part_mean_ptr, part_m2_ptr,
+    x_ptr, pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
     rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
@@ -41,61 +62,85 @@ def _stats_partial_kernel(
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    # Row 0 of each channel is its pivot K.
-    pivot = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
+    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
+    # Every split computes the same pivot; the first one stores it.
+    tl.store(pivot_ptr + c, pivot, mask=c_mask & ((split + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0))
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    # The split's sum of x - K in two parts (hi + lo), and its M2.
+    total_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    total_lo = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-        mask = (r < row_end)[:, None] & c_mask[None, :]
+        offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        mask = c_mask[:, None] & (r < row_end)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        shifted = tl.where(mask, x - pivot[None, :], 0.0)
+        shifted = tl.where(mask, x - pivot[:, None], 0.0)
         # Every tile before this one in the split is full, so the counts need no carry.
         seen = (r0 - row_start) + tl.zeros([BLOCK_C], dtype=ACC)
-        tile_count = tl.minimum(row_end - r0, BLOCK_R) + tl.zeros([BLOCK_C], dtype=ACC)
-        tile_mean = tl.sum(shifted, axis=0) / tile_count
-        centred = tl.where(mask, shifted - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(centred * centred, axis=0)
-        _, mean, m2 = chan_merge(seen, mean, m2, tile_count, tile_mean, tile_m2)
+        count = tl.minimum(row_end - r0, BLOCK_R) + tl.zeros([BLOCK_C], dtype=ACC)
+        tile_mean, tile_resid, tile_m2 = tile_moments(shifted, mask, count)
+        # M2 merge (Chan): the deviation of the tile's mean from the running one.
+        delta = tile_mean - total_hi / tl.maximum(seen, 1.0)
+        m2 += tile_m2 + delta * delta * (seen * count / (seen + count))
+        # The tile's sum is count * tile_mean + resid; the product is exact for a full
+        # tile (a power of two rows), the fma's remainder catches the last one's rounding.
+        part = count * tile_mean
+        total_hi, carry = two_sum(total_hi, part)
+        total_lo += carry + tl.fma(count, tile_mean, -part) + tile_resid
     out = split * channels + c
-    tl.store(part_mean_ptr + out, mean, mask=c_mask)
+    tl.store(part_hi_ptr + out, total_hi, mask=c_mask)
+    tl.store(part_lo_ptr + out, total_lo, mask=c_mask)
     tl.store(part_m2_ptr + out, m2, mask=c_mask)
 
 
 @kernel
 def _stats_combine_kernel(
-    part_mean_ptr, part_m2_ptr, x_ptr, weight_ptr, bias_ptr,
+    part_hi_ptr, part_lo_ptr, part_m2_ptr, pivot_ptr, weight_ptr, bias_ptr,
     mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
-    rows, channels, stride_c, rows_per_split, num_splits, eps_hi, eps_lo,
+    rows, channels, rows_per_split, num_splits, eps_hi, eps_lo,
     BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INT64: tl.constexpr, ACC: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    # The splits' sums, compensated: the result does not depend on how many there are.
+    total_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    total_lo = tl.zeros([BLOCK_C], dtype=ACC)
+    for i in range(0, num_splits):
+        part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
+        total_hi, carry = two_sum(total_hi, part_hi)
+        total_lo += carry + tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
+    n = rows + tl.zeros([BLOCK_C], dtype=ACC)
+    mean_s, correction = resolve_mean(total_hi, total_lo, n)
+
+    # M2 = sum of the splits' M2 + sum count_i (mean_i - mean)^2: exact for any split, and
+    # every term is positive (no cancellation); also compensated.
+    m2_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    m2_lo = tl.zeros([BLOCK_C], dtype=ACC)
     for i in range(0, num_splits):
         seen = i * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
         count = tl.minimum(rows - seen, rows_per_split)
-        part_mean = tl.load(part_mean_ptr + i * channels + c, mask=c_mask, other=0.0)
-        part_m2 = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0)
-        _, mean, m2 = chan_merge(seen, mean, m2, count, part_mean, part_m2)
+        part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
+        part_lo = tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
+        delta = (part_hi + part_lo) / count - mean_s
+        term = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0) + count * delta * delta
+        m2_hi, carry = two_sum(m2_hi, term)
+        m2_lo += carry
+    m2 = m2_hi + m2_lo
 
-    n = rows + tl.zeros([BLOCK_C], dtype=ACC)
     rstd = inverse_std(m2 / n, eps_hi, eps_lo, BLOCK_C, ACC)
-    tl.store(mean_s_ptr + c, mean, mask=c_mask)
+    tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
-    scale, shift = fold_affine(rstd, mean, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
+    scale, shift = fold_affine(rstd, mean_s, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     tl.store(scale_ptr + c, scale, mask=c_mask)
     tl.store(shift_ptr + c, shift, mask=c_mask)
 
     # The un-shifted mean and the unbiased variance, for the running statistics.
-    pivot = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
-    tl.store(mean_ptr + c, pivot + mean, mask=c_mask)
+    pivot = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
+    tl.store(mean_ptr + c, (pivot + mean_s) + correction, mask=c_mask)
     tl.store(var_unbiased_ptr + c, m2 / (n - 1.0), mask=c_mask)
 
 
@@ -135,9 +180,11 @@ def _running_update_kernel(
 class BatchStats:
     """Per-channel results of the statistics launch (all in the accumulator dtype).
 
-    ``mean_shifted`` is the mean of ``x - K`` with ``K`` the channel's first element;
-    ``scale`` / ``shift`` give ``y = (x - K) * scale + shift``; ``mean`` and
-    ``var_unbiased`` feed the running statistics.
+    ``pivot`` is ``K`` (:func:`numerics.batch_pivot`), ``mean_shifted`` the mean of
+    ``x - K``; ``scale`` / ``shift`` give ``y = (x - K) * scale + shift`` (None from the
+    single-read path, which applies them itself); ``mean`` and ``var_unbiased`` feed the
+    running statistics.  The epilogue and the backward take ``(pivot, mean_shifted,
+    rstd)`` as one: they only describe the batch together.
     """
 
     mean_shifted: torch.Tensor
@@ -146,6 +193,7 @@ class BatchStats:
     shift: torch.Tensor
     mean: torch.Tensor
     var_unbiased: torch.Tensor
+    pivot: torch.Tensor
 
 
 def batch_stats(
@@ -159,11 +207,11 @@ def batch_stats(
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     channels = view.channels
-    partial_mean = torch.empty((plan.num_splits, channels), dtype=acc, device=x.device)
-    partial_m2 = torch.empty_like(partial_mean)
+    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(7)))
+    partial_hi, partial_lo, partial_m2 = torch.empty((3, plan.num_splits, channels), dtype=acc, device=x.device)
     channel_blocks = cdiv(channels, plan.block_channels)
     _stats_partial_kernel[(plan.num_splits, channel_blocks)](
-        x, partial_mean, partial_m2,
+        x, stats.pivot, partial_hi, partial_lo, partial_m2,
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         plan.rows_per_split,
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
@@ -171,16 +219,15 @@ def batch_stats(
         num_warps=plan.num_warps,
     )
 
-    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(6)))
     block = channel_block(channels)
     _stats_combine_kernel[(cdiv(channels, block),)](
-        partial_mean, partial_m2, x,
+        partial_hi, partial_lo, partial_m2, stats.pivot,
         weight if weight is not None else stats.rstd,
         bias if bias is not None else stats.rstd,
         stats.mean_shifted, stats.rstd, stats.scale, stats.shift, stats.mean, stats.var_unbiased,
-        view.rows, channels, view.stride_c, plan.rows_per_split, plan.num_splits, *split_float(eps),
+        view.rows, channels, plan.rows_per_split, plan.num_splits, *split_float(eps),
         BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        INT64=plan.int64, ACC=tl_accumulator(x.dtype),
+        ACC=tl_accumulator(x.dtype),
     )
     return stats
 

@@ -91,8 +91,7 @@ def pack_rank_stats(view: ChannelView, eps: float) -> torch.Tensor:
     stats = batch_stats(view, plan(view), None, None, eps)
     packed[0].fill_(rows)  # fill_ with a Python number: no host-to-device copy
     pivot, mean_shifted, m2 = packed[1:].view(3, channels).unbind(0)
-    # The statistics kernels' pivot K is each channel's row 0, the element (0, c, 0, ...).
-    pivot.copy_(x[(0, slice(None)) + (0,) * (x.dim() - 2)])
+    pivot.copy_(stats.pivot)
     mean_shifted.copy_(stats.mean_shifted)
     if rows > 1:  # M2 from the unbiased variance; with one row that is 0/0, and M2 is 0
         torch.mul(stats.var_unbiased, rows - 1, out=m2)
@@ -117,7 +116,8 @@ def combine_ranks(
     world, width = gathered.shape
     channels = (width - 1) // 3
     acc = accumulator_dtype(gathered.dtype)
-    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=gathered.device) for _ in range(6)))
+    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=gathered.device) for _ in range(6)),
+                       pivot=gathered[rank, 1:1 + channels])
     count = torch.empty(1, dtype=acc, device=gathered.device)
     block = channel_block(channels)
     has_running = running_mean is not None
