@@ -97,8 +97,10 @@ def tile_moments(shifted, mask, count):
     mean = tl.sum(shifted, axis=1) / count
     centred = tl.where(mask, shifted - mean[:, None], 0.0)
     resid = tl.sum(centred, axis=1)
-    m2 = tl.maximum(tl.sum(centred * centred, axis=1) - resid * resid / count, 0.0)
-    return mean, resid, m2
+    m2 = tl.sum(centred * centred, axis=1) - resid * resid / count
+    # resid**2 / count <= the sum of squares (Cauchy-Schwarz), up to rounding; a where, not
+    # tl.maximum, so that a NaN stays a NaN.
+    return mean, resid, tl.where(m2 < 0.0, 0.0, m2)
 
 
 @triton.jit
