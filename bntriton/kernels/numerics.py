@@ -6,22 +6,6 @@ from .tiles import channel_offsets, channel_tile_offsets
 
 
 @triton.jit
-def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """Merge two (count, mean, M2) summaries (Chan, Golub and LeVeque).
-
-    Exact in exact arithmetic for any split of the data, and stable in floating point: the
-    correction term uses the difference of the means, never E[x^2] - E[x]^2.  An empty
-    side (count 0) leaves the other unchanged.
-    """
-    total = count_a + count_b
-    share = count_b / tl.maximum(total, 1.0)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * share
-    m2 = m2_a + m2_b + delta * delta * (count_a * share)
-    return total, mean, m2
-
-
-@triton.jit
 def inverse_std(var, eps_hi, eps_lo, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """``1 / sqrt(var + eps)`` with an IEEE square root.
 
