@@ -20,7 +20,7 @@ from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats
-from .numerics import batch_pivot, inverse_std, resolve_mean, tile_moments
+from .numerics import batch_coefficients, batch_pivot, resolve_mean, tile_moments
 from .tiles import channel_offsets, channel_tile_offsets
 
 
@@ -46,14 +46,10 @@ def _fused_forward_kernel(
     # The tile's sum is n * tile_mean + resid: the product's rounding is the fma's remainder.
     part = n * tile_mean
     mean_s, correction = resolve_mean(part, tl.fma(n, tile_mean, -part) + resid, n)
-    rstd = inverse_std(m2 / n, eps_hi, eps_lo, BLOCK_C, ACC)
-
-    scale = rstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    y = (shifted - mean_s[:, None]) * scale[:, None]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
+    rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
+                                            BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
+    # The split path's epilogue (normalize.py): one rounding for the product and the shift.
+    y = tl.fma(shifted, scale[:, None], shift[:, None])
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     tl.store(pivot_ptr + c, pivot, mask=c_mask)

@@ -36,11 +36,13 @@ def _channel_affine_kernel(
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    out = (x - pivot[None, :]) * scale[None, :] + shift[None, :]
+    # fma: one rounding where multiply-then-add takes two (the GPU would contract them
+    # anyway; the interpreter does not), so (x - K) costs no extra rounding next to x * a + b.
+    out = tl.fma(x - pivot[None, :], scale[None, :], shift[None, :])
     if HAS_DY:
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy_scale = tl.load(dy_scale_ptr + c, mask=c_mask, other=0.0)
-        out = out + dy * dy_scale[None, :]
+        out = tl.fma(dy, dy_scale[None, :], out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -20,6 +20,29 @@ def inverse_std(var, eps_hi, eps_lo, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def batch_coefficients(var, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
+                       BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ACC: tl.constexpr):
+    """``(rstd, scale, shift)`` with ``y = (x - K) * scale + shift``, each rounded once.
+
+    Per-channel work only, so it is done in fp64 whatever the accumulator: ``rstd``
+    (a square root and a division), ``scale = rstd * weight`` and ``shift = bias -
+    mean_s * scale`` would otherwise stack three to four fp32 roundings into every output
+    (``scale``'s relative error is y's), where torch's CPU batch norm, which keeps its
+    statistics in double, has one.
+    """
+    eps = (tl.zeros([BLOCK_C], dtype=tl.float64) + eps_hi) + eps_lo
+    rstd = 1.0 / tl.sqrt(var.to(tl.float64) + eps)
+    scale = rstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(tl.float64)
+    shift = -mean_s.to(tl.float64) * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float64)
+    return rstd.to(ACC), scale.to(ACC), shift.to(ACC)
+
+
+@triton.jit
 def fold_affine(rstd, mean_s, weight_ptr, bias_ptr, c, c_mask,
                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
     """Per-channel ``scale``, ``shift`` with ``y = (x - K) * scale + shift``."""
@@ -50,22 +73,32 @@ PIVOT_ROWS = tl.constexpr(16)
 @triton.jit
 def batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s,
                 SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr):
-    """The statistics' per-channel pivot ``K = x_0 + mean_{i < m}(x_i - x_0)`` over the
-    channel's first ``m = min(16, rows)`` rows.
+    """The statistics' per-channel pivot ``K``, from the channel's first ``m = min(16,
+    rows)`` rows: their mean ``x_0 + mean_{i < m}(x_i - x_0)``, or 0 where that mean is
+    within two of their standard deviations of zero.
 
-    Close to the channel's mean (about std / 4 from it, where ``x_0`` alone is about one
-    std away), so the shifted values ``x - K`` have a small mean and their sums stay small;
-    and exactly ``x_0`` for a constant channel (every deviation is 0), which keeps its
-    shifted values exactly zero.  Every program that needs it computes it from the same
-    rows with the same code; the combine stores it for the epilogue and the backward.
+    Data far from zero are shifted by a value close to their mean (about std / 4 from it,
+    where ``x_0`` alone is about one std away), so ``x - K`` is exact and the shifted
+    values and their sums stay small.  Data near zero need no shift, and unshifted they
+    cost the epilogue one rounding less (``x - K`` is exact only when x and K are close):
+    their normalized output is then as accurate as ``x * a + b`` can be.  A constant
+    channel gets ``K = x_0`` exactly (every deviation is 0) or 0, either way its shifted
+    values are exactly equal.  Every program that needs it computes it from the same rows
+    with the same code; the statistics store it for the epilogue and the backward.
     """
     r = tl.arange(0, PIVOT_ROWS)
     offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = c_mask[:, None] & (r < rows)[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     first = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
+    m = tl.minimum(rows, PIVOT_ROWS).to(ACC)
     deviation = tl.where(mask, x - first[:, None], 0.0)
-    return first + tl.sum(deviation, axis=1) / tl.minimum(rows, PIVOT_ROWS).to(ACC)
+    mean_deviation = tl.sum(deviation, axis=1) / m
+    spread = tl.where(mask, deviation - mean_deviation[:, None], 0.0)
+    variance = tl.sum(spread * spread, axis=1) / m
+    pivot = first + mean_deviation
+    # A NaN fails the comparison and stays the pivot: it stays in its channel.
+    return tl.where(pivot * pivot <= 4.0 * variance, 0.0, pivot)
 
 
 @triton.jit

@@ -48,7 +48,7 @@ import triton.language as tl
 from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .numerics import batch_pivot, fold_affine, inverse_std, resolve_mean, tile_moments, two_sum
+from .numerics import batch_coefficients, batch_pivot, resolve_mean, tile_moments, two_sum
 from .tiles import channel_tile_offsets
 
 
@@ -131,10 +131,10 @@ def _stats_combine_kernel(
         m2_lo += carry
     m2 = m2_hi + m2_lo
 
-    rstd = inverse_std(m2 / n, eps_hi, eps_lo, BLOCK_C, ACC)
+    rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
+                                            BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
     tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
-    scale, shift = fold_affine(rstd, mean_s, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     tl.store(scale_ptr + c, scale, mask=c_mask)
     tl.store(shift_ptr + c, shift, mask=c_mask)
 

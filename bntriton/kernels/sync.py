@@ -21,7 +21,7 @@ import triton.language as tl
 from .plans import cdiv, channel_block, plan
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .numerics import fold_affine, inverse_std, resolve_mean, two_sum
+from .numerics import batch_coefficients, resolve_mean, two_sum
 from .stats import BatchStats, batch_stats
 
 
@@ -75,14 +75,13 @@ def _rank_combine_kernel(
     m2 = m2_hi + m2_lo
 
     # Nothing to normalize when every rank is empty: max(total, 1) only avoids a NaN.
-    rstd = inverse_std(m2 / tl.maximum(total, 1.0), eps_hi, eps_lo, BLOCK_C, ACC)
     # This process normalizes (x - K_local): re-express the mean against its own pivot.
     local_pivot = tl.load(gathered_ptr + rank * row + 1 + c, mask=c_mask, other=0.0)
     mean_s = mean - (local_pivot - reference)
+    rstd, scale, shift = batch_coefficients(m2 / tl.maximum(total, 1.0), mean_s, weight_ptr, bias_ptr, c, c_mask,
+                                            eps_hi, eps_lo, BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
     tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
-
-    scale, shift = fold_affine(rstd, mean_s, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     tl.store(scale_ptr + c, scale, mask=c_mask)
     tl.store(shift_ptr + c, shift, mask=c_mask)
 
