@@ -2,6 +2,7 @@
 
 Public names only; see README.md.
 """
+from .convert import fold_batch_norm, revert_model
 from .distributed import SyncBatchNorm
 from .functional import batch_norm
 from .kernels.runtime import cpu_backend
@@ -10,6 +11,6 @@ from .verification import Report, verify
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Report", "SyncBatchNorm", "batch_norm", "cpu_backend",
-    "convert_model", "verify",
+    "convert_model", "fold_batch_norm", "revert_model", "verify",
 ]
 __version__ = "0.1.0"

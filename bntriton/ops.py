@@ -35,8 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import accumulator_dtype, channel_affine, channel_view, dispatch, eval_coefficients, plan
-from .kernels import update_running_stats as update_running_stats_kernel
+from .kernels import accumulator_dtype, channel_view, dispatch
 
 
 def _param_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtype:
@@ -79,7 +78,7 @@ def _update_impl(
 ) -> None:
     """``num_batches_tracked += 1`` (when given), then ``running = (1 - m) running + m batch``;
     ``momentum=None``: ``m = 1 / num_batches_tracked``."""
-    update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
+    dispatch.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
 
 
 update_running_stats = torch.library.custom_op(
@@ -104,9 +103,7 @@ def _eval_impl(
     view = channel_view(x)
     if view.rows == 0:
         return view.empty_like()
-    _, scale, shift = eval_coefficients(x.dtype, running_var, weight, bias, eps)
-    # Pivot = running mean: y = (x - running_mean) * scale + bias.
-    return channel_affine(view, plan(view), running_mean, 1, scale, shift)
+    return dispatch.forward_eval(view, weight, bias, running_mean, running_var, eps)
 
 
 batch_norm_eval = torch.library.custom_op("bntriton::batch_norm_eval", _eval_impl, mutates_args=())

@@ -1,19 +1,31 @@
-"""Which kernels run: the single-read path when a channel block's rows fit on chip
-(fused.py), else the grid-split path (stats.py + normalize.py, backward.py)."""
+"""Which implementation runs: for CPU tensors the native path (native_cpu.py, torch's CPU
+operations) unless the interpreter is asked for (runtime.current_cpu_backend); else the
+kernels: the single-read path when a channel block's rows fit on chip (fused.py), else
+the grid-split path (stats.py + normalize.py, backward.py)."""
 from __future__ import annotations
 
 import torch
 
+from . import native_cpu
 from .backward import batch_norm_grads
 from .fused import fused_backward, fused_forward
 from .plans import fused_plan, plan
 from .layout import ChannelView
-from .normalize import channel_affine
+from .normalize import channel_affine, eval_coefficients
+from .runtime import current_cpu_backend
 from .stats import BatchStats, batch_stats
+from .stats import update_running_stats as _update_running_stats_kernel
+
+
+def native(t: torch.Tensor) -> bool:
+    """Whether ``t`` (a CPU tensor) runs on the native CPU path rather than the kernels."""
+    return t.device.type == "cpu" and current_cpu_backend() == "native"
 
 
 def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Tensor, BatchStats]:
     """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``)."""
+    if native(view.tensor):
+        return native_cpu.forward_train(view, weight, bias, eps)
     single_read = fused_plan(view)
     if single_read is not None:
         return fused_forward(view, single_read, weight, bias, eps)
@@ -31,6 +43,10 @@ def backward(
     ``mean_shifted`` / ``rstd``: what the forward normalized with, the batch's
     (``BatchStats.pivot``, stride 1) or the running statistics (``running_mean``, a zero
     shifted mean)."""
+    if native(view.tensor):
+        return native_cpu.backward(
+            view, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype
+        )
     single_read = fused_plan(view)  # None for an empty batch: the split path handles it
     if single_read is not None:
         return fused_backward(
@@ -40,3 +56,22 @@ def backward(
         view, plan(view), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
         batch_stats=batch_stats, param_dtype=param_dtype,
     )
+
+
+def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps: float) -> torch.Tensor:
+    """``y`` normalized with the running statistics (``view.rows >= 1``)."""
+    if native(view.tensor):
+        return native_cpu.forward_eval(view, weight, bias, running_mean, running_var, eps)
+    _, scale, shift = eval_coefficients(view.tensor.dtype, running_var, weight, bias, eps)
+    # Pivot = running mean: y = (x - running_mean) * scale + bias.
+    return channel_affine(view, plan(view), running_mean, 1, scale, shift)
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum) -> None:
+    """The counter and running-statistics update, in place (see stats.update_running_stats)."""
+    if native(running_mean):
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        native_cpu.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
+        return
+    _update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)

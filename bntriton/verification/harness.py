@@ -239,7 +239,15 @@ def _environment(device) -> dict:
     except ImportError:
         pass
     dev = torch.device(device)
-    env["device_name"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    if dev.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(dev)
+    else:
+        from ..kernels.runtime import current_cpu_backend
+
+        # Which of the two CPU implementations ran: torch's CPU operations or the kernels
+        # in Triton's interpreter.
+        env["cpu_backend"] = current_cpu_backend()
+        env["device_name"] = f"{platform.processor() or 'cpu'}, {env['cpu_backend']} backend"
     return env
 
 

@@ -1,0 +1,161 @@
+"""The native CPU path: the kernels' algorithm on torch's own CPU operations.
+
+Triton's interpreter runs the kernels on CPU tensors faithfully but slowly (milliseconds
+per program instance), which is right for verifying them and wrong for people who run a
+model on a CPU.  This module is a second implementation of :mod:`.dispatch`'s functions,
+used for CPU tensors unless ``bntriton.cpu_backend("interpreter")`` /
+``BNTRITON_CPU_BACKEND=interpreter`` asks for the kernels.
+
+The numerics are the kernels': every value is first shifted by the per-channel pivot
+``K`` (in training the kernels' pivot, from the first rows; the running mean in eval), in the
+accumulator dtype, so that ``x - K`` is exact for offset data; torch's native CPU batch
+norm then takes the statistics of the shifted problem (its CPU reductions accumulate fp32
+in fp64), normalizes ``(x - K) - mean_shifted`` and takes the gradients.  Its saved mean
+*is* ``mean_shifted`` and its saved inverse std is ``rstd``; the unbiased variance comes
+from its running-variance update with momentum 1 on a zero buffer.  Outputs are the
+kernels' (same fields, dtypes, strides), so ops.py, autograd and tracing cannot tell the
+two apart; ``bntriton verify`` and the tests hold both to the same oracle and bounds.
+
+Each function works on a dense matrix form of the view that torch's fast CPU loops
+handle: ``(rows, C)`` for channels-last views, ``(N, C, S)`` for channels-first ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from .layout import ChannelView
+from .runtime import accumulator_dtype
+from .stats import BatchStats
+
+
+def _matrix(view: ChannelView, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (the view's shape and strides) as the dense matrix torch's loops take."""
+    if view.channels_last:
+        return t.as_strided((view.rows, view.channels), (view.channels, 1), t.storage_offset())
+    samples = view.rows // view.spatial
+    return t.as_strided(
+        (samples, view.channels, view.spatial), (view.stride_n, view.stride_c, 1), t.storage_offset()
+    )
+
+
+def _unmatrix(view: ChannelView, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A result in the matrix form back to the view's shape and strides, in ``dtype``:
+    re-strided in place when torch kept the layout (the usual case), else copied once."""
+    x = view.tensor
+    if m.dtype == dtype and m.storage_offset() == 0 and m.stride() == _matrix(view, x).stride():
+        return m.as_strided(x.shape, x.stride())
+    out = view.empty_like(dtype)
+    _matrix(view, out).copy_(m)
+    return out
+
+
+def _per_channel(view: ChannelView, c: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast against the matrix form."""
+    return c if view.channels_last else c.view(1, -1, 1)
+
+
+def _pivot(view: ChannelView, acc: torch.dtype) -> torch.Tensor:
+    """K as the kernels define it (numerics.batch_pivot): the mean of the channel's first
+    m = min(16, rows) rows, ``x_0 + mean(x_i - x_0)``, or 0 where that mean is within two
+    of their standard deviations of zero; in the accumulator dtype."""
+    m = _matrix(view, view.tensor)
+    count = min(16, view.rows)
+    if view.channels_last:
+        first_rows = m[:count]
+    else:  # rows run over (sample, position): enough samples for `count` rows
+        samples = -(-count // view.spatial)
+        first_rows = m[:samples].transpose(1, 2).reshape(-1, view.channels)[:count]
+    first_rows = first_rows.to(acc)
+    deviation = first_rows - first_rows[0]
+    mean_deviation = deviation.sum(0) / count
+    variance = (deviation - mean_deviation).square().sum(0) / count
+    pivot = first_rows[0] + mean_deviation
+    return torch.where(pivot * pivot <= 4.0 * variance, torch.zeros_like(pivot), pivot)
+
+
+def _param(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(acc)
+
+
+def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Tensor, BatchStats]:
+    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``)."""
+    x = view.tensor
+    acc = accumulator_dtype(x.dtype)
+    pivot = _pivot(view, acc)
+    # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
+    shifted = torch.sub(_matrix(view, x), _per_channel(view, pivot))
+    if shifted.dtype != acc:
+        shifted = shifted.to(acc)
+    # Momentum 1 on a zero buffer leaves exactly the unbiased variance in it.
+    mean_buffer = torch.zeros(view.channels, dtype=acc)
+    var_unbiased = torch.zeros(view.channels, dtype=acc)
+    y, mean_shifted, rstd = torch.native_batch_norm(
+        shifted, _param(weight, acc), _param(bias, acc), mean_buffer, var_unbiased, True, 1.0, eps
+    )
+    stats = BatchStats(mean_shifted, rstd, None, None, pivot + mean_shifted, var_unbiased, pivot)
+    return _unmatrix(view, y, x.dtype), stats
+
+
+def backward(
+    view: ChannelView, dy, weight, pivot, pivot_stride: int, mean_shifted, rstd,
+    batch_stats: bool, param_dtype: torch.dtype,
+):
+    """``(dx, dweight, dbias)``; same contract as :func:`.dispatch.backward`."""
+    x = view.tensor
+    acc = accumulator_dtype(x.dtype)
+    channels = view.channels
+    if view.rows == 0:
+        zeros = torch.zeros(channels, dtype=param_dtype)
+        return view.empty_like(), zeros, zeros.clone()
+    # K at ``pivot[c * pivot_stride]``: the forward's pivot or the running mean.
+    k = pivot.as_strided((channels,), (pivot_stride,), pivot.storage_offset()).to(acc)
+    shifted = torch.sub(_matrix(view, x), _per_channel(view, k))
+    if shifted.dtype != acc:
+        shifted = shifted.to(acc)
+    dy_m = _matrix(view, dy)
+    if dy_m.dtype != acc:
+        dy_m = dy_m.to(acc)
+    if batch_stats:
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            dy_m, shifted, _param(weight, acc), None, None, mean_shifted, rstd, True, 0.0,
+            [True, True, True],
+        )
+    else:
+        # Running statistics: dx = dy * weight * rstd, and the parameter gradients are
+        # plain per-channel reductions.
+        dims = (0,) if view.channels_last else (0, 2)
+        centred = shifted - _per_channel(view, mean_shifted)
+        dbias = dy_m.sum(dims)
+        dweight = (dy_m * centred).sum(dims) * rstd
+        coef = rstd if weight is None else rstd * weight.to(acc)
+        dx = dy_m * _per_channel(view, coef)
+    return _unmatrix(view, dx, x.dtype), dweight.to(param_dtype), dbias.to(param_dtype)
+
+
+def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps: float) -> torch.Tensor:
+    """``(x - running_mean) * weight * rstd + bias`` with ``rstd`` from the running variance."""
+    x = view.tensor
+    acc = accumulator_dtype(x.dtype)
+    shifted = torch.sub(_matrix(view, x), _per_channel(view, running_mean.to(acc)))
+    if shifted.dtype != acc:
+        shifted = shifted.to(acc)
+    # The pivot is the running mean itself, so torch's eval sees a zero mean.
+    zero_mean = torch.zeros(view.channels, dtype=acc)
+    y, _, _ = torch.native_batch_norm(
+        shifted, _param(weight, acc), _param(bias, acc), zero_mean, running_var.to(acc), False, 0.0, eps
+    )
+    return _unmatrix(view, y, x.dtype)
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum) -> None:
+    """The kernel's running-statistics update, with the same arithmetic in the same dtype."""
+    acc = mean.dtype
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        factor = 1.0 / num_batches_tracked.to(acc)
+    else:
+        factor = torch.tensor(momentum, dtype=acc)
+    keep = 1.0 - factor
+    running_mean.copy_(keep * running_mean.to(acc) + factor * mean)
+    running_var.copy_(keep * running_var.to(acc) + factor * var_unbiased)

@@ -1,0 +1,193 @@
+"""bntriton's native CPU path against torch's CPU batch norm, side by side in one run.
+
+    python perf/cpu.py                      # the default cases; writes perf/results/cpu-<date>.{csv,md}
+    python perf/cpu.py --quick --out /tmp/x # fewer repetitions, elsewhere
+
+Every case is timed for both providers in the same process, interleaved repetition by
+repetition (the order alternating), so that load from other processes on the machine
+falls on both alike; the reported time is the median.  Passes: ``fwd_train`` (training
+forward, running statistics updated), ``fwd_bwd_train`` (training forward + backward of
+input, weight and bias) and ``fwd_eval`` (eval forward, no autograd).  The targets: the
+training step within 2x torch's time and eval within 1.5x, NCHW and channels_last.
+
+The CSV has the sweep's columns (perf/schema.py); ``bytes`` is the pass's floor bytes
+(perf/NOTES.md: 3B for the training forward, 3B + 5B with the backward, 2B for eval) and
+``pct_copy_bw`` the fraction of the copy bandwidth measured in the same run (a clone of
+the case's input).  The markdown beside it has the ratio table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bntriton  # noqa: E402
+from schema import COLUMNS  # noqa: E402
+
+# (shape, layout, dtype): the first two are the ones the targets are stated for.
+CASES = [
+    ((32, 64, 56, 56), "nchw", torch.float32),
+    ((32, 64, 56, 56), "channels_last", torch.float32),
+    ((8, 512, 7, 7), "nchw", torch.float32),
+    ((8, 512, 7, 7), "channels_last", torch.float32),
+    ((4096, 1024), "nc", torch.float32),
+    ((32, 64, 56, 56), "nchw", torch.bfloat16),
+]
+PASSES = ("fwd_train", "fwd_bwd_train", "fwd_eval")
+FLOOR = {"fwd_train": 3, "fwd_bwd_train": 8, "fwd_eval": 2}  # multiples of the input's bytes
+TARGETS = {"fwd_bwd_train": 2.0, "fwd_eval": 1.5}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def make_modules(shape, dtype):
+    channels = shape[1]
+    torch_cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+                 5: torch.nn.BatchNorm3d}[len(shape)]
+    reference = torch_cls(channels)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    ours = bntriton.convert_model(torch_cls(channels))
+    ours.load_state_dict(reference.state_dict())
+    # bf16 input with fp32 parameters, as under autocast.
+    return {"torch": reference, "bntriton": ours}
+
+
+def step(module, x, grad, pass_name):
+    if pass_name == "fwd_eval":
+        module.eval()
+        with torch.no_grad():
+            return module(x)
+    module.train()
+    if pass_name == "fwd_train":
+        with torch.no_grad():
+            return module(x)
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = module(x)
+    y.backward(grad)
+    return y
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def run(reps: int, cases) -> list[dict]:
+    device = f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    import triton
+
+    rows = []
+    for shape, layout, dtype in cases:
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(shape, generator=gen) * 2 + 3).to(dtype)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        grad = torch.randn(shape, generator=gen).to(dtype).to(memory_format=torch.channels_last) \
+            if layout == "channels_last" else torch.randn(shape, generator=gen).to(dtype)
+        modules = make_modules(shape, dtype)
+        nbytes = x.numel() * x.element_size()
+        copy_ms = statistics.median(timed(lambda: x.clone()) for _ in range(max(reps, 5)))
+        copy_gbps = 2 * nbytes / copy_ms / 1e6
+        base = dict(device=device, torch=torch.__version__, triton=triton.__version__, suite="cpu",
+                    shape="x".join(map(str, shape)), layout=layout, dtype=str(dtype).replace("torch.", ""))
+        rows.append(dict(base, **{"pass": "copy", "provider": "copy", "ms": f"{copy_ms:.4f}",
+                                  "bytes": 2 * nbytes, "gbps": f"{copy_gbps:.2f}", "pct_copy_bw": "1.000"}))
+        for pass_name in PASSES:
+            # Agreement first (a fast wrong answer is no result), then warm-up.
+            outs = {p: step(m, x, grad, pass_name) for p, m in modules.items()}
+            tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+            if not torch.allclose(outs["bntriton"].float(), outs["torch"].float(), atol=tol, rtol=tol):
+                raise SystemExit(f"bntriton disagrees with torch on {shape} {layout} {dtype} {pass_name}")
+            times = {p: [] for p in modules}
+            order = list(modules)
+            for rep in range(reps):
+                for p in (order if rep % 2 == 0 else order[::-1]):
+                    times[p].append(timed(lambda: step(modules[p], x, grad, pass_name)))
+            for p, ts in times.items():
+                ms = statistics.median(ts)
+                floor = FLOOR[pass_name] * nbytes
+                gbps = floor / ms / 1e6
+                rows.append(dict(base, **{"pass": pass_name, "provider": p, "ms": f"{ms:.4f}", "bytes": floor,
+                                          "gbps": f"{gbps:.2f}", "pct_copy_bw": f"{gbps / copy_gbps:.3f}"}))
+            print(f"{base['shape']:>14} {layout:>13} {base['dtype']:>8} {pass_name:>13}: "
+                  f"torch {statistics.median(times['torch']):8.2f} ms  bntriton "
+                  f"{statistics.median(times['bntriton']):8.2f} ms  "
+                  f"ratio {statistics.median(times['bntriton']) / statistics.median(times['torch']):.2f}",
+                  flush=True)
+    return rows
+
+
+def summary(rows: list[dict], reps: int) -> str:
+    first = rows[0]
+    lines = [
+        f"# bntriton native CPU path vs torch: {first['device']}",
+        "",
+        f"torch {first['torch']}, triton {first['triton']}, {datetime.date.today().isoformat()}; "
+        f"median of {reps} interleaved repetitions; written by `python perf/cpu.py`.",
+        "",
+        "| shape | layout | dtype | pass | torch ms | bntriton ms | ratio | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["shape"], r["layout"], r["dtype"], r["pass"]), {})[r["provider"]] = float(r["ms"])
+    for (shape, layout, dtype, pass_name), t in by_key.items():
+        if pass_name == "copy":
+            continue
+        ratio = t["bntriton"] / t["torch"]
+        target = TARGETS.get(pass_name)
+        verdict = "" if target is None else (f"<= {target}: " + ("met" if ratio <= target else "MISSED"))
+        lines.append(f"| {shape} | {layout} | {dtype} | {pass_name} | {t['torch']:.2f} | {t['bntriton']:.2f} "
+                     f"| {ratio:.2f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=21, help="timed repetitions per provider (default 21)")
+    parser.add_argument("--quick", action="store_true", help="5 repetitions, the two target cases only")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output path without suffix (default perf/results/cpu-<date>)")
+    args = parser.parse_args(argv)
+    reps = 5 if args.quick else args.reps
+    cases = CASES[:2] if args.quick else CASES
+    with bntriton.cpu_backend("native"):
+        rows = run(reps, cases)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"cpu-{datetime.date.today().isoformat()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import csv
+
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    text = summary(rows, reps)
+    out.with_suffix(".md").write_text(text)
+    print()
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
