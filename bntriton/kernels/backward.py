@@ -28,7 +28,7 @@ from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
-from .numerics import two_sum
+from .numerics import dx_coefficients, two_sum
 from .tiles import channel_offsets, channel_tile_offsets
 
 
@@ -84,19 +84,6 @@ def _sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr
     return total + lost
 
 
-@triton.jit
-def _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m):
-    """``dx = dy * A + (x - K) * B + C`` under batch statistics, ``A = g * rstd`` given.
-
-    ``x_hat = ((x - K) - mean_s) * rstd``, so the ``x_hat * dgamma / M`` term splits into
-    a per-element part (B) and a per-channel constant folded into C with the mean term.
-    """
-    dgamma = sum_dyc * rstd
-    coef_b = -coef_a * rstd * dgamma / m
-    coef_c = -coef_a * sum_dy / m - coef_b * mean_s
-    return coef_b, coef_c
-
-
 @kernel
 def _grad_combine_kernel(
     part_dy_ptr, part_dyc_ptr, mean_s_ptr, rstd_ptr, weight_ptr,
@@ -114,15 +101,15 @@ def _grad_combine_kernel(
     tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
     tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
 
+    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
     if HAS_WEIGHT:
-        coef_a = rstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    else:
-        coef_a = rstd
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
     if BATCH_STATS:
         m = rows + tl.zeros([BLOCK_C], dtype=ACC)
         mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
-        coef_b, coef_c = _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m)
+        coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
     else:
+        coef_a = rstd * weight
         coef_b = tl.zeros([BLOCK_C], dtype=ACC)
         coef_c = tl.zeros([BLOCK_C], dtype=ACC)
     tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
@@ -160,11 +147,10 @@ def _input_grad_coef_kernel(
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
     # The count is read on device (a one-element tensor): no host synchronization.
     m = tl.load(count_ptr + tl.zeros([BLOCK_C], dtype=tl.int32)).to(ACC)
+    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
     if HAS_WEIGHT:
-        coef_a = rstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    else:
-        coef_a = rstd
-    coef_b, coef_c = _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m)
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
     tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
     tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
     tl.store(coef_c_ptr + c, coef_c, mask=c_mask)

@@ -20,7 +20,7 @@ from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats
-from .numerics import batch_coefficients, batch_pivot, resolve_mean, tile_moments
+from .numerics import batch_coefficients, batch_pivot, dx_coefficients, resolve_mean, tile_moments
 from .tiles import channel_offsets, channel_tile_offsets
 
 
@@ -84,16 +84,17 @@ def _fused_backward_kernel(
     tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=c_mask)
     tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
 
-    coef_a = rstd
+    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
     if HAS_WEIGHT:
-        coef_a = coef_a * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
     if BATCH_STATS:
         n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        dx = coef_a[:, None] * (
-            dy - (sum_dy / n)[:, None] - centred * (rstd * rstd * sum_dyc / n)[:, None]
-        )
+        # centred already holds the mean: C's mean_s term is zero here.
+        coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, tl.zeros([BLOCK_C], dtype=ACC),
+                                                 n, ACC)
+        dx = tl.fma(dy, coef_a[:, None], tl.fma(centred, coef_b[:, None], coef_c[:, None]))
     else:
-        dx = coef_a[:, None] * dy
+        dx = dy * (rstd * weight)[:, None]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -43,6 +43,23 @@ def batch_coefficients(var, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps
 
 
 @triton.jit
+def dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC: tl.constexpr):
+    """``dx = dy * A + (x - K) * B + C`` under batch statistics: ``(A, B, C)``.
+
+    ``x_hat = ((x - K) - mean_s) * rstd``, so the ``x_hat * dgamma / M`` term splits into
+    a per-element part (B) and a per-channel constant folded into C with the mean term.
+    Per-channel work, so in fp64 whatever the accumulator, each coefficient rounded once
+    (as the forward's, numerics.batch_coefficients).
+    """
+    r = rstd.to(tl.float64)
+    coef_a = r * weight.to(tl.float64)
+    dgamma = sum_dyc.to(tl.float64) * r
+    coef_b = -coef_a * r * dgamma / m.to(tl.float64)
+    coef_c = -coef_a * sum_dy.to(tl.float64) / m.to(tl.float64) - coef_b * mean_s.to(tl.float64)
+    return coef_a.to(ACC), coef_b.to(ACC), coef_c.to(ACC)
+
+
+@triton.jit
 def fold_affine(rstd, mean_s, weight_ptr, bias_ptr, c, c_mask,
                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
     """Per-channel ``scale``, ``shift`` with ``y = (x - K) * scale + shift``."""
