@@ -351,10 +351,10 @@ def _post_relu(quick):
 def _typical(quick):
     typical = dict(data="typical")
     return [
-        dict(shape=(16, 8, 16, 16), dtype=f32, **typical, quick=True),
-        dict(shape=(2048, 16), dtype=f32, **typical, quick=True),
-        dict(shape=(8, 32, 8, 8), dtype=f32, layout="channels_last", **typical, quick=True),
-        dict(shape=(16, 8, 16, 16), dtype=bf16, **typical, quick=True),
+        dict(shape=(8, 8, 16, 16), dtype=f32, **typical, quick=True),
+        dict(shape=(1024, 16), dtype=f32, **typical, quick=True),
+        dict(shape=(8, 16, 8, 8), dtype=f32, layout="channels_last", **typical, quick=True),
+        dict(shape=(8, 8, 16, 16), dtype=bf16, **typical, quick=True),
         dict(shape=(8, 8, 8, 8), dtype=f16, layout="channels_last", **typical, quick=True),
         dict(shape=(32, 4, 16, 16), dtype=f32, steps=2, **typical),
         dict(shape=(4, 8, 4, 8, 8), dtype=f32, layout="channels_last", **typical),
