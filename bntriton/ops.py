@@ -121,17 +121,16 @@ def _backward_impl(
     running_mean: Optional[Tensor],
     mean_shifted: Tensor,
     rstd: Tensor,
-    pivot: Optional[Tensor] = None,
+    pivot: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of either forward: batch statistics when ``running_mean`` is None (with
-    the forward's ``pivot``), else the running statistics (the pivot is the running mean)."""
+    """Gradients of either forward: batch statistics when ``running_mean`` is None, else
+    the running statistics.  ``pivot`` is what the forward subtracted first: the train
+    op's ``pivot`` output, or the running mean."""
     view = channel_view(x)
     dy = view.same_layout(grad_out)
     batch_stats_used = running_mean is None
-    if batch_stats_used and pivot is None:
-        raise ValueError("batch_norm_backward with batch statistics needs the forward's pivot")
     return dispatch.backward(
-        view, dy, weight, pivot if batch_stats_used else running_mean, 1, mean_shifted, rstd,
+        view, dy, weight, pivot, 1, mean_shifted, rstd,
         batch_stats=batch_stats_used, param_dtype=_param_dtype(x, weight),
     )
 
@@ -140,7 +139,7 @@ batch_norm_backward = torch.library.custom_op("bntriton::batch_norm_backward", _
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot=None):
+def _(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
     dtype = _param_dtype(x, weight)
     channels = x.shape[1]
     return channel_view(x).empty_like(), x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
@@ -184,7 +183,7 @@ def _eval_backward(ctx, grad_y):
     x, weight, running_mean, running_var = ctx.saved_tensors
     # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
     rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + ctx.eps)
-    dx, dweight, dbias = _backward(grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd)
+    dx, dweight, dbias = _backward(grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd, running_mean)
     return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None, None, None
 
 
@@ -252,7 +251,7 @@ def evaluate(x, weight, bias, running_mean, running_var, eps):
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
 
 
-def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot=None):
+def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
     tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd, pivot)
     op = _backward_impl if _plain(*tensors) else batch_norm_backward
     return op(*tensors)

@@ -123,7 +123,7 @@ def _forward_sample(variant, dtype, param_dtype, layout):
     if variant == "backward-train":
         return ops.batch_norm_backward, (grad, x.detach(), w.detach(), None, mean_shifted, rstd, pivot)
     assert variant == "backward-eval"
-    return ops.batch_norm_backward, (grad, x.detach(), None, running_mean, torch.zeros_like(rstd), rstd)
+    return ops.batch_norm_backward, (grad, x.detach(), None, running_mean, torch.zeros_like(rstd), rstd, running_mean)
 
 
 def _other_sample(variant):
