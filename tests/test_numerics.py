@@ -20,15 +20,19 @@ def _assert_passes(case):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_pivot_is_first_row_plus_mean_deviation_of_the_first_16_rows(layout):
-    x = torch.randn(5, 3, 2, 3, dtype=torch.float64).to(torch.float32) * 3 + 7
+def test_pivot_is_the_mean_of_the_first_16_rows_or_zero_near_zero(layout):
+    x = torch.randn(5, 4, 2, 3, dtype=torch.float64).to(torch.float32) * 3 + 40
+    x[:, 1] = torch.randn(5, 2, 3) * 3 + 1  # near zero: no shift
+    x[:, 2] = 1.0 + 2.0**-23  # constant: the pivot is exactly the value
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    x[:, 2] = 1.0 + 2.0**-23  # constant: the pivot is exactly the value
     view = channel_view(x.to(DEVICE))
-    rows = x.transpose(0, 1).reshape(3, -1).to(torch.float64)  # rows in (n, spatial) order
-    first = rows[:, :1]
-    expected = first[:, 0] + (rows[:, :16] - first).sum(1) / 16
+    rows = x.transpose(0, 1).reshape(4, -1).to(torch.float64)[:, :16]  # rows in (n, spatial) order
+    deviation = rows - rows[:, :1]
+    expected = rows[:, 0] + deviation.mean(1)
+    spread = deviation.var(1, unbiased=False)
+    expected = torch.where(expected**2 <= 4 * spread, torch.zeros_like(expected), expected)
+    assert expected[1] == 0 and expected[0] != 0 and expected[3] != 0
     for path in ("split", "fused"):
         with forced_plan(path=path):
             if path == "split":
