@@ -2,6 +2,7 @@
 
 Public names only; see README.md.
 """
+from .act_modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .convert import fold_batch_norm, revert_model
 from .distributed import SyncBatchNorm
 from .functional import batch_norm
@@ -10,7 +11,8 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 from .verification import Report, verify
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Report", "SyncBatchNorm", "batch_norm", "cpu_backend",
-    "convert_model", "fold_batch_norm", "revert_model", "verify",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+    "Report", "SyncBatchNorm", "batch_norm", "cpu_backend", "convert_model", "fold_batch_norm", "revert_model",
+    "verify",
 ]
 __version__ = "0.1.0"

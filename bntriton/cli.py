@@ -1,8 +1,10 @@
-"""The ``bntriton`` command line.
+"""The ``bntriton`` command line: one :class:`Command` per subcommand in :data:`COMMANDS`.
 
-``bntriton verify``   check an implementation against the float64 oracle (exit 0 only if
-                      every case passes, 1 if any fails, 2 for a usage error)
+``bntriton verify``   check an implementation against the float64 oracle (exit 0 if no
+                      case is wrong, 1 if any is, 2 for a usage error)
 ``bntriton bounds``   print the error-bound table (markdown)
+``bntriton demo``     what batch norm buys, shown with bntriton's layers (figures + report)
+``bntriton --version``
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 
 class ProgressBar:
@@ -24,7 +27,7 @@ class ProgressBar:
         self.failed = 0
 
     def __call__(self, done: int, total: int, result) -> None:
-        if result is not None and not result.passed:
+        if result is not None and result.wrong:
             self.failed += 1
         filled = self.width * done // max(total, 1)
         where = "" if result is None else f" {result.case.family}"
@@ -37,21 +40,37 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``configure(parser)`` adds its arguments, ``run(args, parser)``
+    returns the exit status.  A new subcommand is one more entry in :data:`COMMANDS`."""
+
+    name: str
+    help: str  # one line, in ``bntriton --help``
+    description: str  # a paragraph, in ``bntriton NAME --help``
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, description: str, configure: Callable):
+    def register(run):
+        COMMANDS[name] = Command(name, help, description, configure, run)
+        return run
+
+    return register
+
+
+def _verify_arguments(v: argparse.ArgumentParser) -> None:
     from .verification.families import FAMILIES
+    from .verification.peers import PEERS
 
-    parser = argparse.ArgumentParser(prog="bntriton", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    v = sub.add_parser(
-        "verify",
-        help="check a batch-norm implementation against the float64 oracle",
-        description="Run an implementation with F.batch_norm's signature against the float64 reference "
-        "over case families; errors are in units of the stored dtype's eps. Exit status 0 only if "
-        "every case passes.",
-    )
-    v.add_argument("--impl", default="bntriton",
-                   help="'bntriton' (default), 'torch' (torch.nn.functional.batch_norm) or MODULE:FUNCTION")
+    v.add_argument("--impl", default="bntriton", metavar="IMPL",
+                   help=f"what to check: a built-in ({', '.join(PEERS)}; default bntriton), "
+                   "MODULE:FUNCTION (a module on sys.path or in the current directory) or "
+                   "path/to/file.py:FUNCTION, with F.batch_norm's signature")
     v.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     v.add_argument("--quick", action="store_true", help="the quick subset of every family (< 1 min on a CPU)")
     v.add_argument("--family", action="append", metavar="NAME",
@@ -64,8 +83,22 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     v.add_argument("--list-families", action="store_true", help="list the families and what each catches, then exit")
+    v.add_argument("--list-impls", action="store_true",
+                   help="list the built-in implementations and whether each can run on --device, then exit")
 
-    sub.add_parser("bounds", help="print the error-bound table (markdown)")
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bntriton",
+        description="Batch normalization as Triton kernels with a PyTorch front end: the float64 harness "
+        "that checks it or any other batch norm (verify, bounds), and a demo of what batch norm buys (demo).",
+    )
+    parser.add_argument("--version", action="version", version=f"bntriton {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        cmd.configure(sub.add_parser(cmd.name, help=cmd.help, description=cmd.description))
     return parser
 
 
@@ -84,10 +117,27 @@ def _case(text: str):
     return Case.from_description(d)
 
 
+@command(
+    "verify",
+    help="check a batch-norm implementation against the float64 oracle",
+    description="Run an implementation with F.batch_norm's signature against the float64 reference "
+    "over case families (forward, backward, second order, running statistics); errors are in units of "
+    "the stored dtype's eps. Exit status 0 if no case is wrong (cases the implementation refuses with a "
+    "clear error are listed as unsupported), 1 if any is, 2 for a usage error.",
+    configure=_verify_arguments,
+)
 def _verify(args, parser) -> int:
     from .verification.families import FAMILIES
     from .verification import verify
 
+    if args.list_impls:
+        from .verification.peers import PEERS, available
+
+        device = args.device or _default_device()
+        width = max(map(len, PEERS))
+        for name, why in available(device).items():
+            print(f"{name.ljust(width)}  {PEERS[name].doc}" + (f"  [not here: {why}]" if why else ""))
+        return 0
     if args.list_families:
         width = max(map(len, FAMILIES))
         for name, fam in FAMILIES.items():
@@ -124,18 +174,50 @@ def _verify(args, parser) -> int:
     return 0 if report.passed else 1
 
 
+def _default_device() -> str:
+    from .verification.report import default_device
+
+    return default_device()
+
+
+@command(
+    "bounds",
+    help="print the error-bound table (markdown)",
+    description="Print the error bounds every check uses, as a markdown table: per quantity a rounding "
+    "term (units of the stored dtype's eps) and a growth term per log2 of the values per channel (units "
+    "of the accumulator's eps), and the resulting bound per dtype for a few counts.",
+    configure=lambda parser: None,
+)
+def _bounds(args, parser) -> int:
+    from .verification.report import bounds_table
+
+    print(bounds_table())
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .demo.run import add_arguments
+
+    add_arguments(parser)
+
+
+@command(
+    "demo",
+    help="the lecture's claims about batch norm, reproduced with bntriton's layers",
+    description="Train MLPs with and without bntriton.BatchNorm1d on seeded synthetic data and write "
+    "figures and a markdown report: learning-rate range, depth, z or a, gamma/beta, test time.",
+    configure=_demo_arguments,
+)
+def _demo(args, parser) -> int:
+    from .demo.run import command as run_demo
+
+    return run_demo(args, parser)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "verify":
-        return _verify(args, parser)
-    if args.command == "bounds":
-        from .verification.report import bounds_table
-
-        print(bounds_table())
-        return 0
-    parser.error(f"unknown command {args.command}")  # argparse exits; unreachable otherwise
-    return 2
+    return COMMANDS[args.command].run(args, parser)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -67,6 +68,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # no double backward across processes (as torch's): a clear error, not a missing term
     def backward(ctx, grad_y):
         x, weight, pivot, mean_shifted, rstd, count = ctx.saved_tensors
         view = channel_view(x)

@@ -10,10 +10,15 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import ops
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Names in torch's dtype errors ("expected scalar type Float but found Half").
+_TORCH_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
+                      torch.float64: "Double"}
 
 
 def _check_per_channel(name: str, t: Optional[Tensor], input: Tensor) -> None:
@@ -32,6 +37,15 @@ def _check_per_channel(name: str, t: Optional[Tensor], input: Tensor) -> None:
         raise RuntimeError(
             f"{name} is on {t.device} but input is on {input.device}: expected all tensors on one device"
         )
+
+
+def _dtype_error(name: str, t: Tensor, expected: torch.dtype, input: Tensor) -> RuntimeError:
+    want, got = (_TORCH_DTYPE_NAMES.get(d, str(d)) for d in (expected, t.dtype))
+    also = " (or all float32)" if input.dtype in _LOW_PRECISION else ""
+    return RuntimeError(
+        f"expected scalar type {want} but found {got}: {name} is {t.dtype}; weight, bias, "
+        f"running_mean and running_var must all be {input.dtype} like the input{also}"
+    )
 
 
 def check_arguments(
@@ -55,13 +69,33 @@ def check_arguments(
         )
     if input.device.type not in ("cpu", "cuda", "meta"):
         raise RuntimeError(f"bntriton runs on CUDA (compiled) and CPU (interpreted), not {input.device}")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
+    # As torch: weight, bias and the running statistics share one dtype, the input's, or
+    # float32 under a float16 / bfloat16 input (autocast's case).
+    param_dtype = None
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
         _check_per_channel(name, t, input)
+        if param_dtype is None:
+            param_dtype = t.dtype
+            if param_dtype != input.dtype and not (param_dtype == torch.float32 and input.dtype in _LOW_PRECISION):
+                raise _dtype_error(name, t, input.dtype, input)
+        elif t.dtype != param_dtype:
+            raise _dtype_error(name, t, param_dtype, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad
+                                     or forward_ad._current_level >= 0):
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if (t.requires_grad and torch.is_grad_enabled()) or (
+                    forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None):
+                raise RuntimeError(
+                    f"batch_norm is not differentiable with respect to argument '{name}' (as torch): "
+                    "this input cannot have requires_grad=True"
+                )
     if training:
         values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
         if values_per_channel == 1:
@@ -70,8 +104,26 @@ def check_arguments(
             )
     if momentum is not None and not isinstance(momentum, (float, int)):
         raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__}")
-    if not isinstance(eps, (float, int)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if not isinstance(eps, (float, int)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    # torch 2.13's wording: training divides by sqrt(var + eps) with var possibly 0.
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {float(eps)}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {float(eps)}")
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-channel tensor the kernels can read as C consecutive values: an expanded
+    (stride 0) or strided view is copied (differentiably, for weight and bias)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _empty_1d(input: Tensor, per_channel: tuple) -> bool:
+    """A 1-D input of shape (0,) with (0,)-sized (or no) per-channel tensors: torch returns an
+    empty result (its OpInfo samples include this)."""
+    return (isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0
+            and all(t is None or (isinstance(t, Tensor) and t.numel() == 0) for t in per_channel))
 
 
 def batch_norm(
@@ -83,13 +135,25 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     """Batch normalization with Triton kernels; a drop-in for ``F.batch_norm``.
 
     Training uses the batch's statistics and, when running statistics are given, updates
     them in place (``momentum``; unbiased variance).  Evaluation uses the running
     statistics.  Differentiable in ``input``, ``weight`` and ``bias``.
+
+    Keyword-only extras fuse the epilogue: ``act(BN(input) + residual)`` with
+    ``activation`` in ``None, "relu", "leaky_relu", "silu", "gelu"`` (see activated.py).
     """
+    if activation is not None or residual is not None:
+        from .activated import batch_norm_act  # activated.py imports this module
+
+        return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, None,
+                              activation=activation, residual=residual, negative_slope=negative_slope)
     return batch_norm_with_counter(
         input, running_mean, running_var, weight, bias, training, momentum, eps, None
     )
@@ -111,8 +175,13 @@ def batch_norm_with_counter(
     device: torch's modules read it on the host instead)."""
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if _empty_1d(input, (running_mean, running_var, weight, bias)):
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return input.clone()
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
     eps = float(eps)
+    weight, bias = _dense(weight), _dense(bias)
     if training:
         y, _, _, mean, var_unbiased, _ = ops.train(input, weight, bias, eps)
         if running_mean is not None and input.numel() > 0:
@@ -125,4 +194,4 @@ def batch_norm_with_counter(
             # An empty batch leaves the running statistics as they are (as torch).
             num_batches_tracked.add_(1)
         return y
-    return ops.evaluate(input, weight, bias, running_mean, running_var, eps)
+    return ops.evaluate(input, weight, bias, _dense(running_mean), _dense(running_var), eps)

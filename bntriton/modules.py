@@ -51,14 +51,23 @@ class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
-def convert_model(module: nn.Module) -> nn.Module:
+def convert_model(module: nn.Module, fuse: bool = False) -> nn.Module:
     """Replace every torch ``BatchNorm1d/2d/3d`` in ``module`` by bntriton's, in place.
+
+    ``fuse=True`` first traces ``module`` with torch.fx and replaces BN -> activation and
+    BN -> add -> activation by ``BatchNormAct`` modules (bntriton/fuse.py); it returns a new
+    ``torch.fx.GraphModule`` sharing the parameters and buffers, or, when the model does not
+    trace, converts without fusing and warns why.
 
     The replacement takes over the original's attributes wholesale: the same Parameter and
     buffer objects (so optimizers keep working), device, dtype, train/eval mode and hooks.
     Subclasses of torch's classes (SyncBatchNorm, bntriton's own, user subclasses) are left
     alone.  Returns the converted module (a new object when ``module`` itself is replaced).
     """
+    if fuse:
+        from .fuse import convert_fused  # fuse.py imports the module classes
+
+        return convert_fused(module, convert_model)
     replacement = _REPLACEMENTS.get(type(module))
     if replacement is not None:
         converted = replacement.__new__(replacement)

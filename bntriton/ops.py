@@ -15,7 +15,13 @@ Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so t
 Eager calls on plain tensors run the same implementations and autograd formulas through
 a bare ``autograd.Function`` instead (:func:`train`, :func:`update`, :func:`evaluate`, at
 the end of this file): torch.library's dispatch costs more host time than a small batch
-norm takes on a GPU.  Anything traced goes through the registered ops.
+norm takes on a GPU.  Anything traced goes through the registered ops.  Under torch.func
+transforms a third pair of Functions runs (setup_context, jvp and a vmap rule).
+
+Beyond the first derivative: a backward that must itself be differentiable or batched
+(``create_graph=True``, torch.func, gradcheck's batched checks) runs as torch ops
+(:mod:`bntriton.autograd`); forward mode (``jvp``) too.  vmap folds the vmapped dimension
+into the channels (:mod:`bntriton.batching`), for the eager path and the registered ops.
 
 Arguments are checked by :mod:`bntriton.functional` before these run: the ops assume
 valid input, so a failing call never reaches the point where state changes.
@@ -35,6 +41,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torch.autograd import forward_ad
+
+from . import autograd, batching
 from .kernels import accumulator_dtype, channel_view, dispatch
 
 
@@ -146,27 +155,51 @@ def _(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
 
 
 # ---------------------------------------------------------------------------- autograd
+#
+# First-order backward: the kernels.  When the backward must itself be differentiable
+# (``create_graph=True``: double backward, gradient penalties, MAML) or runs under a
+# torch.func transform (batched gradients), the same formulas run as torch ops
+# (:mod:`bntriton.autograd`), which autograd and vmap differentiate and batch exactly.
+# Forward mode (``jvp``) uses the saved statistics.
+
+
+def _composite_backward(*tensors) -> bool:
+    """Whether the backward must be built from differentiable / vmappable torch ops."""
+    if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(tensors[0]):
+        return True  # torch.func, or autograd.grad(is_grads_batched=True) (gradcheck's batched check)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _train_setup(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias, eps = inputs
     _, mean_shifted, rstd, mean, var_unbiased, pivot = output
     # The statistics are outputs for the backward and the running-stat update, not
     # something to differentiate through: say so, rather than drop their gradients.
     ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, pivot)
-    ctx.save_for_backward(x, weight, mean_shifted, rstd, pivot)
+    ctx.save_for_backward(x, weight, bias, mean_shifted, rstd, pivot)
     ctx.has_bias = bias is not None
+    ctx.eps = eps
 
 
 def _train_backward(ctx, grad_y, *_grads_of_statistics):
-    x, weight, mean_shifted, rstd, pivot = ctx.saved_tensors
-    dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd, pivot)
+    x, weight, _, mean_shifted, rstd, pivot = ctx.saved_tensors
+    if _composite_backward(grad_y, x, weight):
+        dx, dweight, dbias = autograd.train_backward(grad_y, x, weight, ctx.eps)
+    else:
+        dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd, pivot)
     return (
-        dx,
+        dx if ctx.needs_input_grad[0] else None,
         dweight if weight is not None else None,
         dbias if ctx.has_bias else None,
         None,
     )
+
+
+def _train_jvp(ctx, tangent_x, tangent_weight, tangent_bias, _tangent_eps):
+    x, weight, bias, mean_shifted, rstd = ctx.saved_tensors
+    tangent_y = autograd.train_jvp(x, weight, bias, mean_shifted, rstd, tangent_x, tangent_weight, tangent_bias)
+    # The statistics are non-differentiable outputs: no tangent.
+    return tangent_y, None, None, None, None
 
 
 batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
@@ -174,17 +207,29 @@ batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
 
 def _eval_setup(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, eps = inputs
-    ctx.save_for_backward(x, weight, running_mean, running_var)
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
     ctx.has_bias = bias is not None
     ctx.eps = eps
 
 
 def _eval_backward(ctx, grad_y):
-    x, weight, running_mean, running_var = ctx.saved_tensors
-    # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
-    rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + ctx.eps)
-    dx, dweight, dbias = _backward(grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd, running_mean)
+    x, weight, _, running_mean, running_var = ctx.saved_tensors
+    if _composite_backward(grad_y, x, weight):
+        dx, dweight, dbias = autograd.eval_backward(grad_y, x, weight, running_mean, running_var, ctx.eps)
+    else:
+        # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
+        rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + ctx.eps)
+        dx, dweight, dbias = _backward(grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd,
+                                       running_mean)
     return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None, None, None
+
+
+def _eval_jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_mean, tangent_var, _tangent_eps):
+    x, weight, bias, running_mean, running_var = ctx.saved_tensors
+    # Dual running statistics are refused before the forward (functional.check_arguments);
+    # what arrives here for them is a zero tangent.
+    return autograd.eval_jvp(x, weight, bias, running_mean, running_var, ctx.eps,
+                             tangent_x, tangent_weight, tangent_bias)
 
 
 batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
@@ -196,17 +241,40 @@ batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
 # small batch norm takes on a GPU.  Eager calls on plain tensors therefore run the same
 # implementations and autograd formulas through a bare autograd.Function; anything being
 # traced (torch.compile, torch.export, fake or functional tensors) goes through the ops.
+# Under torch.func transforms (grad, vmap, jvp, functional_call ensembles) a second
+# Function runs: torch.func needs a separate setup_context and takes a vmap rule
+# (:mod:`bntriton.batching`), which the plain path does without (binding arguments for
+# setup_context costs ~20 us per call).
+
+
+def _route(*tensors) -> int:
+    """_EAGER for ordinary tensors, _TRANSFORMED under torch.func, _TRACED for anything
+    being traced (fake, functional, proxy tensors; torch.compile)."""
+    if torch.compiler.is_compiling():
+        return _TRACED
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TYPES:
+            return _TRACED
+    return _TRANSFORMED if _functorch_active() else _EAGER
+
+
+_EAGER, _TRANSFORMED, _TRACED = 0, 1, 2
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _plain(*tensors) -> bool:
-    """True for eager calls on ordinary tensors (not fake, functional or traced)."""
-    if torch.compiler.is_compiling():
-        return False
-    return all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+    """True for eager calls on ordinary tensors (not fake, functional, traced or under torch.func)."""
+    return _route(*tensors) == _EAGER
+
+
+def _forward_ad_active() -> bool:
+    return forward_ad._current_level >= 0
 
 
 # forward(ctx, ...) rather than a separate setup_context: the latter binds arguments with
-# inspect.signature on every call (~20 us).
+# inspect.signature on every call (~20 us).  Forward mode (torch.autograd.forward_ad)
+# works on this path too: jvp reads what save_for_forward kept, only when a dual level is open.
 
 
 class _EagerTrain(torch.autograd.Function):
@@ -214,9 +282,12 @@ class _EagerTrain(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         output = _train_impl(x, weight, bias, eps)
         _train_setup(ctx, (x, weight, bias, eps), output)
+        if _forward_ad_active():
+            ctx.save_for_forward(x, weight, bias, output[1], output[2])
         return output
 
     backward = staticmethod(_train_backward)
+    jvp = staticmethod(_train_jvp)
 
 
 class _EagerEval(torch.autograd.Function):
@@ -225,29 +296,88 @@ class _EagerEval(torch.autograd.Function):
         inputs = (x, weight, bias, running_mean, running_var, eps)
         output = _eval_impl(*inputs)
         _eval_setup(ctx, inputs, output)
+        if _forward_ad_active():
+            ctx.save_for_forward(x, weight, bias, running_mean, running_var)
         return output
 
     backward = staticmethod(_eval_backward)
+    jvp = staticmethod(_eval_jvp)
+
+
+class _TransformedTrain(torch.autograd.Function):
+    """batch_norm_train for torch.func (grad, vjp, jvp, vmap and their compositions)."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return _train_impl(x, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _train_setup(ctx, inputs, output)
+        x, weight, bias, _ = inputs
+        ctx.save_for_forward(x, weight, bias, output[1], output[2])
+
+    backward = staticmethod(_train_backward)
+    jvp = staticmethod(_train_jvp)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps):
+        return batching.train_rule(train, info, in_dims, x, weight, bias, eps)
+
+
+class _TransformedEval(torch.autograd.Function):
+    """batch_norm_eval for torch.func."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, eps):
+        return _eval_impl(x, weight, bias, running_mean, running_var, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _eval_setup(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:5])
+
+    backward = staticmethod(_eval_backward)
+    jvp = staticmethod(_eval_jvp)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, running_mean, running_var, eps):
+        return batching.eval_rule(evaluate, info, in_dims, x, weight, bias, running_mean, running_var, eps)
 
 
 def train(x, weight, bias, eps):
-    """``batch_norm_train``: eager fast path or the registered op."""
-    if _plain(x, weight, bias):
+    """``batch_norm_train``: eager fast path, torch.func path or the registered op."""
+    route = _route(x, weight, bias)
+    if route == _EAGER:
         return _EagerTrain.apply(x, weight, bias, eps)
+    if route == _TRANSFORMED:
+        return _TransformedTrain.apply(x, weight, bias, eps)
     return batch_norm_train(x, weight, bias, eps)
 
 
 def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
-    """``update_running_stats``: eager fast path or the registered op."""
+    """``update_running_stats``: eager fast path or the registered op (which carries the
+    vmap rule)."""
     tensors = (running_mean, running_var, num_batches_tracked, mean, var_unbiased)
+    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        # The kernel writes C consecutive elements: a strided view (a slice of a larger
+        # buffer) is updated through a dense copy, then written back element by element.
+        dense = running_mean.contiguous(), running_var.contiguous()
+        update(*dense, num_batches_tracked, mean, var_unbiased, momentum)
+        running_mean.copy_(dense[0])
+        running_var.copy_(dense[1])
+        return
     op = _update_impl if _plain(*tensors) else update_running_stats
     op(*tensors, momentum)
 
 
 def evaluate(x, weight, bias, running_mean, running_var, eps):
-    """``batch_norm_eval``: eager fast path or the registered op."""
-    if _plain(x, weight, bias, running_mean, running_var):
+    """``batch_norm_eval``: eager fast path, torch.func path or the registered op."""
+    route = _route(x, weight, bias, running_mean, running_var)
+    if route == _EAGER:
         return _EagerEval.apply(x, weight, bias, running_mean, running_var, eps)
+    if route == _TRANSFORMED:
+        return _TransformedEval.apply(x, weight, bias, running_mean, running_var, eps)
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
 
 
@@ -255,3 +385,31 @@ def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
     tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd, pivot)
     op = _backward_impl if _plain(*tensors) else batch_norm_backward
     return op(*tensors)
+
+
+# vmap rules of the registered ops (the torch.func path above carries its own): B problems
+# of C channels folded into one of B*C channels.
+
+
+def _train_vmap(info, in_dims, x, weight, bias, eps):
+    return batching.train_rule(batch_norm_train, info, in_dims, x, weight, bias, eps)
+
+
+def _eval_vmap(info, in_dims, x, weight, bias, running_mean, running_var, eps):
+    return batching.eval_rule(batch_norm_eval, info, in_dims, x, weight, bias, running_mean, running_var, eps)
+
+
+def _backward_vmap(info, in_dims, grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
+    return batching.backward_rule(batch_norm_backward, info, in_dims, grad_out, x, weight, running_mean,
+                                  mean_shifted, rstd, pivot)
+
+
+def _update_vmap(info, in_dims, running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
+    return batching.update_rule(update, info, in_dims, running_mean, running_var, num_batches_tracked,
+                                mean, var_unbiased, momentum)
+
+
+batch_norm_train.register_vmap(_train_vmap)
+batch_norm_eval.register_vmap(_eval_vmap)
+batch_norm_backward.register_vmap(_backward_vmap)
+update_running_stats.register_vmap(_update_vmap)

@@ -10,10 +10,10 @@
 """
 from .verification.harness import check_case
 from .verification.strategies import (
-    DATA_KINDS, DTYPES, LAYOUTS, Case, Tensors, apply_layout, cases, make_tensors, shapes,
+    DATA_KINDS, DTYPES, LAYOUTS, PARAM_LAYOUTS, Case, Tensors, apply_layout, cases, make_tensors, place, shapes,
 )
 
 __all__ = [
-    "DATA_KINDS", "DTYPES", "LAYOUTS", "Case", "Tensors", "apply_layout", "cases", "check_case",
-    "make_tensors", "shapes",
+    "DATA_KINDS", "DTYPES", "LAYOUTS", "PARAM_LAYOUTS", "Case", "Tensors", "apply_layout", "cases", "check_case",
+    "make_tensors", "place", "shapes",
 ]

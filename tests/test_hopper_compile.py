@@ -32,10 +32,11 @@ VARIANTS = {
     "fp16-largest-fused-tile": ("fp16", "fp16", tl.float32, True, False, (4096, 2), 16),
 }
 
-INPUT_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "out_ptr", "pivot_ptr"}
+INPUT_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "out_ptr", "pivot_ptr", "res_ptr"}
 PARAM_POINTERS = {"weight_ptr", "bias_ptr", "dweight_ptr", "dbias_ptr", "running_mean_ptr",
                   "running_var_ptr", "var_ptr"}
-FLOATS = {"eps_hi", "eps_lo", "momentum_hi", "momentum_lo"}
+FLOATS = {"eps_hi", "eps_lo", "momentum_hi", "momentum_lo", "slope_hi", "slope_lo"}
+EPILOGUE = {"ACTIVATION", "HAS_RESIDUAL", "MASK", "INVERT"}  # activations.py's switches
 
 
 def _signature(kernel: DualKernel, variant):
@@ -46,10 +47,13 @@ def _signature(kernel: DualKernel, variant):
         name = p.name
         if p.is_constexpr:
             signature[name] = "constexpr"
+            # The epilogue's switches stay off here (test_epilogue_variants_compile_for_sm90).
             constexprs[name] = {"BLOCK_R": block_r, "BLOCK_C": block_c, "ACC": acc,
-                                "INT64": int64}.get(name, flag)
+                                "INT64": int64}.get(name, 0 if name in EPILOGUE else flag)
         elif name == "num_batches_ptr":
             signature[name] = "*i64"
+        elif name == "mask_ptr":
+            signature[name] = "*u8"
         elif name.endswith("_ptr"):
             dtype = x_dtype if name in INPUT_POINTERS else param_dtype if name in PARAM_POINTERS else acc_name
             signature[name] = "*" + dtype
@@ -71,6 +75,28 @@ def test_kernel_compiles_for_sm90(name, variant):
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": VARIANTS[variant][-1]}
     )
     assert compiled.asm["cubin"]
+
+
+# The fused epilogue's switches (activation code, residual, 1-bit mask, in-place inversion):
+# each activation and each switch in at least one kernel, forward and backward.
+EPILOGUE_VARIANTS = [
+    ("normalize._channel_affine_kernel", dict(HAS_DY=False, ACTIVATION=1, HAS_RESIDUAL=True, MASK=True)),
+    ("normalize._channel_affine_kernel", dict(HAS_DY=True, ACTIVATION=4, HAS_RESIDUAL=True)),
+    ("fused._fused_forward_kernel", dict(ACTIVATION=2, HAS_RESIDUAL=True, MASK=True)),
+    ("fused._fused_backward_kernel", dict(ACTIVATION=3, HAS_RESIDUAL=True)),
+    ("fused._fused_backward_kernel", dict(ACTIVATION=1, MASK=True, HAS_RESIDUAL=True)),
+    ("backward._grad_partial_kernel", dict(ACTIVATION=2, INVERT=True)),
+]
+
+
+@pytest.mark.skipif(ASTSource is None, reason="this Triton has no ahead-of-time compile API")
+@pytest.mark.parametrize("name,switches", EPILOGUE_VARIANTS, ids=lambda v: str(v).replace(" ", ""))
+def test_epilogue_variants_compile_for_sm90(name, switches):
+    kernel = KERNELS[name]
+    signature, constexprs = _signature(kernel, VARIANTS["bf16-flags-on"])
+    constexprs.update(switches)
+    source = ASTSource(fn=kernel.compiled, signature=signature, constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
 
 
 # The two dense layouts as the JIT specializes them: the unit stride becomes a constant

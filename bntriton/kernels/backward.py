@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activations import NO_EPILOGUE, Epilogue, activation_grad, invert_activation, load_mask, mask_grad
 from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, tl_accumulator
 from .layout import ChannelView
@@ -35,15 +36,26 @@ from .tiles import channel_offsets, channel_tile_offsets
 @kernel
 def _grad_partial_kernel(
     x_ptr, dy_ptr, pivot_ptr, mean_s_ptr, part_dy_ptr, part_dyc_ptr,
+    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, MASK: tl.constexpr = False,
+    INVERT: tl.constexpr = False,
 ):
+    # With an activation the sums are over dz = dy * act'(z), z recomputed (or read from
+    # the mask, or recovered from the output when INVERT) exactly as normalize.py's
+    # backward epilogue does; ``res_ptr`` is unused here (HAS_RESIDUAL only matters there).
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
+    # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
+    slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+    if ACTIVATION != 0 or INVERT:
+        act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
+        act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
@@ -59,8 +71,20 @@ def _grad_partial_kernel(
         mask = c_mask[:, None] & (r < row_end)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if INVERT:
+            z = invert_activation(x, slope[:, None], ACTIVATION)
+            dy = activation_grad(z, dy, slope[:, None], ACTIVATION)
+            x_k = (z - act_shift[:, None]) / act_scale[:, None]
+        else:
+            x_k = x - pivot[:, None]
+            if MASK:
+                # The packed mask is laid out rows x channels (activations.py); the tile is transposed.
+                positive = tl.trans(load_mask(mask_ptr, r, c, tl.trans(mask), channels))
+                dy = mask_grad(positive, dy, slope[:, None], ACTIVATION)
+            elif ACTIVATION != 0:
+                dy = activation_grad(x_k * act_scale[:, None] + act_shift[:, None], dy, slope[:, None], ACTIVATION)
         # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.
-        centred = tl.where(mask, (x - pivot[:, None]) - mean_s[:, None], 0.0)
+        centred = tl.where(mask, x_k - mean_s[:, None], 0.0)
         dy_hi, carry = two_sum(dy_hi, tl.sum(dy, axis=1))
         dy_lo += carry
         dyc_hi, carry = two_sum(dyc_hi, tl.sum(dy * centred, axis=1))
@@ -158,7 +182,7 @@ def _input_grad_coef_kernel(
 
 def _partial_sums(
     view: ChannelView, plan: Plan, dy: torch.Tensor, pivot: torch.Tensor, pivot_stride: int,
-    mean_shifted: torch.Tensor,
+    mean_shifted: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the split reduction: ``(num_splits, C)`` partial sum(dy), sum(dy * centred)."""
     x = view.tensor
@@ -166,12 +190,12 @@ def _partial_sums(
     part_dy = torch.empty((plan.num_splits, channels), dtype=accumulator_dtype(x.dtype), device=x.device)
     part_dyc = torch.empty_like(part_dy)
     _grad_partial_kernel[(plan.num_splits, cdiv(channels, plan.block_channels))](
-        x, dy, pivot, mean_shifted, part_dy, part_dyc,
+        x, dy, pivot, mean_shifted, part_dy, part_dyc, *epilogue.pointers(x, mean_shifted),
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         pivot_stride, plan.rows_per_split,
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
-        num_warps=plan.num_warps,
+        **epilogue.constexprs(), num_warps=plan.num_warps,
     )
     return part_dy, part_dyc
 
@@ -187,11 +211,14 @@ def batch_norm_grads(
     rstd: torch.Tensor,
     batch_stats: bool,
     param_dtype: torch.dtype,
+    epilogue: Epilogue = NO_EPILOGUE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) for ``view``; ``dy`` must share the view's strides.
 
     ``pivot`` / ``mean_shifted`` / ``rstd`` are the statistics the forward normalized with:
     the batch's (pivot = the input itself, stride ``stride_c``) or the running ones.
+    ``epilogue`` takes dy through the forward's activation first (and writes the
+    residual's gradient); see :class:`~.activations.Epilogue`.
     """
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
@@ -201,7 +228,7 @@ def batch_norm_grads(
     if view.rows == 0:
         return view.empty_like(), dweight.zero_(), dbias.zero_()
 
-    part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
+    part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted, epilogue)
     coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
     combine_block = channel_block(channels)
     _grad_combine_kernel[(cdiv(channels, combine_block),)](
@@ -211,8 +238,12 @@ def batch_norm_grads(
         BLOCK_C=combine_block, HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
         ACC=tl_accumulator(x.dtype),
     )
-    if batch_stats:
-        dx = channel_affine(view, plan, pivot, pivot_stride, coef_b, coef_c, dy=dy, dy_scale=coef_a)
+    if batch_stats or epilogue.activation != 0:
+        # (With an activation, z needs x even under running statistics: B and C are zero.)
+        dx = channel_affine(
+            view, plan, pivot, pivot_stride, coef_b, coef_c, dy=dy, dy_scale=coef_a,
+            out_dtype=x.dtype, epilogue=epilogue,
+        )
     else:
         # Running statistics: dx = dy * A.  Read dy alone (B and C are zero, so B doubles
         # as a zero pivot) rather than paying for a read of x.

@@ -1,12 +1,18 @@
 """Which implementation runs: for CPU tensors the native path (native_cpu.py, torch's CPU
 operations) unless the interpreter is asked for (runtime.current_cpu_backend); else the
 kernels: the single-read path when a channel block's rows fit on chip (fused.py), else
-the grid-split path (stats.py + normalize.py, backward.py)."""
+the grid-split path (stats.py + normalize.py, backward.py).
+
+An ``epilogue`` (activation, residual, 1-bit mask, in-place output; activations.py) is
+a constexpr switch in the kernels; on the native path native_act.py composes it from
+torch ops around native_cpu.py's functions.
+"""
 from __future__ import annotations
 
 import torch
 
-from . import native_cpu
+from . import native_act, native_cpu
+from .activations import NO_EPILOGUE, Epilogue
 from .backward import batch_norm_grads
 from .fused import fused_backward, fused_forward
 from .plans import fused_plan, plan
@@ -22,49 +28,73 @@ def native(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and current_cpu_backend() == "native"
 
 
-def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Tensor, BatchStats]:
+def forward_train(
+    view: ChannelView, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE,
+) -> tuple[torch.Tensor, BatchStats]:
     """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``)."""
     if native(view.tensor):
-        return native_cpu.forward_train(view, weight, bias, eps)
+        if epilogue is NO_EPILOGUE:
+            return native_cpu.forward_train(view, weight, bias, eps)
+        return native_act.forward_train(view, weight, bias, eps, epilogue)
     single_read = fused_plan(view)
     if single_read is not None:
-        return fused_forward(view, single_read, weight, bias, eps)
+        return fused_forward(view, single_read, weight, bias, eps, epilogue)
     tiles = plan(view)
     stats = batch_stats(view, tiles, weight, bias, eps)
-    y = channel_affine(view, tiles, stats.pivot, 1, stats.scale, stats.shift)
+    # The pivot is its own per-channel tensor (BatchStats.pivot): an in-place output
+    # cannot overwrite it.
+    y = channel_affine(view, tiles, stats.pivot, 1, stats.scale, stats.shift, epilogue=epilogue)
     return y, stats
 
 
 def backward(
     view: ChannelView, dy, weight, pivot, pivot_stride: int, mean_shifted, rstd,
-    batch_stats: bool, param_dtype: torch.dtype,
+    batch_stats: bool, param_dtype: torch.dtype, epilogue: Epilogue = NO_EPILOGUE,
 ):
     """``(dx, dweight, dbias)``; ``dy`` shares the view's strides.  ``pivot`` /
     ``mean_shifted`` / ``rstd``: what the forward normalized with, the batch's
     (``BatchStats.pivot``, stride 1) or the running statistics (``running_mean``, a zero
     shifted mean)."""
     if native(view.tensor):
-        return native_cpu.backward(
-            view, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype
+        if epilogue is NO_EPILOGUE:
+            return native_cpu.backward(
+                view, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype
+            )
+        return native_act.backward(
+            view, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype, epilogue
         )
     single_read = fused_plan(view)  # None for an empty batch: the split path handles it
     if single_read is not None:
         return fused_backward(
-            view, single_read, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype
+            view, single_read, dy, weight, pivot, pivot_stride, mean_shifted, rstd, batch_stats, param_dtype,
+            epilogue,
         )
     return batch_norm_grads(
         view, plan(view), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
-        batch_stats=batch_stats, param_dtype=param_dtype,
+        batch_stats=batch_stats, param_dtype=param_dtype, epilogue=epilogue,
     )
 
 
-def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps: float) -> torch.Tensor:
+def forward_eval(
+    view: ChannelView, weight, bias, running_mean, running_var, eps: float, epilogue: Epilogue = NO_EPILOGUE,
+) -> torch.Tensor:
     """``y`` normalized with the running statistics (``view.rows >= 1``)."""
     if native(view.tensor):
-        return native_cpu.forward_eval(view, weight, bias, running_mean, running_var, eps)
+        if epilogue is NO_EPILOGUE:
+            return native_cpu.forward_eval(view, weight, bias, running_mean, running_var, eps)
+        return native_act.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue)
     _, scale, shift = eval_coefficients(view.tensor.dtype, running_var, weight, bias, eps)
     # Pivot = running mean: y = (x - running_mean) * scale + bias.
-    return channel_affine(view, plan(view), running_mean, 1, scale, shift)
+    return channel_affine(view, plan(view), running_mean, 1, scale, shift, epilogue=epilogue)
+
+
+def affine(view: ChannelView, pivot, pivot_stride: int, scale, shift, out_dtype, epilogue: Epilogue):
+    """``(x - K) * scale + shift`` with the epilogue's residual / activation, in ``out_dtype``
+    (the fused backward's pre-activation when it cannot be recomputed inside the kernels)."""
+    if native(view.tensor):
+        return native_act.affine(view, pivot, pivot_stride, scale, shift, out_dtype, epilogue)
+    return channel_affine(view, plan(view), pivot, pivot_stride, scale, shift, out_dtype=out_dtype,
+                          epilogue=epilogue)
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum) -> None:

@@ -13,9 +13,14 @@ whole channel, as the tile is in registers), fp32 or fp64 accumulation.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton.language as tl
 
+from .activations import (
+    NO_EPILOGUE, Epilogue, activate, activation_grad, invert_activation, load_mask, mask_grad, store_mask,
+)
 from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
@@ -27,14 +32,21 @@ from .tiles import channel_offsets, channel_tile_offsets
 @kernel
 def _fused_forward_kernel(
     x_ptr, y_ptr, weight_ptr, bias_ptr, pivot_ptr, mean_s_ptr, rstd_ptr, mean_ptr, var_unbiased_ptr,
+    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, eps_hi, eps_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
+    MASK: tl.constexpr = False, INVERT: tl.constexpr = False,
 ):
+    # y = act(BN(x) [+ residual]) (see activations.py); y_ptr may be x_ptr (in-place):
+    # every element is read before any is written.  act_scale / act_shift / INVERT are
+    # the backward's and unused here.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < channels
+    # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
+    slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = c_mask[:, None] & (r < rows)[None, :]
 
@@ -50,6 +62,12 @@ def _fused_forward_kernel(
                                             BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
     # The split path's epilogue (normalize.py): one rounding for the product and the shift.
     y = tl.fma(shifted, scale[:, None], shift[:, None])
+    if HAS_RESIDUAL:
+        y = y + tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if MASK:
+        # The packed mask is laid out rows x channels (activations.py); the tile is transposed.
+        store_mask(mask_ptr, tl.trans((y > 0) & mask), 0, rows, c, c_mask, channels, BLOCK_R, BLOCK_C)
+    y = activate(y, slope[:, None], ACTIVATION)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     tl.store(pivot_ptr + c, pivot, mask=c_mask)
@@ -62,14 +80,20 @@ def _fused_forward_kernel(
 @kernel
 def _fused_backward_kernel(
     x_ptr, dy_ptr, dx_ptr, weight_ptr, pivot_ptr, mean_s_ptr, rstd_ptr, dweight_ptr, dbias_ptr,
+    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BATCH_STATS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
+    MASK: tl.constexpr = False, INVERT: tl.constexpr = False,
 ):
+    # dy is first taken through the activation, as in normalize.py's backward epilogue;
+    # dz goes to res_ptr when HAS_RESIDUAL.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < channels
+    # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
+    slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = c_mask[:, None] & (r < rows)[None, :]
 
@@ -78,7 +102,25 @@ def _fused_backward_kernel(
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-    centred = tl.where(mask, (x - pivot[:, None]) - mean_s[:, None], 0.0)
+    if ACTIVATION != 0 or INVERT:
+        act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
+        act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
+    if INVERT:
+        z = invert_activation(x, slope[:, None], ACTIVATION)
+        dy = activation_grad(z, dy, slope[:, None], ACTIVATION)
+        x_k = (z - act_shift[:, None]) / act_scale[:, None]
+    else:
+        x_k = x - pivot[:, None]
+        if MASK:
+            # The packed mask is laid out rows x channels (activations.py); the tile is transposed.
+            positive = tl.trans(load_mask(mask_ptr, r, c, tl.trans(mask), channels))
+            dy = mask_grad(positive, dy, slope[:, None], ACTIVATION)
+        elif ACTIVATION != 0:
+            dy = activation_grad(x_k * act_scale[:, None] + act_shift[:, None], dy, slope[:, None], ACTIVATION)
+    dy = tl.where(mask, dy, 0.0)
+    if HAS_RESIDUAL:
+        tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
+    centred = tl.where(mask, x_k - mean_s[:, None], 0.0)
     sum_dy = tl.sum(dy, axis=1)
     sum_dyc = tl.sum(dy * centred, axis=1)
     tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=c_mask)
@@ -98,21 +140,23 @@ def _fused_backward_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float):
+def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE):
     """``(y, BatchStats)`` in one launch; ``plan`` from :func:`launch.fused_plan`."""
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
-    y = view.empty_like()
+    y = epilogue.out if epilogue.out is not None else view.empty_like()
+    if epilogue.mask is not None and plan.block_rows < 8:
+        plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
     per_channel = [torch.empty(view.channels, dtype=acc, device=x.device) for _ in range(5)]
     pivot, mean_s, rstd, mean, var_unbiased = per_channel
     _fused_forward_kernel[(cdiv(view.channels, plan.block_channels),)](
         x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
-        pivot, mean_s, rstd, mean, var_unbiased,
+        pivot, mean_s, rstd, mean, var_unbiased, *epilogue.pointers(x, rstd),
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         *split_float(eps),
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
-        ACC=tl_accumulator(x.dtype), num_warps=plan.num_warps,
+        ACC=tl_accumulator(x.dtype), **epilogue.constexprs(), num_warps=plan.num_warps,
     )
     # scale / shift are folded inside the kernel; the split path's fields are not needed.
     return y, BatchStats(mean_s, rstd, None, None, mean, var_unbiased, pivot)
@@ -120,7 +164,7 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float):
 
 def fused_backward(
     view: ChannelView, plan: Plan, dy, weight, pivot, pivot_stride, mean_shifted, rstd,
-    batch_stats: bool, param_dtype: torch.dtype,
+    batch_stats: bool, param_dtype: torch.dtype, epilogue: Epilogue = NO_EPILOGUE,
 ):
     """``(dx, dweight, dbias)`` in one launch; same contract as ``batch_norm_grads``."""
     x = view.tensor
@@ -129,10 +173,10 @@ def fused_backward(
     dbias = torch.empty_like(dweight)
     _fused_backward_kernel[(cdiv(view.channels, plan.block_channels),)](
         x, dy, dx, weight if weight is not None else rstd, pivot, mean_shifted, rstd, dweight, dbias,
-        view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
+        *epilogue.pointers(x, rstd), view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         pivot_stride,
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=weight is not None,
         BATCH_STATS=batch_stats, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
-        ACC=tl_accumulator(x.dtype), num_warps=plan.num_warps,
+        ACC=tl_accumulator(x.dtype), **epilogue.constexprs(), num_warps=plan.num_warps,
     )
     return dx, dweight, dbias

@@ -133,7 +133,8 @@ def channel_view(x: torch.Tensor) -> ChannelView:
     params = _view_params(tuple(x.shape), x.stride())
     if params is None:
         # Sliced, permuted or overlapping views: one copy into the channels-first format
-        # keeps every kernel on two dense layouts (outputs share the input's strides).
-        x = x.contiguous()
+        # keeps every kernel on two dense layouts (outputs share the input's strides).  An
+        # empty tensor counts as contiguous whatever its strides, so it gets fresh ones.
+        x = x.contiguous() if x.numel() else x.new_empty(x.shape)
         params = _view_params(tuple(x.shape), x.stride())
     return ChannelView(x, *params)

@@ -9,9 +9,14 @@ the backward's reduction.  Math in the accumulator dtype, output in ``out``'s dt
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton.language as tl
 
+from .activations import (
+    NO_EPILOGUE, Epilogue, activate, activation_grad, invert_activation, load_mask, mask_grad, store_mask,
+)
 from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
@@ -22,27 +27,63 @@ from .tiles import channel_offsets, tile_offsets
 @kernel
 def _channel_affine_kernel(
     x_ptr, dy_ptr, out_ptr, pivot_ptr, scale_ptr, shift_ptr, dy_scale_ptr,
+    res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, MASK: tl.constexpr = False,
+    INVERT: tl.constexpr = False,
 ):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Forward (HAS_DY False): out = act((x - K) * scale + shift [+ residual]), with the
+    # sign of the pre-activation packed into ``mask`` when MASK.
+    # Backward (HAS_DY): dz = dy * act'(z), z recomputed as (x - K) * act_scale + act_shift
+    # (or read from ``mask``); out = dz * dy_scale + (x - K) * scale + shift, and dz goes
+    # to ``res`` when HAS_RESIDUAL (the residual's gradient).  INVERT (in-place activated
+    # batch norm): ``x`` holds the forward's output y, so z = act^-1(y) and
+    # x - K = (z - act_shift) / act_scale (K = 0).
+    r0 = tl.program_id(0) * BLOCK_R
+    r = r0 + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
+    # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
+    slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = (r < rows)[:, None] & c_mask[None, :]
 
-    pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    # fma: one rounding where multiply-then-add takes two (the GPU would contract them
-    # anyway; the interpreter does not), so (x - K) costs no extra rounding next to x * a + b.
-    out = tl.fma(x - pivot[None, :], scale[None, :], shift[None, :])
     if HAS_DY:
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if ACTIVATION != 0 or INVERT:
+            act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
+            act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
+        if INVERT:
+            z = invert_activation(x, slope[None, :], ACTIVATION)
+            dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
+            x_k = (z - act_shift[None, :]) / act_scale[None, :]
+        else:
+            pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
+            x_k = x - pivot[None, :]
+            if MASK:
+                dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope[None, :], ACTIVATION)
+            elif ACTIVATION != 0:
+                z = x_k * act_scale[None, :] + act_shift[None, :]
+                dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
+        if HAS_RESIDUAL:
+            tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
         dy_scale = tl.load(dy_scale_ptr + c, mask=c_mask, other=0.0)
-        out = tl.fma(dy, dy_scale[None, :], out)
+        # fmas: one rounding per product and sum where multiply-then-add takes two (the
+        # GPU would contract them anyway; the interpreter does not).
+        out = tl.fma(dy, dy_scale[None, :], tl.fma(x_k, scale[None, :], shift[None, :]))
+    else:
+        pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
+        out = tl.fma(x - pivot[None, :], scale[None, :], shift[None, :])
+        if HAS_RESIDUAL:
+            out = out + tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if MASK:
+            store_mask(mask_ptr, (out > 0) & mask, r0, rows, c, c_mask, channels, BLOCK_R, BLOCK_C)
+        out = activate(out, slope[None, :], ACTIVATION)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -56,25 +97,31 @@ def channel_affine(
     dy: torch.Tensor | None = None,
     dy_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    epilogue: Epilogue | None = None,
 ) -> torch.Tensor:
     """``(x - pivot[c * pivot_stride]) * scale + shift [+ dy * dy_scale]`` over ``view``.
 
     ``dy`` must share the view's strides (see :meth:`ChannelView.same_layout`).  The
-    result has the view's shape and strides.
+    result has the view's shape and strides.  ``epilogue`` adds an activation, a residual
+    and the 1-bit mask (see :class:`~.activations.Epilogue`).
     """
     x = view.tensor
-    out = view.empty_like(out_dtype)
+    ep = epilogue or NO_EPILOGUE
+    out = ep.out if ep.out is not None else view.empty_like(out_dtype)
     if out.numel() == 0:
         return out
+    if ep.mask is not None and plan.block_rows < 8:
+        plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
     grid = (cdiv(view.rows, plan.block_rows), cdiv(view.channels, plan.block_channels))
     _channel_affine_kernel[grid](
         x, dy if dy is not None else x, out, pivot, scale, shift,
         dy_scale if dy_scale is not None else scale,
+        *ep.pointers(x, scale),
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         pivot_stride,
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_DY=dy is not None,
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
-        num_warps=plan.num_warps,
+        **ep.constexprs(), num_warps=plan.num_warps,
     )
     return out
 

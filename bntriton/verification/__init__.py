@@ -9,6 +9,8 @@ oracle, with error bounds derived per dtype:
   strategies (public as :mod:`bntriton.testing`);
 * :mod:`.families`: named groups of cases, each aimed at one way to be wrong;
 * :mod:`.harness`: :func:`check_case` and :func:`verify`;
+* :mod:`.peers`: the built-in implementations to check (torch eager, Inductor, cuDNN,
+  ATen native, FlagGems, attorch), by name;
 * :mod:`.report`: :class:`Report`, what a run found, as text and JSON.
 
 Nothing here is imported by the kernels; the command line lives in :mod:`bntriton.cli`.

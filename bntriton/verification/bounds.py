@@ -94,11 +94,72 @@ BOUNDS = {
     "dbias": Bound(rounding=1.0, growth=2.0),
     "running_mean": Bound(rounding=2.0, growth=2.0),
     "running_var": Bound(rounding=2.0, growth=2.0),
+    # Second-order gradients (d/dx, d/dgamma, d/ddy of <v, dx> + <u, dgamma>), normwise, in
+    # units of the coarser of the input's and the stored dtype (see ``second_order_dtype``).
+    # The derivative of the backward chains two rounds of reductions (the backward's, and
+    # the forward statistics it depends on): twice the backward's growth.  Rounding: an
+    # implementation may differentiate through the intermediates of its backward kept in
+    # the input's dtype (x_hat, dy - mean(dy), their combination, dx), half an ulp each,
+    # plus the result's own rounding: 4 half-ulps in all, rounded up to 4 ulps.
+    "d2x": Bound(rounding=4.0, growth=16.0),
+    "d2weight": Bound(rounding=4.0, growth=16.0),
+    "d2dy": Bound(rounding=4.0, growth=16.0),
 }
+
+
+def second_order_dtype(input_dtype: torch.dtype, stored: torch.dtype) -> torch.dtype:
+    """The dtype whose eps measures a second-order gradient: the coarser of the input's
+    and the one it is stored in.  A second-order gradient is the derivative of the first
+    one, dx, which exists only in the input's dtype; so fp32 parameters of an fp16 input
+    get second-order gradients good to fp16's precision, not fp32's."""
+    return input_dtype if EPS[input_dtype] > EPS[stored] else stored
+
+
+# Batch norm with a fused epilogue, act(BN(x) + residual).  The activations are at most
+# 1.13-Lipschitz (gelu; silu 1.10, relu 1) with second derivatives below 1, so an error
+# in z passes to y and to act'(z) nearly unchanged; evaluating exp / erf and the
+# derivative in the accumulator adds a few of its ulps (the rounding terms below, in
+# the stored dtype's units, cover them for fp32 / fp64 and overestimate for fp16 / bf16).
+# y and the residual's gradient are measured normwise against the pre-activation's and
+# dz's magnitude; dx, dweight and dbias as above, of dz.
+BOUNDS.update({
+    "y_act": Bound(rounding=4.0, growth=5.0),
+    "dresidual": Bound(rounding=4.0, growth=5.0),
+    "dx_act": Bound(rounding=2.0, growth=10.0),
+    "dweight_act": Bound(rounding=2.0, growth=6.0),
+    "dbias_act": Bound(rounding=2.0, growth=6.0),
+})
+
+
+def recovery_condition(weight, bias, z_max: float, x_hat_max: float) -> float:
+    """How much in-place activated batch norm amplifies the rounding of its saved output.
+
+    The backward recovers ``x_hat = (z - bias) / weight`` from z, which was rounded to
+    the stored dtype (relative error eps of |z|): the error in x_hat is then up to
+    ``eps * (|z| + |bias|) / |weight|``, against an x_hat of size ``x_hat_max``.  The
+    bounds for dx / dweight / dbias of the in-place path are the table's times this
+    factor (at least 1).
+    """
+    w = np.abs(_f64(weight)) if weight is not None else np.ones(1)
+    b = np.abs(_f64(bias)) if bias is not None else np.zeros_like(w)
+    return float(max(1.0, np.max((z_max + b) / w) / max(x_hat_max, 1e-300)))
 
 
 def bound_units(quantity: str, stored: torch.dtype, count: int) -> float:
     return BOUNDS[quantity].units(stored, count)
+
+
+def identity_units(stored: torch.dtype, count: int) -> float:
+    """Bound on ``max|y - x| / max|x|`` (units of ``EPS[stored]``) for a training-mode batch
+    norm whose gamma = sqrt(var + eps) and beta = mean are the batch's own statistics,
+    computed exactly and rounded to ``stored``: the layer is then the identity up to rounding.
+
+    ``y`` is within the ``"y"`` bound of the exact output for the rounded parameters, ``ref``
+    (taken relative to ``max|ref|``, which is ``max|x|`` to within 1.5 eps).  Rounding gamma
+    and beta to ``stored`` (half an ulp each) moves ``ref`` from ``x`` by at most
+    ``eps/2 * (|x - mean| + |mean|) <= eps/2 * 3 max|x|``: 1.5 units more.
+    """
+    return bound_units("y", stored, count) + 1.5
 
 
 def _f64(t) -> np.ndarray:

@@ -364,4 +364,42 @@ def _typical(quick):
     ]
 
 
+@_family("strided_params", "weight, bias, running stats as views (strided, offset, stride 0): read through, update in place, nowhere else")
+def _strided_params(quick):
+    return [
+        dict(shape=(8, 4, 3), dtype=f32, param_layout="strided", steps=2, quick=True),
+        dict(shape=(8, 4, 3), dtype=f32, param_layout="expanded", quick=True),
+        dict(shape=(8, 4, 3), dtype=f32, param_layout="expanded", training=False, quick=True),  # stats stride 0
+        dict(shape=(6, 5, 2, 2), dtype=f32, layout="channels_last", param_layout="offset", quick=True),
+        dict(shape=(16, 4), dtype=f16, param_layout="strided", quick=True),
+        dict(shape=(8, 4, 3), dtype=bf16, param_dtype=bf16, param_layout="strided", training=False),
+        dict(shape=(4, 300), dtype=f32, param_layout="strided"),  # across channel blocks
+        dict(shape=(8, 4, 3), dtype=f64, param_dtype=f64, param_layout="offset", steps=3, momentum=None),
+        dict(shape=(8, 6), dtype=f32, param_layout="strided", bias=False),
+        dict(shape=(4, 6, 10), dtype=f32, layout="strided", param_layout="strided"),
+        dict(shape=(8, 4, 3), dtype=f32, param_layout="expanded", bias=True, steps=2, momentum=0.5),
+    ]
+
+
+@_family("second_order", "double backward: d/d(x, gamma, beta, dy) of <v, dx> + <u, dgamma>, train and eval")
+def _second_order(quick):
+    so = dict(second_order=True)
+    return [
+        dict(shape=(8, 4, 3), dtype=f32, **so, quick=True),
+        dict(shape=(8, 4, 3), dtype=f32, training=False, **so, quick=True),
+        dict(shape=(6, 3, 2, 2), dtype=f64, param_dtype=f64, **so, quick=True),
+        dict(shape=(16, 5), dtype=f32, param_dtype=None, **so, quick=True),
+        dict(shape=(4, 3, 3, 3), dtype=f32, layout="channels_last", **so),
+        dict(shape=(8, 4, 3), dtype=f16, **so),
+        dict(shape=(8, 4, 3), dtype=bf16, training=False, **so),
+        dict(shape=(8, 4, 3), dtype=f64, param_dtype=f64, training=False, **so),
+        # Not two values per channel: there x_hat = +-1 whatever x, dx is zero up to eps
+        # terms, and its derivative is all cancellation (no normwise error means much).
+        dict(shape=(3, 6), dtype=f32, **so),
+        dict(shape=(8, 4, 3), dtype=f32, bias=False, **so),
+        dict(shape=(8, 4, 3), dtype=f32, offset=100.0, **so),
+        dict(shape=(8, 4, 3), dtype=f32, running=False, **so),
+    ]
+
+
 __all__ = ["FAMILIES", "Family", "FamilyUnavailable", "case_seed", "family_cases"]

@@ -12,33 +12,31 @@ command line ``bntriton verify`` (:mod:`bntriton.cli`) prints it.
 from __future__ import annotations
 
 import importlib
-import json
-import math
+import importlib.util
+import os
 import platform
+import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
 from . import oracle as reference
-from .bounds import bound_units, normwise_error, reduction_error
+from .bounds import bound_units, normwise_error, reduction_error, second_order_dtype
 from .families import FAMILIES, FamilyUnavailable, family_cases
+from .peers import PEERS, InductorBatchNorm, load_peer
 from .report import CaseResult, Report, default_device
-from .strategies import Case, make_tensors
+from .strategies import Case, Placed, make_tensors, param_layout, place, second_order_directions
 
 Impl = Callable[..., torch.Tensor]
 
 
 def _np(t: torch.Tensor | None):
     return None if t is None else t.detach().cpu().to(torch.float64).numpy()
-
-
-def _leaf(t: torch.Tensor | None, grad: bool):
-    return None if t is None else t.detach().clone().requires_grad_(grad)
 
 
 def _expect_layout(case: Case, x: torch.Tensor, out: torch.Tensor, name: str, result: CaseResult):
@@ -80,6 +78,33 @@ def _expect_exact_beta(case: Case, y: torch.Tensor, bias, result: CaseResult) ->
         result.problems.append(f"constant channel: output is not exactly beta = {expected.item():.9g} (off by up to {worst:.3g})")
 
 
+class Unsupported(Exception):
+    """The implementation refused a feature with a clear error (raised, not a silent
+    answer): the case is reported as unsupported, apart from the wrong ones."""
+
+
+# The exceptions that count as a clear refusal when a case exercises a feature an
+# implementation may not have (second-order gradients, per-channel tensors that are
+# views): what libraries raise to say "not supported".  Anything else is a crash, and
+# any answer, however quiet, is judged against the oracle.
+CLEAR_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError)
+# RuntimeErrors that are crashes, not refusals: a kernel that faulted did not decline.
+CRASH_SIGNS = ("illegal memory access", "CUDA error", "device-side assert", "out of bounds")
+
+
+@contextmanager
+def _feature(what: str, applies: bool = True):
+    """Turn a clear error raised inside the block into :class:`Unsupported` (``what``
+    names the feature in the report); outside a feature's cases errors stay failures."""
+    try:
+        yield
+    except CLEAR_ERRORS as exc:
+        if not applies or any(sign in str(exc) for sign in CRASH_SIGNS):
+            raise
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise Unsupported(f"{what}: {type(exc).__name__}: {first_line}") from exc
+
+
 def check_case(impl: Impl, case: Case, device: str | torch.device = "cpu") -> CaseResult:
     """Run ``impl`` on ``case`` and compare every output with the float64 oracle."""
     result = CaseResult(case)
@@ -90,6 +115,8 @@ def check_case(impl: Impl, case: Case, device: str | torch.device = "cpu") -> Ca
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
             _check(impl, case, device, result)
+    except Unsupported as why:
+        result.unsupported = str(why)
     except Exception as exc:  # an implementation that raises fails the case, with the reason
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         result.problems.append(f"raised {last}")
@@ -97,10 +124,34 @@ def check_case(impl: Impl, case: Case, device: str | torch.device = "cpu") -> Ca
     return result
 
 
+def _placed(case: Case, role: str, values, grad: bool = False) -> Optional[Placed]:
+    return None if values is None else place(values, param_layout(case, role), grad)
+
+
+def _check_untouched(name: str, p: Optional[Placed], values, result: CaseResult) -> None:
+    """A per-channel tensor the implementation must only read: same values, and its
+    buffer untouched outside the view."""
+    if p is None:
+        return
+    if not torch.equal(p.view.detach(), values):
+        result.problems.append(f"{name} was modified")
+    _check_buffer(name, p, result)
+
+
+def _check_buffer(name: str, p: Optional[Placed], result: CaseResult) -> None:
+    if p is None:
+        return
+    touched = p.outside_touched()
+    if touched:
+        shown = ", ".join(map(str, touched[:8])) + (", ..." if len(touched) > 8 else "")
+        result.problems.append(f"{name}: written outside its view, at buffer elements [{shown}]")
+
+
 def _check(impl: Impl, case: Case, device, result: CaseResult) -> None:
     t = make_tensors(case, device)
-    running_mean = None if t.running_mean is None else t.running_mean.clone()
-    running_var = None if t.running_var is None else t.running_var.clone()
+    views = case.param_layout != "contiguous"
+    running_mean = _placed(case, "running_mean", t.running_mean)
+    running_var = _placed(case, "running_var", t.running_var)
     ref_mean, ref_var = _np(t.running_mean), _np(t.running_var)
     mean_magnitude = None  # the running mean's error scale, chained over the steps
     grads = case.backward
@@ -110,9 +161,11 @@ def _check(impl: Impl, case: Case, device, result: CaseResult) -> None:
         # factor torch's modules pass: 1 / step.
         momentum = case.momentum if case.momentum is not None else 1.0 / step
         x_in = x.detach().requires_grad_(grads and last)
-        weight = _leaf(t.weight, grads and last)
-        bias = _leaf(t.bias, grads and last)
-        y = impl(x_in, running_mean, running_var, weight, bias, case.training, momentum, case.eps)
+        weight = _placed(case, "weight", t.weight, grads and last)
+        bias = _placed(case, "bias", t.bias, grads and last)
+        with _feature(f"per-channel tensors as {case.param_layout} views", views):
+            y = impl(x_in, _view(running_mean), _view(running_var), _view(weight), _view(bias),
+                     case.training, momentum, case.eps)
         ref = reference.forward(
             _np(x), ref_mean, ref_var, _np(t.weight), _np(t.bias), case.training, momentum, case.eps,
             running_mean_magnitude=mean_magnitude,
@@ -136,15 +189,23 @@ def _check(impl: Impl, case: Case, device, result: CaseResult) -> None:
         # error is relative to that scale (the oracle's magnitude), not to a mean near 0.
         for name, out, expected, magnitude in (("running_mean", running_mean, ref_mean, mean_magnitude),
                                                ("running_var", running_var, ref_var, None)):
-            result.errors[name] = normwise_error(out, expected, out.dtype, magnitude)
-            result.bounds[name] = bound_units(name, out.dtype, count)
+            result.errors[name] = normwise_error(out.view, expected, out.view.dtype, magnitude)
+            result.bounds[name] = bound_units(name, out.view.dtype, count)
+            _check_buffer(name, out, result)
     elif case.running:
-        if not (torch.equal(running_mean, t.running_mean) and torch.equal(running_var, t.running_var)):
+        if not (torch.equal(running_mean.view, t.running_mean) and torch.equal(running_var.view, t.running_var)):
             result.problems.append("running statistics changed in evaluation mode")
+        _check_buffer("running_mean", running_mean, result)
+        _check_buffer("running_var", running_var, result)
 
     if not grads:
+        _check_untouched("weight", weight, t.weight, result)
+        _check_untouched("bias", bias, t.bias, result)
         return
-    y.backward(t.dy)
+    with _feature(f"per-channel tensors as {case.param_layout} views", views):
+        y.backward(t.dy)
+    _check_untouched("weight", weight, t.weight, result)
+    _check_untouched("bias", bias, t.bias, result)
     ref_grad = reference.backward(
         _np(t.dy), _np(x), ref.mean, ref.var, _np(t.weight), case.training, case.eps
     )
@@ -156,47 +217,139 @@ def _check(impl: Impl, case: Case, device, result: CaseResult) -> None:
     _nonfinite_leak("input gradient", x_in.grad, ref_grad.dx, result)
     result.bounds["dx"] = bound_units("dx", case.dtype, count)
     for name, leaf in (("weight", weight), ("bias", bias)):
-        if leaf is not None and leaf.grad is None:
+        if leaf is not None and leaf.view.grad is None:
             result.problems.append(f"no gradient reached the {name}")
             return
     if weight is not None:
-        result.errors["dweight"] = reduction_error(weight.grad, ref_grad.dweight, ref_grad.dweight_scale, weight.dtype)
-        result.bounds["dweight"] = bound_units("dweight", weight.dtype, count)
+        result.errors["dweight"] = reduction_error(weight.view.grad, ref_grad.dweight, ref_grad.dweight_scale, weight.view.dtype)
+        result.bounds["dweight"] = bound_units("dweight", weight.view.dtype, count)
     if bias is not None:
-        result.errors["dbias"] = reduction_error(bias.grad, ref_grad.dbias, ref_grad.dbias_scale, bias.dtype)
-        result.bounds["dbias"] = bound_units("dbias", bias.dtype, count)
+        result.errors["dbias"] = reduction_error(bias.view.grad, ref_grad.dbias, ref_grad.dbias_scale, bias.view.dtype)
+        result.bounds["dbias"] = bound_units("dbias", bias.view.dtype, count)
+    if case.second_order:
+        _check_second_order(impl, case, t, x, momentum, result)
+
+
+def _view(p: Optional[Placed]):
+    return None if p is None else p.view
+
+
+def _check_second_order(impl: Impl, case: Case, t, x: torch.Tensor, momentum: float, result: CaseResult) -> None:
+    """Gradients of ``L = <v, dx> + <u, dweight>`` with respect to x, weight and bias,
+    through the implementation's own backward (``create_graph=True``), against the
+    float64 oracle.  A backward that is not differentiable and says nothing gives zero
+    (or partial) second-order gradients: judged like any other wrong answer."""
+    v, u = second_order_directions(case, x.device)
+    x_in = x.detach().requires_grad_(True)
+    weight = _placed(case, "weight", t.weight, True)
+    bias = _placed(case, "bias", t.bias, True)
+    # Fresh running statistics: the forward's update was checked above.
+    running_mean = _placed(case, "running_mean", t.running_mean)
+    running_var = _placed(case, "running_var", t.running_var)
+    leaves = [x_in] + [p.view for p in (weight, bias) if p is not None]
+    y = impl(x_in, _view(running_mean), _view(running_var), _view(weight), _view(bias),
+             case.training, momentum, case.eps)
+    # dy requires grad, as it does inside a network (it comes from the layers above):
+    # that is when a backward marked once-differentiable raises its clear error.
+    dy = t.dy.detach().requires_grad_(True)
+    with _feature("second-order gradients"):  # create_graph=True is where some refuse already
+        first = torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True)
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    if first[0] is not None:
+        loss = loss + (first[0].to(torch.float64) * v.to(torch.float64)).sum()
+    if weight is not None and first[1] is not None:
+        loss = loss + (first[1].to(torch.float64) * u.to(torch.float64)).sum()
+    if loss.requires_grad:
+        with _feature("second-order gradients"):
+            # backward(), not autograd.grad(inputs=...): it walks the whole graph, so a
+            # node that refuses to be differentiated (once_differentiable) gets to raise.
+            loss.backward()
+    second = [leaf.grad for leaf in leaves]
+    ddy = dy.grad
+    if all(g is None for g in second):  # dx and dweight hang off x and weight by no graph
+        result.problems.append("the backward is not differentiable (its gradients do not depend on x or "
+                               "weight), yet it raised nothing: second-order gradients silently zero")
+    second = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(second, leaves)]
+    ref = reference.second_order(
+        _np(t.dy), _np(x), _np(v), _np(u), _np(t.weight), _np(t.running_mean), _np(t.running_var),
+        case.training, case.eps,
+    )
+    count = case.count
+    result.errors["d2x"] = normwise_error(second[0], ref.dx, case.dtype)
+    result.bounds["d2x"] = bound_units("d2x", case.dtype, count)
+    # d/d(dy): the backward is linear in dy, so this is the forward's derivative in the
+    # direction v (plus u's term): the graph a once-differentiable backward cuts.
+    ddy = torch.zeros_like(dy) if ddy is None else ddy
+    result.errors["d2dy"] = normwise_error(ddy, ref.ddy, case.dtype)
+    result.bounds["d2dy"] = bound_units("d2dy", case.dtype, count)
+    if weight is not None:
+        unit = second_order_dtype(case.dtype, weight.view.dtype)
+        result.errors["d2weight"] = normwise_error(second[1], ref.dweight, unit)
+        result.bounds["d2weight"] = bound_units("d2weight", unit, count)
+    if bias is not None and bool(second[-1].detach().ne(0).any()):
+        result.problems.append("second-order gradient of the bias is not zero (bias enters neither dx nor dweight)")
 
 
 # ------------------------------------------------------------------ the harness as a product
 
 # Column names for the quantities (check_case's keys are F.batch_norm's argument names).
 
-IMPL_ALIASES = {
-    "bntriton": ("bntriton", "batch_norm"),
-    "torch": ("torch.nn.functional", "batch_norm"),
-}
+def resolve_impl(spec, device=None) -> tuple[Impl, str]:
+    """The implementation to check, and its name for the report, from:
 
-
-def resolve_impl(spec) -> tuple[Impl, str]:
-    """``None`` / ``"bntriton"``, ``"torch"``, ``"module:function"`` (dotted attributes
-    allowed after the colon) or a callable -> (callable, name for the report)."""
+    * ``None`` / a built-in peer's name (:data:`.peers.PEERS`: ``bntriton``, ``torch``,
+      ``inductor``, ``cudnn``, ``native``, ``flag_gems``, ``attorch``), loaded for ``device``;
+    * ``"module:function"`` (dotted attributes allowed after the colon), the module found
+      on ``sys.path`` or else in the current directory;
+    * ``"path/to/file.py:function"``;
+    * a callable.
+    """
     if spec is None:
         spec = "bntriton"
     if callable(spec):
         name = f"{getattr(spec, '__module__', None) or '?'}.{getattr(spec, '__qualname__', repr(spec))}"
         return spec, name
-    if spec in IMPL_ALIASES:
-        module_name, attr = IMPL_ALIASES[spec]
-    else:
-        module_name, _, attr = str(spec).partition(":")
+    spec = str(spec)
+    if spec in PEERS:
+        return load_peer(spec, device or default_device())
+    module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise ValueError(f"--impl {spec!r}: expected 'bntriton', 'torch' or MODULE:FUNCTION")
-    obj = importlib.import_module(module_name)
+        raise ValueError(f"--impl {spec!r}: expected one of {', '.join(PEERS)}, MODULE:FUNCTION "
+                         "or path/to/file.py:FUNCTION")
+    obj = _load_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{spec!r} is not callable")
     return obj, f"{module_name}.{attr}"
+
+
+def _load_module(name: str):
+    """A module by dotted name, or by file path (``x/y.py``).  A console script does not
+    put the current directory on ``sys.path`` (``python -m`` does), so a module there is
+    looked for explicitly: ``bntriton verify --impl mymod:fn`` works either way."""
+    if name.endswith(".py") or os.sep in name or (os.altsep and os.altsep in name):
+        path = os.path.abspath(name)
+        if not os.path.isfile(path):
+            raise ImportError(f"no such file: {name}")
+        module_name = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(module_name, module)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            sys.path.remove(cwd)
+            raise exc from None
 
 
 def _importable_name(fn) -> Optional[str]:
@@ -206,6 +359,8 @@ def _importable_name(fn) -> Optional[str]:
         return "bntriton"
     if fn is torch.nn.functional.batch_norm:
         return "torch"
+    if isinstance(fn, InductorBatchNorm):
+        return "inductor"
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or "<" in qualname:
         return None
@@ -267,9 +422,9 @@ def verify(
     run exactly these instead (to rerun one case).  ``progress(done, total, result)`` is
     called once before the first case (``result`` None) and after each case.
     """
-    fn, name = resolve_impl(impl)
-    spec = impl if isinstance(impl, str) else _importable_name(fn)
     device = str(device or default_device())
+    fn, name = resolve_impl(impl, device)
+    spec = impl if isinstance(impl, str) else _importable_name(fn)
     report = Report(name, spec, device, seed, quick, environment=_environment(device))
     if cases is not None:
         todo = list(cases)

@@ -167,3 +167,63 @@ def backward(
     return BackwardResult(
         dx, dweight, dbias, np.abs(dy * x_hat).sum(axis=axes), np.abs(dy).sum(axis=axes), dx_scale
     )
+
+
+@dataclass
+class SecondOrderResult:
+    """Gradients of ``L = <v, dx> + <u, dweight>`` (dx, dweight: the first-order gradients
+    for the upstream gradient dy) with respect to x, weight and dy; bias does not enter dx
+    or dweight, so its gradient is zero."""
+
+    dx: np.ndarray
+    dweight: Optional[np.ndarray]
+    ddy: np.ndarray  # gradient with respect to dy (the backward is linear in dy)
+
+
+def second_order(
+    dy: np.ndarray,
+    x: np.ndarray,
+    v: np.ndarray,
+    u: Optional[np.ndarray],
+    weight: Optional[np.ndarray],
+    running_mean: Optional[np.ndarray],
+    running_var: Optional[np.ndarray],
+    training: bool,
+    eps: float = 1e-5,
+) -> SecondOrderResult:
+    """Second-order gradients in float64.
+
+    Differentiating the backward formula by hand is where implementations drop terms, so
+    the oracle does not: it writes the forward as elementary float64 operations and lets
+    torch's autograd (each elementary derivative well tested) differentiate it twice.
+    tests/test_reference.py checks it against finite differences (gradgradcheck).  The
+    per-channel shift by one sample is a constant here: the centred values do not depend
+    on it, so treating it as one changes no derivative.
+    """
+    import torch  # the second-order oracle differentiates with torch; the rest is NumPy
+
+    f64 = torch.float64
+    X = torch.tensor(np.asarray(x, np.float64), dtype=f64, requires_grad=True)
+    nd = X.dim()
+    axes = _axes(X)
+    has_weight = weight is not None
+    W = torch.tensor(np.asarray(weight, np.float64) if has_weight else np.ones(X.shape[1]), dtype=f64,
+                     requires_grad=has_weight)
+    if training:
+        pivot = torch.tensor(_pivot(np.asarray(x, np.float64)), dtype=f64)
+        d = X - _per_channel(pivot, nd)
+        centred = d - d.mean(dim=axes, keepdim=True)
+        var = (centred * centred).mean(dim=axes, keepdim=True)
+    else:
+        centred = X - _per_channel(torch.tensor(np.asarray(running_mean, np.float64), dtype=f64), nd)
+        var = _per_channel(torch.tensor(np.asarray(running_var, np.float64), dtype=f64), nd)
+    y = centred * torch.rsqrt(var + eps) * _per_channel(W, nd)
+    leaves = [X, W] if has_weight else [X]
+    DY = torch.tensor(np.asarray(dy, np.float64), requires_grad=True)
+    first = torch.autograd.grad(y, leaves, DY, create_graph=True)
+    loss = (first[0] * torch.tensor(np.asarray(v, np.float64))).sum()
+    if has_weight:
+        loss = loss + (first[1] * torch.tensor(np.asarray(u, np.float64))).sum()
+    second = torch.autograd.grad(loss, leaves + [DY], allow_unused=True)
+    as_np = [np.zeros(t.shape) if g is None else g.detach().numpy() for g, t in zip(second, leaves + [DY])]
+    return SecondOrderResult(as_np[0], as_np[1] if has_weight else None, as_np[-1])

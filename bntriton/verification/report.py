@@ -22,6 +22,9 @@ QUANTITIES = {
     "dbias": "dbeta",
     "running_mean": "run_mean",
     "running_var": "run_var",
+    "d2x": "d2x",
+    "d2weight": "d2gamma",
+    "d2dy": "d2dy",
 }
 
 
@@ -37,10 +40,22 @@ class CaseResult:
     bounds: dict = field(default_factory=dict)  # quantity -> bound, same units
     problems: list = field(default_factory=list)  # failures that are not a number
     seconds: float = 0.0  # wall time of the check (implementation + oracle)
+    # Why the implementation refused the feature the case exercises (a clear error it
+    # raised), or None.  Unsupported is not wrong: a wrong answer anywhere still fails.
+    unsupported: Optional[str] = None
+
+    @property
+    def wrong(self) -> bool:
+        """A failure: a problem, or an error over its bound."""
+        return bool(self.problems) or not all(self.errors[q] <= self.bounds[q] for q in self.errors)
 
     @property
     def passed(self) -> bool:
-        return not self.problems and all(self.errors[q] <= self.bounds[q] for q in self.errors)
+        return not self.wrong and self.unsupported is None
+
+    @property
+    def status(self) -> str:
+        return "FAIL" if self.wrong else "unsupported" if self.unsupported else "pass"
 
     def failures(self) -> list:
         out = list(self.problems)
@@ -54,6 +69,8 @@ class CaseResult:
             "errors": {k: (None if math.isinf(v) or math.isnan(v) else v) for k, v in self.errors.items()},
             "bounds": self.bounds,
             "problems": self.problems,
+            "unsupported": self.unsupported,
+            "status": self.status,
             "passed": self.passed,
             "seconds": round(self.seconds, 4),
         }
@@ -71,6 +88,7 @@ class FamilySummary:
     name: str
     cases: int = 0
     failed: int = 0
+    unsupported: int = 0  # refused with a clear error: neither passed nor failed
     seconds: float = 0.0
     worst_quantity: Optional[str] = None  # the quantity closest to (or furthest past) its bound
     worst_error: float = 0.0
@@ -79,7 +97,7 @@ class FamilySummary:
 
     @property
     def passed(self) -> int:
-        return self.cases - self.failed
+        return self.cases - self.failed - self.unsupported
 
     @property
     def worst_ratio(self) -> float:
@@ -88,7 +106,7 @@ class FamilySummary:
     def as_dict(self) -> dict:
         finite = lambda v: None if math.isinf(v) or math.isnan(v) else v  # noqa: E731 (JSON has no inf)
         return {
-            "cases": self.cases, "passed": self.passed, "failed": self.failed,
+            "cases": self.cases, "passed": self.passed, "failed": self.failed, "unsupported": self.unsupported,
             "seconds": round(self.seconds, 3), "skipped": self.skipped,
             "worst": None if self.worst_quantity is None else {
                 "quantity": self.worst_quantity, "error": finite(self.worst_error),
@@ -113,12 +131,17 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        """Every case passed (skipped families do not count against it; they are listed)."""
-        return all(r.passed for r in self.results)
+        """No case is wrong.  Skipped families and cases the implementation refused with a
+        clear error (unsupported) do not count against it; the report lists both."""
+        return not any(r.wrong for r in self.results)
 
     @property
     def failures(self) -> list:
-        return [r for r in self.results if not r.passed]
+        return [r for r in self.results if r.wrong]
+
+    @property
+    def unsupported(self) -> list:
+        return [r for r in self.results if r.status == "unsupported"]
 
     def failed_families(self) -> list:
         return [name for name, s in self.families().items() if s.failed]
@@ -131,7 +154,8 @@ class Report:
         for r in self.results:
             s = out.setdefault(r.case.family, FamilySummary(r.case.family))
             s.cases += 1
-            s.failed += not r.passed
+            s.failed += r.wrong
+            s.unsupported += r.status == "unsupported"
             s.seconds += r.seconds
             for q in r.errors:
                 ratio = _ratio(r.errors[q], r.bounds[q])
@@ -173,16 +197,21 @@ class Report:
     # -------------------------------------------------------------------- text rendering
 
     def summary_table(self) -> str:
-        rows = [("family", "cases", "pass", "fail", "closest to its bound: error / bound (eps)", "time")]
-        for name, s in self.families().items():
+        summaries = self.families()
+        refused = any(s.unsupported for s in summaries.values())
+        rows = [("family", "cases", "pass", "fail") + (("unsup",) if refused else ())
+                + ("closest to its bound: error / bound (eps)", "time")]
+        for name, s in summaries.items():
             if s.skipped:
-                rows.append((name, "-", "-", "-", f"skipped: {s.skipped}", ""))
+                rows.append((name, "-", "-", "-") + (("-",) if refused else ()) + (f"skipped: {s.skipped}", ""))
                 continue
             worst = "" if s.worst_quantity is None else (
                 f"{QUANTITIES[s.worst_quantity]} {_fmt(s.worst_error)} / {_fmt(s.worst_bound)}"
                 + _fmt_ratio(s.worst_ratio))
-            rows.append((name, str(s.cases), str(s.passed), str(s.failed) if s.failed else "0", worst, f"{s.seconds:.1f}s"))
-        return _render(rows, right={1, 2, 3, 5})
+            rows.append((name, str(s.cases), str(s.passed), str(s.failed))
+                        + ((str(s.unsupported),) if refused else ()) + (worst, f"{s.seconds:.1f}s"))
+        right = {1, 2, 3, 4, 6} if refused else {1, 2, 3, 5}
+        return _render(rows, right=right)
 
     def case_table(self, results: Optional[Iterable] = None) -> str:
         """One row per case: error/bound in eps of the stored dtype, '*' marks an error over its bound."""
@@ -198,7 +227,7 @@ class Report:
                     over = not r.errors[q] <= r.bounds[q]
                     cells.append(f"{_fmt(r.errors[q])}/{_fmt(r.bounds[q])}" + ("*" if over else ""))
             rows.append((c.family, str(c.seed), "x".join(map(str, c.shape)), c.layout,
-                         _short_dtype(c.dtype), _flags(c), *cells, "pass" if r.passed else "FAIL"))
+                         _short_dtype(c.dtype), _flags(c), *cells, r.status))
         return _render(rows, right=set(range(6, 6 + len(QUANTITIES))))
 
     def render(self, verbose: bool = False, max_failures: int = 20) -> str:
@@ -221,9 +250,19 @@ class Report:
                 parts.append(f"    {self.rerun_command(r)}")
             if len(failures) > len(shown):
                 parts.append(f"... and {len(failures) - len(shown)} more (--json PATH lists them all)")
-        n, f = len(self.results), len(failures)
+        refused = self.unsupported
+        if refused:
+            parts += ["", "unsupported (refused with a clear error; not counted as wrong):"]
+            reasons: dict = {}
+            for r in refused:
+                reasons.setdefault(r.unsupported, []).append(r.case.family)
+            for why, fams in reasons.items():
+                parts.append(f"- {len(fams)} case(s) in {', '.join(sorted(set(fams)))}: {why}")
+        n, f, u = len(self.results), len(failures), len(refused)
         verdict = "PASSED" if self.passed else "FAILED"
-        tail = f"{verdict}: {n - f}/{n} cases passed"
+        tail = f"{verdict}: {n - f - u}/{n} cases passed"
+        if u:
+            tail += f", {u} unsupported"
         if f:
             tail += f"; failing families: {', '.join(self.failed_families())}"
         if self.skipped:
@@ -271,6 +310,10 @@ def _flags(c: Case) -> str:
         out.append(f"eps={c.eps:g}")
     if not c.backward:
         out.append("nograd")
+    if c.second_order:
+        out.append("2nd")
+    if c.param_layout != "contiguous":
+        out.append(f"params={c.param_layout}")
     return ",".join(out)
 
 

@@ -22,6 +22,14 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # a network's activations have; "post_relu": max(0, normal) - half the values exactly
 # zero, the repeated values that make summation errors add up coherently.
 DATA_KINDS = ("normal", "constant_channel", "nan", "inf", "tiny_var", "typical", "post_relu")
+# How the per-channel tensors (weight, bias, running_mean, running_var) are stored:
+# "contiguous"; "offset": a dense slice that starts a few elements into a larger buffer;
+# "strided": every other element of a larger buffer; "expanded": weight and bias are one
+# value expanded to C (stride 0), and so are the running statistics in evaluation mode
+# (read only); in training they are strided, since an update cannot write C values
+# through one element.  Every buffer is NaN outside the view: reading past the view
+# shows in the outputs, writing past it shows in the buffer.
+PARAM_LAYOUTS = ("contiguous", "offset", "strided", "expanded")
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,10 @@ class Case:
     family: str = "random"
     backward: bool = True
     eps: float = 1e-5
+    param_layout: str = "contiguous"  # one of PARAM_LAYOUTS
+    # Also check second-order gradients: d/d(x, weight, bias) of <v, dx> + <u, dweight>
+    # (v, u random), through the implementation's backward with create_graph=True.
+    second_order: bool = False
 
     @property
     def channels(self) -> int:
@@ -140,23 +152,109 @@ def _data(case: Case, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_tensors(case: Case, device: str | torch.device = "cpu") -> Tensors:
-    """Fresh random tensors for ``case``, drawn from its seed (reproducible)."""
+    """Fresh random tensors for ``case``, drawn from its seed (reproducible).
+
+    The per-channel tensors are contiguous here whatever ``case.param_layout``: they hold
+    the values; :func:`place` puts them in the case's layout for each call.  Under the
+    "expanded" layout their values are one per tensor (what a stride-0 view can hold).
+    """
     gen = torch.Generator().manual_seed(case.seed)
     xs = [apply_layout(_data(case, gen).to(case.dtype), case.layout).to(device) for _ in range(case.steps)]
     dy = torch.randn(case.shape, generator=gen, dtype=torch.float64).to(case.dtype).to(device)
     c = case.channels
     pd = case.param_dtype
+
+    def uniform_if_expanded(t: torch.Tensor, role: str) -> torch.Tensor:
+        return t[:1].expand(c).clone() if param_layout(case, role) == "expanded" else t
+
     weight = bias = None
     if pd is not None:
-        weight = (1 + 0.5 * torch.randn(c, generator=gen, dtype=torch.float64)).to(pd).to(device)
+        weight = uniform_if_expanded(1 + 0.5 * torch.randn(c, generator=gen, dtype=torch.float64), "weight").to(pd).to(device)
         if case.bias:
-            bias = torch.randn(c, generator=gen, dtype=torch.float64).to(pd).to(device)
+            bias = uniform_if_expanded(torch.randn(c, generator=gen, dtype=torch.float64), "bias").to(pd).to(device)
     running_mean = running_var = None
     if case.running:
         stat_dtype = pd or (torch.float64 if case.dtype == torch.float64 else torch.float32)
-        running_mean = (case.offset * case.scale + torch.randn(c, generator=gen, dtype=torch.float64)).to(stat_dtype).to(device)
-        running_var = (case.scale**2 * (0.5 + torch.rand(c, generator=gen, dtype=torch.float64))).to(stat_dtype).to(device)
+        mean = case.offset * case.scale + torch.randn(c, generator=gen, dtype=torch.float64)
+        var = case.scale**2 * (0.5 + torch.rand(c, generator=gen, dtype=torch.float64))
+        running_mean = uniform_if_expanded(mean, "running_mean").to(stat_dtype).to(device)
+        running_var = uniform_if_expanded(var, "running_var").to(stat_dtype).to(device)
     return Tensors(xs, dy, weight, bias, running_mean, running_var)
+
+
+def second_order_directions(case: Case, device: str | torch.device = "cpu") -> tuple:
+    """(v, u): the random weights of the scalar ``<v, dx> + <u, dweight>`` whose gradient
+    the second-order check takes; v in the input's dtype, u in the parameters' (so that
+    the values the implementation sees are exactly the oracle's)."""
+    gen = torch.Generator().manual_seed(case.seed ^ 0x5EC0_0D)
+    v = torch.randn(case.shape, generator=gen, dtype=torch.float64).to(case.dtype).to(device)
+    u = None
+    if case.param_dtype is not None:
+        u = torch.randn(case.channels, generator=gen, dtype=torch.float64).to(case.param_dtype).to(device)
+    return v, u
+
+
+# ------------------------------------------------------------- per-channel tensor layouts
+
+
+def param_layout(case: Case, role: str) -> str:
+    """The layout of one per-channel tensor (``role``: weight, bias, running_mean,
+    running_var): ``case.param_layout``, except that running statistics updated in
+    training are strided rather than expanded (an update writes C values)."""
+    if case.param_layout not in PARAM_LAYOUTS:
+        raise ValueError(f"unknown param_layout {case.param_layout!r}; expected one of {PARAM_LAYOUTS}")
+    if case.param_layout == "expanded" and role.startswith("running") and case.training:
+        return "strided"
+    return case.param_layout
+
+
+@dataclass
+class Placed:
+    """A per-channel tensor as an implementation receives it, and the storage around it."""
+
+    view: torch.Tensor  # what the implementation is given
+    buffer: torch.Tensor  # the storage the view lives in: NaN outside the view
+    inside: torch.Tensor  # bool, buffer's shape: the elements the view covers
+
+    def outside_touched(self) -> list:
+        """Indices of buffer elements outside the view that are no longer NaN."""
+        outside = ~self.inside & ~torch.isnan(self.buffer.detach())
+        return torch.nonzero(outside.cpu()).flatten().tolist()
+
+
+def place(values: torch.Tensor, layout: str, grad: bool = False) -> Placed:
+    """``values`` (1-D) as a view laid out as ``layout`` (:data:`PARAM_LAYOUTS`) in a fresh
+    NaN-filled buffer.  With ``grad`` the buffer is the leaf that requires grad and the
+    view keeps its gradient (``retain_grad``), so ``view.grad`` is the gradient the
+    implementation computed for the tensor it was given."""
+    n = values.numel()
+    values = values.detach()
+    if layout == "contiguous":
+        size, select = n, (lambda b: b)
+    elif layout == "offset":  # a dense slice, 3 elements into its buffer
+        size, select = n + 5, (lambda b: b[3:3 + n])
+    elif layout == "strided":  # every other element, starting at 1: NaN on both sides
+        size, select = 2 * n + 1, (lambda b: b[1:2 * n:2])
+    elif layout == "expanded":  # one element, stride 0
+        if n and not bool((values == values[:1]).all()):
+            raise ValueError("an expanded per-channel tensor holds one value")
+        size, select = 3, (lambda b: b[1:2].expand(n))
+    else:
+        raise ValueError(f"unknown per-channel layout {layout!r}; expected one of {PARAM_LAYOUTS}")
+    buffer = torch.full((size,), math.nan, dtype=values.dtype, device=values.device)
+    inside = torch.zeros(size, dtype=torch.bool, device=values.device)
+    if layout == "expanded":
+        buffer[1:2] = values[:1]
+        inside[1] = True
+    else:
+        select(buffer).copy_(values)
+        select(inside).fill_(True)
+    if grad:
+        buffer.requires_grad_(True)
+    view = select(buffer)
+    if grad and view is not buffer:
+        view.retain_grad()
+    return Placed(view, buffer, inside)
 
 
 # ----------------------------------------------------------------- hypothesis strategies
@@ -228,4 +326,7 @@ def cases(
     return draw()
 
 
-__all__ = ["Case", "DTYPES", "EXTRA_LAYOUTS", "LAYOUTS", "Tensors", "apply_layout", "cases", "make_tensors", "shapes"]
+__all__ = [
+    "Case", "DTYPES", "EXTRA_LAYOUTS", "LAYOUTS", "PARAM_LAYOUTS", "Placed", "Tensors", "apply_layout", "cases",
+    "make_tensors", "param_layout", "place", "second_order_directions", "shapes",
+]
