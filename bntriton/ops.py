@@ -196,10 +196,11 @@ def _train_backward(ctx, grad_y, *_grads_of_statistics):
 
 
 def _train_jvp(ctx, tangent_x, tangent_weight, tangent_bias, _tangent_eps):
-    x, weight, bias, mean_shifted, rstd = ctx.saved_tensors
-    tangent_y = autograd.train_jvp(x, weight, bias, mean_shifted, rstd, tangent_x, tangent_weight, tangent_bias)
+    x, weight, bias, mean_shifted, rstd, pivot = ctx.saved_tensors
+    tangent_y = autograd.train_jvp(x, weight, bias, pivot, mean_shifted, rstd, tangent_x, tangent_weight,
+                                   tangent_bias)
     # The statistics are non-differentiable outputs: no tangent.
-    return tangent_y, None, None, None, None
+    return tangent_y, None, None, None, None, None
 
 
 batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
@@ -283,7 +284,7 @@ class _EagerTrain(torch.autograd.Function):
         output = _train_impl(x, weight, bias, eps)
         _train_setup(ctx, (x, weight, bias, eps), output)
         if _forward_ad_active():
-            ctx.save_for_forward(x, weight, bias, output[1], output[2])
+            ctx.save_for_forward(x, weight, bias, output[1], output[2], output[5])
         return output
 
     backward = staticmethod(_train_backward)
@@ -315,7 +316,7 @@ class _TransformedTrain(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _train_setup(ctx, inputs, output)
         x, weight, bias, _ = inputs
-        ctx.save_for_forward(x, weight, bias, output[1], output[2])
+        ctx.save_for_forward(x, weight, bias, output[1], output[2], output[5])
 
     backward = staticmethod(_train_backward)
     jvp = staticmethod(_train_jvp)
