@@ -4,15 +4,22 @@
 ``x - K`` is exact when x and K are close, which is precisely when the naive
 ``E[x^2] - E[x]^2`` would cancel catastrophically.  ``K`` is defined as
 
-    K = x_0 + (sum over i < m of (x_i - x_0)) / m,    m = min(16, rows)
+    m = min(16, rows),   d_i = x_i - x_0 (i < m),   dbar = sum(d_i) / m,
+    s2 = sum((d_i - dbar)**2) / m,   P = x_0 + dbar,
+    K = 0 if P**2 <= 4 * s2 else P
 
 with ``x_i`` the channel's value in row ``i`` of the rows x channels view (row 0 is
-sample 0, position 0; layout.py), summed in the accumulator dtype
-(:func:`numerics.batch_pivot`).  It sits about std / 4 from the channel's mean, where
-``x_0`` alone sits about one std away: the shifted values then have a small mean, and so
-do their running sums.  A constant channel gets ``K = x_0`` exactly (every deviation is
-0).  ``K`` is stored per channel (``BatchStats.pivot``) and travels with ``mean_shifted``
-and ``rstd`` to the forward epilogue and the backward, as the running mean does in eval.
+sample 0, position 0; rows run over samples, then positions; layout.py), everything in
+the accumulator dtype (:func:`numerics.batch_pivot`; the native CPU path computes the
+same).  ``P`` sits about std / 4 from the channel's mean, where ``x_0`` alone sits about
+one std away, so the shifted values of offset data have a small mean and so do their
+sums; data whose first rows' mean is within two of their standard deviations of zero are
+not shifted at all (``x - 0`` is exact, and the epilogue then matches ``x * a + b``).  A
+constant channel gets ``K = x_0`` (or 0), and its shifted values are exactly equal.  A
+NaN among the first rows makes ``K`` NaN: the channel's statistics are NaN anyway.  ``K``
+is stored per channel (``BatchStats.pivot``) and travels with ``mean_shifted`` and
+``rstd`` to the forward epilogue and the backward (the train op's sixth output, the
+backward op's ``pivot`` argument), as the running mean does in eval.
 
 **The reductions** have an error that grows like log2(rows), on a GPU and in the
 interpreter alike: tiles are channels x rows and summed over their last axis (a tree on
