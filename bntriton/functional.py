@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import ops
+from .kernels import RunningStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -24,6 +25,11 @@ _TORCH_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.f
 def _check_per_channel(name: str, t: Optional[Tensor], input: Tensor) -> None:
     if t is None:
         return
+    if (
+        type(t) in (Tensor, torch.nn.Parameter) and t.dim() == 1 and t.shape[0] == input.shape[1]
+        and t.is_floating_point() and t.device == input.device
+    ):
+        return  # the common case in one expression: this runs four times per call
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
     channels = input.shape[1]
@@ -183,15 +189,15 @@ def batch_norm_with_counter(
     eps = float(eps)
     weight, bias = _dense(weight), _dense(bias)
     if training:
-        y, _, _, mean, var_unbiased, _ = ops.train(input, weight, bias, eps)
+        running = None
         if running_mean is not None and input.numel() > 0:
-            # One launch bumps the counter and updates the running statistics.
-            ops.update(
-                running_mean, running_var, num_batches_tracked, mean, var_unbiased,
-                None if momentum is None else float(momentum),
+            # The counter and the running statistics are updated on device: by the
+            # statistics' own launches (eager calls) or one launch after them.
+            running = RunningStats(
+                running_mean, running_var, num_batches_tracked, None if momentum is None else float(momentum)
             )
         elif num_batches_tracked is not None:
             # An empty batch leaves the running statistics as they are (as torch).
             num_batches_tracked.add_(1)
-        return y
+        return ops.train(input, weight, bias, eps, running)[0]
     return ops.evaluate(input, weight, bias, _dense(running_mean), _dense(running_var), eps)

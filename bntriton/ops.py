@@ -16,7 +16,10 @@ Eager calls on plain tensors run the same implementations and autograd formulas 
 a bare ``autograd.Function`` instead (:func:`train`, :func:`update`, :func:`evaluate`, at
 the end of this file): torch.library's dispatch costs more host time than a small batch
 norm takes on a GPU.  Anything traced goes through the registered ops.  Under torch.func
-transforms a third pair of Functions runs (setup_context, jvp and a vmap rule).
+transforms a third pair of Functions runs (setup_context, jvp and a vmap rule).  The
+eager training forward also updates the running statistics inside the statistics'
+launches (the op and its update take one launch more); eager calls that autograd would
+not record skip the Function altogether.
 
 Beyond the first derivative: a backward that must itself be differentiable or batched
 (``create_graph=True``, torch.func, gradcheck's batched checks) runs as torch ops
@@ -44,7 +47,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import autograd, batching
-from .kernels import accumulator_dtype, channel_view, dispatch
+from .kernels import RunningStats, accumulator_dtype, channel_view, dispatch
 
 
 def _param_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtype:
@@ -60,12 +63,18 @@ def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean_shifted, rstd, mean, var_unbiased, pivot)`` from the batch's statistics."""
+    return _train_and_update(x, weight, bias, eps, None)
+
+
+def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
+    """:func:`_train_impl`, also updating ``running`` (contiguous, non-empty batch) in the
+    same launches: the eager path's training forward (the op must stay functional)."""
     view = channel_view(x)
     if view.rows == 0:
         # An empty batch has no statistics: an empty output (as torch).
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
         return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-    y, stats = dispatch.forward_train(view, weight, bias, eps)
+    y, stats = dispatch.forward_train(view, weight, bias, eps, running=running)
     return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, stats.pivot
 
 
@@ -280,15 +289,27 @@ def _forward_ad_active() -> bool:
 
 class _EagerTrain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        output = _train_impl(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, running):
+        # The running statistics (buffers, never differentiated) are updated in place by
+        # the statistics' own launches: one launch fewer than the op and its update.
+        output = _train_and_update(x, weight, bias, eps, running)
         _train_setup(ctx, (x, weight, bias, eps), output)
+        # The statistics outputs' gradients are never used: no zero-filled tensors for
+        # them (four memset launches per backward on a GPU).
+        ctx.set_materialize_grads(False)
         if _forward_ad_active():
             ctx.save_for_forward(x, weight, bias, output[1], output[2], output[5])
         return output
 
-    backward = staticmethod(_train_backward)
-    jvp = staticmethod(_train_jvp)
+    @staticmethod
+    def backward(ctx, grad_y, *grads_of_statistics):
+        if grad_y is None:  # nothing flowed back into y (gradients are not materialized)
+            return None, None, None, None, None
+        return (*_train_backward(ctx, grad_y, *grads_of_statistics), None)
+
+    @staticmethod
+    def jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_eps, _tangent_running):
+        return _train_jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_eps)
 
 
 class _EagerEval(torch.autograd.Function):
@@ -346,14 +367,41 @@ class _TransformedEval(torch.autograd.Function):
         return batching.eval_rule(evaluate, info, in_dims, x, weight, bias, running_mean, running_var, eps)
 
 
-def train(x, weight, bias, eps):
-    """``batch_norm_train``: eager fast path, torch.func path or the registered op."""
+def _records_graph(*tensors) -> bool:
+    """Whether autograd (reverse or forward mode) would record this call; when not
+    (inference, frozen layers), eager calls skip ``autograd.Function.apply``."""
+    if _forward_ad_active():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
+    """``batch_norm_train`` and, with ``running`` given, the running-statistics update:
+    eager fast path (one set of launches does both), torch.func path or the registered
+    ops."""
     route = _route(x, weight, bias)
-    if route == _EAGER:
-        return _EagerTrain.apply(x, weight, bias, eps)
+    if route == _EAGER and (running is None or _foldable(running)):
+        if not _records_graph(x, weight, bias):
+            return _train_and_update(x, weight, bias, eps, running)
+        return _EagerTrain.apply(x, weight, bias, eps, running)
     if route == _TRANSFORMED:
-        return _TransformedTrain.apply(x, weight, bias, eps)
-    return batch_norm_train(x, weight, bias, eps)
+        output = _TransformedTrain.apply(x, weight, bias, eps)
+    elif route == _EAGER:
+        output = _EagerTrain.apply(x, weight, bias, eps, None)
+    else:
+        output = batch_norm_train(x, weight, bias, eps)
+    if running is not None:
+        update(running.mean, running.var, running.num_batches_tracked, output[3], output[4], running.momentum)
+    return output
+
+
+def _foldable(running: RunningStats) -> bool:
+    """Whether the statistics' combine can update ``running`` itself: plain, dense buffers
+    (the kernel writes C consecutive elements)."""
+    return (
+        _plain(running.mean, running.var, running.num_batches_tracked)
+        and running.mean.is_contiguous() and running.var.is_contiguous()
+    )
 
 
 def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
@@ -376,6 +424,8 @@ def evaluate(x, weight, bias, running_mean, running_var, eps):
     """``batch_norm_eval``: eager fast path, torch.func path or the registered op."""
     route = _route(x, weight, bias, running_mean, running_var)
     if route == _EAGER:
+        if not _records_graph(x, weight, bias):
+            return _eval_impl(x, weight, bias, running_mean, running_var, eps)
         return _EagerEval.apply(x, weight, bias, running_mean, running_var, eps)
     if route == _TRANSFORMED:
         return _TransformedEval.apply(x, weight, bias, running_mean, running_var, eps)

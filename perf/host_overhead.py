@@ -1,51 +1,112 @@
-"""Host (Python) time per batch-norm call, with the kernel launches themselves stubbed out.
+"""Host (Python) time per batch-norm call, with the kernel launches stubbed out, beside
+torch's own ``nn.BatchNorm2d`` timed the same way.
 
 Small batch norms are host-bound on a GPU: the time a call spends in Python (argument
 checks, layout analysis, planning, allocations, autograd bookkeeping) adds to every
 kernel.  That part can be measured on any machine, CPU included, by replacing the
 launches with no-ops; what it leaves out is Triton's own launch cost, which only a GPU
-run shows (perf/sweep.py).
+run shows (perf/sweep.py).  torch's module runs on a tiny CPU tensor (2 x C x 1 x 1), so
+its time is its host path plus a kernel of a few thousand elements: the bar to meet.
 
-    python perf/host_overhead.py [--calls 3000]
+    python perf/host_overhead.py [--calls 3000] [--channels 2048]
+
+Prints one row per call kind (training forward, forward + backward, eval forward with
+the module's parameters requiring grad, and eval forward under ``torch.no_grad()``):
+bntriton's microseconds, torch's, and their ratio.  Timings are the best of five rounds
+(other processes on the machine only ever add time), counted in the calling thread's
+CPU time with one intra-op thread, so that a busy machine does not inflate them.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import bntriton
-from bntriton.kernels import runtime
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bntriton  # noqa: E402
+from bntriton.kernels import runtime  # noqa: E402
 
 
-def _per_call_us(fn, calls: int) -> float:
+def per_call_us(fn, calls: int, rounds: int = 5) -> float:
+    """Best of ``rounds`` averages over ``calls`` calls, after a warm-up, in this thread's
+    CPU time: on a shared machine, time spent waiting for a core is not host time."""
     for _ in range(min(calls, 200)):  # warm caches (plans, layouts)
         fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.thread_time() - start) / calls)
+    return best * 1e6
+
+
+def _calls(module, x, x_grad):
+    """The three call kinds for ``module`` (training mode on entry)."""
+
+    def train_forward():
+        module.train()
+        return module(x)
+
+    def train_forward_backward():
+        module.train()
+        x_grad.grad = None  # no accumulation into the previous call's gradient
+        module(x_grad).backward(x)
+
+    def eval_forward():
+        module.eval()
+        return module(x)
+
+    def eval_forward_no_grad():
+        module.eval()
+        with torch.no_grad():
+            return module(x)
+
+    return [
+        ("BatchNorm2d training forward", train_forward),
+        ("BatchNorm2d training forward + backward", train_forward_backward),
+        ("BatchNorm2d eval forward", eval_forward),
+        ("BatchNorm2d eval forward, no_grad", eval_forward_no_grad),
+    ]
+
+
+def measure(calls: int = 3000, channels: int = 2048) -> list[tuple[str, float, float]]:
+    """``[(name, bntriton_us, torch_us)]``; bntriton's launches are stubbed meanwhile.
+
+    One intra-op thread: torch's CPU kernels would otherwise start a thread team per
+    call, which measures the machine's load rather than the host path."""
+    torch.set_num_threads(1)
+    x = torch.randn(4, channels, 7, 7)  # small_batch's 4x2048x7x7; sizes do not matter here
+    ours = bntriton.BatchNorm2d(channels)
+    tiny = torch.randn(2, channels, 1, 1)
+    theirs = torch.nn.BatchNorm2d(channels)
+    original = runtime.DualKernel.__getitem__
+    runtime.DualKernel.__getitem__ = lambda self, grid: (lambda *a, **k: None)
+    try:
+        with bntriton.cpu_backend("interpreter"):
+            ours_us = [per_call_us(fn, calls) for _, fn in _calls(ours, x, x.clone().requires_grad_())]
+    finally:
+        runtime.DualKernel.__getitem__ = original
+    theirs_us = [per_call_us(fn, calls) for _, fn in _calls(theirs, tiny, tiny.clone().requires_grad_())]
+    names = [name for name, _ in _calls(ours, x, x)]
+    return list(zip(names, ours_us, theirs_us))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--channels", type=int, default=2048)
     args = parser.parse_args(argv)
-
-    runtime.DualKernel.__getitem__ = lambda self, grid: (lambda *a, **k: None)
-    x = torch.randn(4, 2048, 7, 7)  # small_batch's 4x2048x7x7; sizes do not matter here
-    module = bntriton.BatchNorm2d(2048)
-    x_grad = x.clone().requires_grad_()
-    rows = [
-        ("BatchNorm2d training forward", lambda: module(x)),
-        ("BatchNorm2d training forward + backward", lambda: module(x_grad).backward(x)),
-    ]
-    for name, fn in rows:
-        print(f"{name:42s} {_per_call_us(fn, args.calls):7.1f} us")
-    module.eval()
-    print(f"{'BatchNorm2d eval forward':42s} {_per_call_us(lambda: module(x), args.calls):7.1f} us")
-    print(f"(host time only, launches stubbed; torch {torch.__version__}, Python on this CPU)")
+    print(f"{'host time per call (us)':42s} {'bntriton':>9s} {'torch':>9s} {'ratio':>6s}")
+    for name, ours, theirs in measure(args.calls, args.channels):
+        print(f"{name:42s} {ours:9.1f} {theirs:9.1f} {ours / theirs:6.2f}")
+    print(f"(bntriton: launches stubbed; torch: nn.BatchNorm2d on a 2x{args.channels}x1x1 CPU tensor; "
+          f"torch {torch.__version__}, Python on this CPU)")
 
 
 if __name__ == "__main__":

@@ -139,3 +139,33 @@ def test_eager_fast_path_matches_the_registered_ops_bitwise(training):
         results.append([y, xs.grad, ws.grad, bs.grad])
     for eager, registered in zip(*results):
         assert torch.equal(eager, registered)
+
+
+@pytest.mark.parametrize("path", ["split", "fused"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_eager_running_update_matches_the_registered_ops_bitwise(path, momentum):
+    """Eager training forwards update the running statistics inside the statistics'
+    launches (split path) or right after them (single-read path); the registered ops
+    update them in a launch of their own.  Same bits either way, counter included."""
+    from bntriton import ops
+    from bntriton.kernels import RunningStats, forced_plan
+
+    x = torch.randn(4, 3, 5, device=DEVICE) * 3 + 2
+    w, b = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+    forced = dict(path="split", block_rows=4, num_splits=3) if path == "split" else dict(path="fused")
+    stats = _stats(3)
+    results = []
+    for traced in (False, True):
+        rm, rv = (t.clone() for t in stats)
+        counter = torch.tensor(4, device=DEVICE)
+        running = RunningStats(rm, rv, counter, momentum)
+        with forced_plan(**forced):
+            if traced:  # what a trace runs: the functional op, then the update op
+                out = ops.batch_norm_train(x, w, b, 1e-5)
+                ops.update_running_stats(rm, rv, counter, out[3], out[4], momentum)
+            else:
+                out = ops.train(x, w, b, 1e-5, running)
+        results.append([out[0], rm, rv, counter])
+    for name, eager, registered in zip(("y", "running_mean", "running_var", "counter"), *results):
+        assert torch.equal(eager, registered), (name, eager - registered)
+    assert results[0][3].item() == 5

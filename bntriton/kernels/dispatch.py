@@ -19,7 +19,7 @@ from .plans import fused_plan, plan
 from .layout import ChannelView
 from .normalize import channel_affine, eval_coefficients
 from .runtime import current_cpu_backend
-from .stats import BatchStats, batch_stats
+from .stats import BatchStats, RunningStats, batch_stats
 from .stats import update_running_stats as _update_running_stats_kernel
 
 
@@ -30,21 +30,38 @@ def native(t: torch.Tensor) -> bool:
 
 def forward_train(
     view: ChannelView, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE,
+    running: RunningStats | None = None,
 ) -> tuple[torch.Tensor, BatchStats]:
-    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``)."""
+    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``); with
+    ``running`` given, also updates the running statistics and the counter: inside the
+    statistics' combine on the split path (three launches in all), after the forward
+    otherwise."""
     if native(view.tensor):
         if epilogue is NO_EPILOGUE:
-            return native_cpu.forward_train(view, weight, bias, eps)
-        return native_act.forward_train(view, weight, bias, eps, epilogue)
+            y, stats = native_cpu.forward_train(view, weight, bias, eps)
+        else:
+            y, stats = native_act.forward_train(view, weight, bias, eps, epilogue)
+        _update_running(running, stats)
+        return y, stats
     single_read = fused_plan(view)
     if single_read is not None:
-        return fused_forward(view, single_read, weight, bias, eps, epilogue)
+        y, stats = fused_forward(view, single_read, weight, bias, eps, epilogue)
+        _update_running(running, stats)
+        return y, stats
     tiles = plan(view)
-    stats = batch_stats(view, tiles, weight, bias, eps)
+    stats = batch_stats(view, tiles, weight, bias, eps, running)
     # The pivot is its own per-channel tensor (BatchStats.pivot): an in-place output
     # cannot overwrite it.
     y = channel_affine(view, tiles, stats.pivot, 1, stats.scale, stats.shift, epilogue=epilogue)
     return y, stats
+
+
+def _update_running(running: RunningStats | None, stats: BatchStats) -> None:
+    if running is not None:
+        update_running_stats(
+            running.mean, running.var, running.num_batches_tracked, stats.mean, stats.var_unbiased,
+            running.momentum,
+        )
 
 
 def backward(

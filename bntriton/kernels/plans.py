@@ -30,6 +30,7 @@ class Plan:
 
 
 _FORCED: dict = {}
+_PLANNED_SM_COUNT: list = []  # planned_for()'s SM count, innermost last
 
 
 @contextlib.contextmanager
@@ -44,6 +45,24 @@ def forced_plan(**fields):
     finally:
         _FORCED.clear()
         _FORCED.update(previous)
+
+
+@contextlib.contextmanager
+def planned_for(sm_count: int):
+    """Plan every tensor, CPU ones included, as a GPU with ``sm_count`` SMs would (an
+    H100 has 132), so that the interpreter runs the very grids and tiles that GPU would
+    launch: perf/traffic.py counts the bytes they move without one."""
+    _PLANNED_SM_COUNT.append(int(sm_count))
+    try:
+        yield
+    finally:
+        _PLANNED_SM_COUNT.pop()
+
+
+def _device_sm_count(device: torch.device) -> int | None:
+    if _PLANNED_SM_COUNT:
+        return _PLANNED_SM_COUNT[-1]
+    return _sm_count(device.index or 0) if device.type == "cuda" else None
 
 
 def _forced_fields() -> dict:
@@ -72,9 +91,10 @@ def _pow2_at_most(value: int, cap: int) -> int:
 
 def plan(view: ChannelView) -> Plan:
     """Tile sizes and grid split for ``view`` on its device (see :func:`plan_for`)."""
-    device = view.tensor.device
-    sm_count = _sm_count(device.index or 0) if device.type == "cuda" else None
-    result = plan_for(view.rows, view.channels, view.channels_last, view.needs_int64, sm_count)
+    sm_count = _device_sm_count(view.tensor.device)
+    result = plan_for(
+        view.rows, view.channels, view.channels_last, view.needs_int64, sm_count, view.tensor.element_size()
+    )
     if _forced_fields():
         result = _with_splits(replace(result, **_forced_fields()), view.rows)
     return result
@@ -83,8 +103,7 @@ def plan(view: ChannelView) -> Plan:
 def fused_plan(view: ChannelView) -> Plan | None:
     """The single-read plan for ``view`` (kernels/fused.py), or None when the split path
     should run (see :func:`fused_plan_for`)."""
-    device = view.tensor.device
-    sm_count = _sm_count(device.index or 0) if device.type == "cuda" else None
+    sm_count = _device_sm_count(view.tensor.device)
     path = _FORCED.get("path")
     if path == "split" or (path is None and _forced_fields()):
         return None  # forced tile sizes are meant for the split path
@@ -131,29 +150,53 @@ def fused_plan_for(
     return Plan(block_r, block_c, block_r, 1, warps, int64)
 
 
+# GPU tiles hold 16 KiB of input: 4096 fp32 values, 8192 fp16 / bf16 ones.
+_TILE_BYTES_GPU = 16384
+# Each split reads at least this many bytes per channel.  Every split costs ~30 bytes per
+# channel outside the big tensors (its pivot, two partial sums written and read back by
+# the combine, the epilogue's per-channel vectors), so 1 KiB keeps that under 3%.
+_MIN_SPLIT_BYTES = 1024
+# Programs per SM the split grid aims for (enough loads in flight to hide DRAM latency).
+_PROGRAMS_PER_SM = 4
+
+
 @functools.lru_cache(maxsize=4096)
-def plan_for(rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None) -> Plan:
-    """Tiles and grid split for a rows x channels problem; ``sm_count=None`` plans for the
-    interpreter.
+def plan_for(
+    rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None, itemsize: int = 4
+) -> Plan:
+    """Tiles and grid split for a rows x channels problem of ``itemsize``-byte values;
+    ``sm_count=None`` plans for the interpreter.
 
     The reduction runs over rows, split across ``num_splits`` programs per channel block
     so that few channels with many rows still fill the GPU (about four programs per SM);
     a second small kernel combines the splits in a fixed order (deterministic, no atomics).
+    Splits are never shorter than ``_MIN_SPLIT_BYTES`` per channel: on a small tensor,
+    hundreds of short splits would spend more on partial sums and per-channel vectors
+    than on the data.  Channels-last tiles narrow from 64 to 16 channels (64 / 32-byte
+    contiguous rows for fp32 / bf16: still whole 32-byte sectors) before a grid runs
+    short of programs, since narrower channel blocks add programs without adding splits.
     """
-    on_gpu = sm_count is not None
-    # The interpreter pays per program and per op, not per element: big tiles, few programs.
-    tile_elements = 4096 if on_gpu else 16384
+    if sm_count is None:
+        # The interpreter pays per program and per op, not per element: big tiles, few programs.
+        block_c = _pow2_at_most(channels, 128 if channels_last else 16)
+        block_r = _pow2_at_most(rows, max(16384 // block_c, 16))
+        splits = max(1, cdiv(cdiv(max(rows, 1), block_r), 4))
+        warps = 8 if block_r * block_c >= 4096 else 4
+        return _with_splits(Plan(block_r, block_c, 0, splits, warps, int64), rows)
+
+    target = _PROGRAMS_PER_SM * sm_count
+    max_splits = max(1, rows * itemsize // _MIN_SPLIT_BYTES)
+    tile_elements = _TILE_BYTES_GPU // itemsize
     if channels_last:
-        block_c = _pow2_at_most(channels, 64 if on_gpu else 128)
+        block_c = _pow2_at_most(channels, 64)
+        while block_c > 16 and cdiv(channels, block_c) * max_splits < target:
+            block_c //= 2
     else:
-        block_c = _pow2_at_most(channels, 4 if on_gpu else 16)
+        block_c = _pow2_at_most(channels, 4)
     block_r = _pow2_at_most(rows, max(tile_elements // block_c, 16))
     row_tiles = cdiv(max(rows, 1), block_r)
     channel_blocks = cdiv(channels, block_c)
-    if on_gpu:
-        splits = max(1, min(row_tiles, cdiv(4 * sm_count, channel_blocks)))
-    else:
-        splits = max(1, cdiv(row_tiles, 4))
+    splits = max(1, min(row_tiles, cdiv(target, channel_blocks), max_splits))
     warps = 8 if block_r * block_c >= 4096 else 4
     return _with_splits(Plan(block_r, block_c, 0, splits, warps, int64), rows)
 

@@ -18,6 +18,7 @@ import threading
 import numpy as np
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 
@@ -179,15 +180,15 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tl_accumulator(dtype: torch.dtype):
     """The Triton dtype matching :func:`accumulator_dtype`, passed as a constexpr."""
-    import triton.language as tl
-
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=256)
 def split_float(value: float) -> tuple[float, float]:
     """``value`` as fp32 ``hi + lo``: Triton passes Python floats as fp32, which would round
     eps and momentum to 24 bits in fp64 kernels; the kernels add the parts in their own
-    accumulator dtype."""
+    accumulator dtype.  Cached: a model passes the same few eps and momenta on every call,
+    and the NumPy conversions cost microseconds of host time each."""
     import numpy as np
 
     hi = float(np.float32(value))

@@ -41,15 +41,21 @@ Three launches:
    per-channel ``scale`` / ``shift``, and writes the mean ``(K + mean_shifted) +
    correction`` (the correction restores what rounding ``mean_shifted`` lost, so the mean
    is accurate to its own size) and the unbiased variance.
-3. ``_running_update_kernel`` (a separate op, since the statistics op must stay
-   functional for autograd): ``num_batches_tracked`` and the running statistics, on
-   device (the cumulative momentum read from the counter: no host synchronization).
+   Given the running statistics (eager calls: see ops.py), the combine also updates
+   them and bumps ``num_batches_tracked``, so a training forward takes three launches.
+   It then runs as one program walking every channel block: the counter is read and
+   bumped by that program alone, so no program can see it half-updated.
+3. ``_running_update_kernel``: the same update as a launch of its own, for the
+   registered op (which must stay functional for autograd), the single-read path and
+   SyncBatchNorm; on device, the cumulative momentum read from the counter (no host
+   synchronization).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 from .plans import Plan, cdiv, channel_block
@@ -103,52 +109,92 @@ def _stats_partial_kernel(
     tl.store(part_m2_ptr + out, m2, mask=c_mask)
 
 
+@triton.jit
+def _momentum_factor(num_batches_ptr, momentum_hi, momentum_lo, BLOCK_C: tl.constexpr,
+                     HAS_COUNTER: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr):
+    """``(num_batches_tracked + 1, factor)``: the momentum, or ``1 / (counter + 1)`` for
+    the cumulative average (``momentum=None``), read on device."""
+    tracked = tl.zeros([BLOCK_C], dtype=tl.int64)
+    if HAS_COUNTER:
+        tracked = tl.load(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32)) + 1
+    if CUMULATIVE:
+        factor = 1.0 / tracked.to(ACC)
+    else:
+        factor = (tl.zeros([BLOCK_C], dtype=ACC) + momentum_hi) + momentum_lo
+    return tracked, factor
+
+
+@triton.jit
+def _blend_running(running_ptr, batch, factor, c, c_mask, ACC: tl.constexpr):
+    """``running = (1 - factor) * running + factor * batch``, in place."""
+    old = tl.load(running_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    new = (1.0 - factor) * old + factor * batch
+    tl.store(running_ptr + c, new.to(running_ptr.dtype.element_ty), mask=c_mask)
+
+
 @kernel
 def _stats_combine_kernel(
     part_hi_ptr, part_lo_ptr, part_m2_ptr, pivot_ptr, weight_ptr, bias_ptr,
     mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
-    rows, channels, rows_per_split, num_splits, eps_hi, eps_lo,
+    running_mean_ptr, running_var_ptr, num_batches_ptr,
+    rows, channels, rows_per_split, num_splits, eps_hi, eps_lo, momentum_hi, momentum_lo,
     BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < channels
-    # The splits' sums, compensated: the result does not depend on how many there are.
-    total_hi = tl.zeros([BLOCK_C], dtype=ACC)
-    total_lo = tl.zeros([BLOCK_C], dtype=ACC)
-    for i in range(0, num_splits):
-        part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
-        total_hi, carry = two_sum(total_hi, part_hi)
-        total_lo += carry + tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
-    n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-    mean_s, correction = resolve_mean(total_hi, total_lo, n)
+    # Program p takes channel blocks p, p + programs, ...: a grid of one walks them all.
+    programs = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK_C)
+    if HAS_RUNNING:
+        tracked, factor = _momentum_factor(
+            num_batches_ptr, momentum_hi, momentum_lo, BLOCK_C, HAS_COUNTER, CUMULATIVE, ACC
+        )
+    for c0 in range(tl.program_id(0) * BLOCK_C, channels, programs * BLOCK_C):
+        c = c0 + lanes
+        c_mask = c < channels
+        # The splits' sums, compensated: the result does not depend on how many there are.
+        total_hi = tl.zeros([BLOCK_C], dtype=ACC)
+        total_lo = tl.zeros([BLOCK_C], dtype=ACC)
+        for i in range(0, num_splits):
+            part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
+            total_hi, carry = two_sum(total_hi, part_hi)
+            total_lo += carry + tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
+        n = rows + tl.zeros([BLOCK_C], dtype=ACC)
+        mean_s, correction = resolve_mean(total_hi, total_lo, n)
 
-    # M2 = sum of the splits' M2 + sum count_i (mean_i - mean)^2: exact for any split, and
-    # every term is positive (no cancellation); also compensated.
-    m2_hi = tl.zeros([BLOCK_C], dtype=ACC)
-    m2_lo = tl.zeros([BLOCK_C], dtype=ACC)
-    for i in range(0, num_splits):
-        seen = i * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
-        count = tl.minimum(rows - seen, rows_per_split)
-        part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
-        part_lo = tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
-        delta = (part_hi + part_lo) / count - mean_s
-        term = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0) + count * delta * delta
-        m2_hi, carry = two_sum(m2_hi, term)
-        m2_lo += carry
-    m2 = m2_hi + m2_lo
+        # M2 = sum of the splits' M2 + sum count_i (mean_i - mean)^2: exact for any split,
+        # and every term is positive (no cancellation); also compensated.
+        m2_hi = tl.zeros([BLOCK_C], dtype=ACC)
+        m2_lo = tl.zeros([BLOCK_C], dtype=ACC)
+        for i in range(0, num_splits):
+            seen = i * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
+            count = tl.minimum(rows - seen, rows_per_split)
+            part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
+            part_lo = tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
+            delta = (part_hi + part_lo) / count - mean_s
+            term = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0) + count * delta * delta
+            m2_hi, carry = two_sum(m2_hi, term)
+            m2_lo += carry
+        m2 = m2_hi + m2_lo
 
-    rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
-                                            BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
-    tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
-    tl.store(rstd_ptr + c, rstd, mask=c_mask)
-    tl.store(scale_ptr + c, scale, mask=c_mask)
-    tl.store(shift_ptr + c, shift, mask=c_mask)
+        rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
+                                                BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
+        tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
+        tl.store(rstd_ptr + c, rstd, mask=c_mask)
+        tl.store(scale_ptr + c, scale, mask=c_mask)
+        tl.store(shift_ptr + c, shift, mask=c_mask)
 
-    # The un-shifted mean and the unbiased variance, for the running statistics.
-    pivot = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
-    tl.store(mean_ptr + c, (pivot + mean_s) + correction, mask=c_mask)
-    tl.store(var_unbiased_ptr + c, m2 / (n - 1.0), mask=c_mask)
+        # The un-shifted mean and the unbiased variance, for the running statistics.
+        pivot = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
+        batch_mean = (pivot + mean_s) + correction
+        batch_var = m2 / (n - 1.0)
+        tl.store(mean_ptr + c, batch_mean, mask=c_mask)
+        tl.store(var_unbiased_ptr + c, batch_var, mask=c_mask)
+        if HAS_RUNNING:
+            _blend_running(running_mean_ptr, batch_mean, factor, c, c_mask, ACC)
+            _blend_running(running_var_ptr, batch_var, factor, c, c_mask, ACC)
+    if HAS_COUNTER:
+        tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=lanes == 0)
 
 
 @kernel
@@ -161,24 +207,16 @@ def _running_update_kernel(
     # One program walks every channel: it alone reads and then bumps the counter, so no
     # program can see the counter before or after another's increment.
     lanes = tl.arange(0, BLOCK_C)
-    if HAS_COUNTER:
-        tracked = tl.load(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32)) + 1
-    if CUMULATIVE:
-        # momentum=None: cumulative average, factor 1 / num_batches_tracked, on device.
-        factor = 1.0 / tracked.to(ACC)
-    else:
-        factor = (tl.zeros([BLOCK_C], dtype=ACC) + momentum_hi) + momentum_lo
+    tracked, factor = _momentum_factor(
+        num_batches_ptr, momentum_hi, momentum_lo, BLOCK_C, HAS_COUNTER, CUMULATIVE, ACC
+    )
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + lanes
         c_mask = c < channels
         mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
         var = tl.load(var_unbiased_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        old_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        old_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        new_mean = (1.0 - factor) * old_mean + factor * mean
-        new_var = (1.0 - factor) * old_var + factor * var
-        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+        _blend_running(running_mean_ptr, mean, factor, c, c_mask, ACC)
+        _blend_running(running_var_ptr, var, factor, c, c_mask, ACC)
     if HAS_COUNTER:
         tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=lanes == 0)
 
@@ -203,14 +241,27 @@ class BatchStats:
     pivot: torch.Tensor
 
 
+@dataclass(frozen=True)
+class RunningStats:
+    """Running statistics to update in the same launch as the batch statistics."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    num_batches_tracked: torch.Tensor | None
+    momentum: float | None  # None: cumulative average, needs num_batches_tracked
+
+
 def batch_stats(
     view: ChannelView,
     plan: Plan,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
+    running: RunningStats | None = None,
 ) -> BatchStats:
-    """Batch statistics of ``view`` (rows >= 1), folded with weight and bias."""
+    """Batch statistics of ``view`` (rows >= 1), folded with weight and bias; with
+    ``running`` given, the running statistics and the counter are updated in place by
+    the same launches (as :func:`update_running_stats` would, bit for bit)."""
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     channels = view.channels
@@ -227,13 +278,24 @@ def batch_stats(
     )
 
     block = channel_block(channels)
-    _stats_combine_kernel[(cdiv(channels, block),)](
+    has_running = running is not None
+    has_counter = has_running and running.num_batches_tracked is not None
+    if has_running and running.momentum is None and not has_counter:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    momentum = running.momentum if has_running and running.momentum is not None else 0.0
+    _stats_combine_kernel[(1 if has_running else cdiv(channels, block),)](
         partial_hi, partial_lo, partial_m2, stats.pivot,
         weight if weight is not None else stats.rstd,
         bias if bias is not None else stats.rstd,
         stats.mean_shifted, stats.rstd, stats.scale, stats.shift, stats.mean, stats.var_unbiased,
+        running.mean if has_running else stats.rstd,
+        running.var if has_running else stats.rstd,
+        running.num_batches_tracked if has_counter else stats.rstd,
         view.rows, channels, plan.rows_per_split, plan.num_splits, *split_float(eps),
+        *split_float(momentum),
         BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RUNNING=has_running, HAS_COUNTER=has_counter,
+        CUMULATIVE=has_running and running.momentum is None,
         ACC=tl_accumulator(x.dtype),
     )
     return stats

@@ -1,0 +1,106 @@
+"""Bytes moved and launches per pass, under an H100's plan (perf/traffic.py).
+
+The counts are deterministic (the interpreter runs the very grids and tiles the GPU
+would launch, and every load and store is counted), so these are exact guards, not
+timings: a change that adds traffic or a launch fails here.  The shapes are small
+versions of the regimes that matter (split path in both layouts, BatchNorm1d, the
+single-read path) so that each costs the interpreter a few seconds.  ``moved / floor``:
+floor = the large tensors once (2B forward, 3B backward, 2B eval).
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from bntriton.kernels.plans import fused_plan_for, plan_for
+
+_SPEC = importlib.util.spec_from_file_location("perf_traffic", Path(__file__).resolve().parents[1] / "perf" / "traffic.py")
+traffic = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = traffic  # dataclasses look their module up there
+_SPEC.loader.exec_module(traffic)
+
+H100 = 132
+
+# (shape, layout, dtype): bounds on moved / floor for (fwd_train, bwd_train, fwd_eval).
+# The split path reads x twice forward (1.5) and x, dy twice backward (5/3); what is left
+# above that is partial sums and per-channel vectors.
+CASES = {
+    "split-nchw-fp32": (((8, 16, 32, 32), "nchw", "fp32"), (1.505, 1.671, 1.01)),
+    "split-nhwc-fp32": (((4, 32, 32, 32), "nhwc", "fp32"), (1.52, 1.69, 1.01)),
+    "split-nhwc-bf16": (((4, 32, 32, 32), "nhwc", "bf16"), (1.52, 1.69, 1.01)),
+    "split-2d-fp32": (((4096, 64), "nchw", "fp32"), (1.52, 1.69, 1.01)),
+    "single-read-nchw-fp32": (((16, 64, 7, 7), "nchw", "fp32"), (1.01, 1.01, 1.01)),
+}
+
+
+@pytest.fixture(scope="module")
+def measured():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            (shape, layout, dtype), _ = CASES[name]
+            cache[name] = traffic.measure(shape, layout, dtype, sm_count=H100)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bytes_moved_stay_within_the_pinned_ratio(name, measured):
+    _, bounds = CASES[name]
+    result = measured(name)
+    for pass_name, bound in zip(traffic.PASSES, bounds):
+        t = result[pass_name]
+        assert t.ratio <= bound, f"{name} {pass_name}: moved/floor {t.ratio:.4f} > {bound} ({t.launches})"
+        # The floor itself is reached only by reading and writing the big tensors once.
+        assert t.ratio >= 1.0
+
+
+@pytest.mark.parametrize("name", ["split-nchw-fp32", "split-nhwc-bf16", "single-read-nchw-fp32"])
+def test_split_and_single_read_paths_are_the_ones_measured(name, measured):
+    launches = measured(name)["fwd_train"].launches
+    fused = any("fused" in k for k in launches)
+    assert fused == name.startswith("single-read"), launches
+
+
+def test_launch_counts(measured):
+    split = measured("split-nhwc-fp32")
+    single = measured("single-read-nchw-fp32")
+    assert len(split["fwd_train"].launches) <= 3, split["fwd_train"].launches
+    assert len(split["fwd_eval"].launches) <= 2, split["fwd_eval"].launches
+    assert len(single["fwd_train"].launches) <= 2, single["fwd_train"].launches
+    # No memset or copy kernels: gradients of the statistics outputs are never materialized.
+    for result in (split, single):
+        assert not [k for k in result["bwd_train"].launches if k.startswith("torch.")], result["bwd_train"].launches
+
+
+def test_counter_counts_each_address_once_per_instruction():
+    """A broadcast scalar load counts 4 bytes, not 4 per lane; masked-off lanes count nothing."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    ptrs = TensorHandle(np.full(8, 4096, dtype=np.uint64), tl.pointer_type(tl.float32))
+    mask = TensorHandle(np.ones(8, dtype=bool), tl.int1)
+    assert traffic._touched_bytes(ptrs, mask) == 4
+    ptrs = TensorHandle(np.arange(8, dtype=np.uint64) * 4 + 4096, tl.pointer_type(tl.float32))
+    mask = TensorHandle(np.arange(8) < 3, tl.int1)
+    assert traffic._touched_bytes(ptrs, mask) == 12
+
+
+def test_short_splits_are_merged_on_small_channels_last_problems():
+    """4x64x56x56 channels-last on an H100: the SMs cannot all be busy on 3 MB anyway, so
+    each split reads at least 1 KiB per channel (hundreds of 64-row splits cost 4-9% more
+    bytes), and the channel blocks narrow to 16 to keep the program count up."""
+    p = plan_for(4 * 56 * 56, 64, True, False, sm_count=H100, itemsize=4)
+    assert p.block_channels == 16
+    assert p.rows_per_split * 4 >= 1024
+    assert p.num_splits * 4 >= H100  # still more programs than SMs
+    bf16 = plan_for(4 * 56 * 56, 64, True, False, sm_count=H100, itemsize=2)
+    assert bf16.rows_per_split * 2 >= 1024
+    # A large problem still gets about four programs per SM.
+    big = plan_for(256 * 56 * 56, 64, True, False, sm_count=H100, itemsize=2)
+    assert big.num_splits * -(-64 // big.block_channels) >= 2 * H100
+    assert fused_plan_for(4 * 56 * 56, 64, True, False, sm_count=H100) is None
