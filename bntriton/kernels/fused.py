@@ -25,7 +25,7 @@ from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats
-from .numerics import batch_coefficients, batch_pivot, dx_coefficients, resolve_mean, tile_moments
+from .numerics import batch_coefficients, dx_coefficients, pivot_of_rows, resolve_mean, tile_moments
 from .tiles import channel_offsets, channel_tile_offsets
 
 
@@ -50,8 +50,9 @@ def _fused_forward_kernel(
     offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = c_mask[:, None] & (r < rows)[None, :]
 
-    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    # The pivot from the tile in registers: no second read of the first rows.
+    pivot = pivot_of_rows(x, r, mask, rows)
     n = rows + tl.zeros([BLOCK_C], dtype=ACC)
     shifted = tl.where(mask, x - pivot[:, None], 0.0)
     tile_mean, resid, m2 = tile_moments(shifted, mask, n)

@@ -107,11 +107,20 @@ def batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s,
     offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = c_mask[:, None] & (r < rows)[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    first = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
-    m = tl.minimum(rows, PIVOT_ROWS).to(ACC)
-    deviation = tl.where(mask, x - first[:, None], 0.0)
+    return pivot_of_rows(x, r, mask, rows)
+
+
+@triton.jit
+def pivot_of_rows(x, r, mask, rows):
+    """:func:`batch_pivot` from a channels x rows tile already in registers whose rows
+    ``r`` start at row 0 (the single-read kernels hold the whole channel): rows from 16
+    on are ignored."""
+    first = tl.sum(tl.where((r == 0)[None, :], x, 0.0), axis=1)  # one value and zeros: exact
+    m = tl.minimum(rows, PIVOT_ROWS).to(x.dtype)
+    used = mask & (r < PIVOT_ROWS)[None, :]
+    deviation = tl.where(used, x - first[:, None], 0.0)
     mean_deviation = tl.sum(deviation, axis=1) / m
-    spread = tl.where(mask, deviation - mean_deviation[:, None], 0.0)
+    spread = tl.where(used, deviation - mean_deviation[:, None], 0.0)
     variance = tl.sum(spread * spread, axis=1) / m
     pivot = first + mean_deviation
     # A NaN fails the comparison and stays the pivot: it stays in its channel.

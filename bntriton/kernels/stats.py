@@ -35,8 +35,8 @@ Three launches:
    ``count * mean + residual`` are added with compensation.  Output per split: the sum of
    ``x - K`` in two parts and M2.
 2. ``_stats_combine_kernel``: one program per channel block merges the splits in a
-   fixed order (deterministic, no atomics): the compensated total, then
-   ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``.  It writes the shifted mean and ``rstd``
+   fixed order (deterministic, no atomics), in one pass: the compensated total, and M2
+   by Chan's formula, compensated too.  It writes the shifted mean and ``rstd``
    that the forward epilogue and the backward use, folds weight and bias into a
    per-channel ``scale`` / ``shift``, and writes the mean ``(K + mean_shifted) +
    correction`` (the correction restores what rounding ``mean_shifted`` lost, so the mean
@@ -152,18 +152,11 @@ def _stats_combine_kernel(
     for c0 in range(tl.program_id(0) * BLOCK_C, channels, programs * BLOCK_C):
         c = c0 + lanes
         c_mask = c < channels
-        # The splits' sums, compensated: the result does not depend on how many there are.
+        # One pass over the splits, in order: their sums added with compensation, their
+        # M2 merged with Chan's formula (every term positive), also compensated; neither
+        # error grows with the number of splits.
         total_hi = tl.zeros([BLOCK_C], dtype=ACC)
         total_lo = tl.zeros([BLOCK_C], dtype=ACC)
-        for i in range(0, num_splits):
-            part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
-            total_hi, carry = two_sum(total_hi, part_hi)
-            total_lo += carry + tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
-        n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        mean_s, correction = resolve_mean(total_hi, total_lo, n)
-
-        # M2 = sum of the splits' M2 + sum count_i (mean_i - mean)^2: exact for any split,
-        # and every term is positive (no cancellation); also compensated.
         m2_hi = tl.zeros([BLOCK_C], dtype=ACC)
         m2_lo = tl.zeros([BLOCK_C], dtype=ACC)
         for i in range(0, num_splits):
@@ -171,11 +164,16 @@ def _stats_combine_kernel(
             count = tl.minimum(rows - seen, rows_per_split)
             part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
             part_lo = tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
-            delta = (part_hi + part_lo) / count - mean_s
-            term = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0) + count * delta * delta
+            delta = (part_hi + part_lo) / count - total_hi / tl.maximum(seen, 1.0)
+            term = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0) + \
+                delta * delta * (seen * count / (seen + count))
             m2_hi, carry = two_sum(m2_hi, term)
             m2_lo += carry
+            total_hi, carry = two_sum(total_hi, part_hi)
+            total_lo += carry + part_lo
         m2 = m2_hi + m2_lo
+        n = rows + tl.zeros([BLOCK_C], dtype=ACC)
+        mean_s, correction = resolve_mean(total_hi, total_lo, n)
 
         rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
                                                 BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
@@ -266,7 +264,9 @@ def batch_stats(
     acc = accumulator_dtype(x.dtype)
     channels = view.channels
     stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(7)))
-    partial_hi, partial_lo, partial_m2 = torch.empty((3, plan.num_splits, channels), dtype=acc, device=x.device)
+    partial_hi, partial_lo, partial_m2 = (
+        torch.empty((plan.num_splits, channels), dtype=acc, device=x.device) for _ in range(3)
+    )
     channel_blocks = cdiv(channels, plan.block_channels)
     _stats_partial_kernel[(plan.num_splits, channel_blocks)](
         x, stats.pivot, partial_hi, partial_lo, partial_m2,
