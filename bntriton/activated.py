@@ -66,7 +66,7 @@ def batch_norm_act(
         y, mean, var_unbiased = fused_ops.InplaceABN.apply(
             input, weight, bias, running_mean, running_var, eps, code, slope, training)
     elif training:
-        y, _, _, mean, var_unbiased, _ = fused_ops.train(input, weight, bias, residual, eps, code, slope)
+        y, _, _, mean, var_unbiased, _, _ = fused_ops.train(input, weight, bias, residual, eps, code, slope)
     else:
         y, _ = fused_ops.evaluate(input, weight, bias, running_mean, running_var, residual, eps, code, slope)
     if training:

@@ -119,7 +119,7 @@ def _affine_tangent(x: Tensor, x_hat: Tensor, tangent_x_hat: Optional[Tensor], w
     return None if out is None else _like_input(out, x)
 
 
-def train_jvp(x: Tensor, weight, bias, mean_shifted: Tensor, rstd: Tensor,
+def train_jvp(x: Tensor, weight, bias, pivot: Tensor, mean_shifted: Tensor, rstd: Tensor,
               tangent_x, tangent_weight, tangent_bias) -> Optional[Tensor]:
     """Tangent of the training forward's ``y``.  With batch statistics,
     ``d x_hat = rstd * (dx - mean(dx) - x_hat * mean(dx * x_hat))``: the backward's own
@@ -127,7 +127,8 @@ def train_jvp(x: Tensor, weight, bias, mean_shifted: Tensor, rstd: Tensor,
     acc = accumulator_dtype(x.dtype)
     dims, shape = _reduce_dims(x), _channel_shape(x)
     rstd = rstd.reshape(shape)
-    x_hat = (x.to(acc) - _pivot(x) - mean_shifted.reshape(shape)) * rstd
+    # The forward's own pivot (kernels/stats.py): mean_shifted is relative to it.
+    x_hat = (x.to(acc) - pivot.reshape(shape) - mean_shifted.reshape(shape)) * rstd
     tangent_x_hat = None
     if tangent_x is not None:
         t = tangent_x.to(acc)

@@ -44,13 +44,13 @@ def unfold_channels(t: Tensor, size: int) -> Tensor:
 
 
 def train_rule(train: Callable, info, in_dims, x, weight, bias, eps):
-    """``train``'s outputs (y, four statistics) for the folded problem, unfolded."""
+    """``train``'s outputs (y, five statistics) for the folded problem, unfolded."""
     size = info.batch_size
     x_dim, w_dim, b_dim, _ = in_dims
     y, *stats = train(
         fold_input(x, x_dim, size), fold_channels(weight, w_dim, size), fold_channels(bias, b_dim, size), eps
     )
-    return (unfold_output(y, size), *(unfold_channels(s, size) for s in stats)), (1, 0, 0, 0, 0)
+    return (unfold_output(y, size), *(unfold_channels(s, size) for s in stats)), (1,) + (0,) * len(stats)
 
 
 def eval_rule(evaluate: Callable, info, in_dims, x, weight, bias, running_mean, running_var, eps):
@@ -96,13 +96,14 @@ def update_rule(update: Callable, info, in_dims, running_mean, running_var, num_
     return None, None
 
 
-def backward_rule(backward: Callable, info, in_dims, grad_out, x, weight, running_mean, mean_shifted, rstd):
+def backward_rule(backward: Callable, info, in_dims, grad_out, x, weight, running_mean, mean_shifted, rstd,
+                  pivot):
     """``(dx, dweight, dbias)`` for the folded problem, unfolded."""
     size = info.batch_size
-    g_dim, x_dim, w_dim, m_dim, s_dim, r_dim = in_dims
+    g_dim, x_dim, w_dim, m_dim, s_dim, r_dim, p_dim = in_dims
     dx, dweight, dbias = backward(
         fold_input(grad_out, g_dim, size), fold_input(x, x_dim, size), fold_channels(weight, w_dim, size),
         fold_channels(running_mean, m_dim, size), fold_channels(mean_shifted, s_dim, size),
-        fold_channels(rstd, r_dim, size),
+        fold_channels(rstd, r_dim, size), fold_channels(pivot, p_dim, size),
     )
     return (unfold_output(dx, size), unfold_channels(dweight, size), unfold_channels(dbias, size)), (1, 0, 0)

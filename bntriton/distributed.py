@@ -4,7 +4,7 @@ Forward (training, world size > 1), per layer and step:
 
 1. each process takes its local statistics with our kernels and packs
    ``[count, K, mean of x - K, M2]`` (``3C + 1`` values, accumulator dtype; ``K`` is the
-   statistics' pivot, each channel's first element);
+   statistics' pivot, from each channel's first rows);
 2. one ``all_gather`` of those rows;
 3. one launch merges the rows in rank order (kernels/sync.py): every process computes
    bit-identical global statistics, and running statistics;
@@ -61,8 +61,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         elif num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         # y = (x - K) * scale + shift, K this process's pivot, as the local forward.
-        y = channel_affine(view, tiles, view.tensor, view.stride_c, stats.scale, stats.shift)
-        ctx.save_for_backward(view.tensor, weight, stats.mean_shifted, stats.rstd, count)
+        y = channel_affine(view, tiles, stats.pivot, 1, stats.scale, stats.shift)
+        ctx.save_for_backward(view.tensor, weight, stats.pivot, stats.mean_shifted, stats.rstd, count)
         ctx.group = group
         ctx.has_bias = bias is not None
         return y
@@ -70,18 +70,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # no double backward across processes (as torch's): a clear error, not a missing term
     def backward(ctx, grad_y):
-        x, weight, mean_shifted, rstd, count = ctx.saved_tensors
+        x, weight, pivot, mean_shifted, rstd, count = ctx.saved_tensors
         view = channel_view(x)
         tiles = plan(view)
         dy = view.same_layout(grad_y)
         param_dtype = weight.dtype if weight is not None else rstd.dtype
-        sums, dweight, dbias = grad_sums(view, tiles, dy, view.tensor, view.stride_c,
+        sums, dweight, dbias = grad_sums(view, tiles, dy, pivot, 1,
                                          mean_shifted, rstd, param_dtype)
         dx = None
         if ctx.needs_input_grad[0]:
             # One collective for both sums; every process, an empty one too, joins it.
             dist.all_reduce(sums, group=ctx.group)
-            dx = input_grad(view, tiles, dy, weight, view.tensor, view.stride_c,
+            dx = input_grad(view, tiles, dy, weight, pivot, 1,
                             mean_shifted, rstd, sums, count)
         return (dx, dweight if weight is not None else None, dbias if ctx.has_bias else None,
                 None, None, None, None, None, None)

@@ -74,15 +74,16 @@ def _forward_epilogue(x_view, residual, activation, slope, mask, out=None) -> Ep
 def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
     eps: float, activation: int, slope: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     view = channel_view(x)
     mask = _mask_like(view.tensor, _needs_mask(activation, residual is not None))
     if view.rows == 0:
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
-        return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone(), mask
+        return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone(), mask, zeros.clone()
     epilogue = _forward_epilogue(view, residual, activation, slope, mask)
     y, stats = dispatch.forward_train(view, weight, bias, eps, epilogue)
-    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, mask
+    # The pivot last: what the backward subtracts first (kernels/stats.py).
+    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, mask, stats.pivot
 
 
 batch_norm_act_train = torch.library.custom_op(
@@ -91,9 +92,9 @@ batch_norm_act_train = torch.library.custom_op(
 
 @batch_norm_act_train.register_fake
 def _(x, weight, bias, residual, eps, activation, slope):
-    per_channel = [x.new_empty(x.shape[1], dtype=accumulator_dtype(x.dtype)) for _ in range(4)]
-    return (channel_view(x).empty_like(), *per_channel,
-            _mask_like(x, _needs_mask(activation, residual is not None)))
+    per_channel = [x.new_empty(x.shape[1], dtype=accumulator_dtype(x.dtype)) for _ in range(5)]
+    return (channel_view(x).empty_like(), *per_channel[:4],
+            _mask_like(x, _needs_mask(activation, residual is not None)), per_channel[4])
 
 
 def _eval_impl(
@@ -128,7 +129,7 @@ def _act_coefficients(weight, bias, mean_shifted, rstd):
 
 def _backward_impl(
     grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-    mean_shifted: Tensor, rstd: Tensor, mask: Tensor, residual: Optional[Tensor],
+    mean_shifted: Tensor, rstd: Tensor, pivot: Tensor, mask: Tensor, residual: Optional[Tensor],
     activation: int, slope: float, has_residual: bool, invert: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dresidual)`` of either forward (batch statistics when
@@ -140,10 +141,8 @@ def _backward_impl(
     batch_stats_used = running_mean is None
     if invert:
         pivot, pivot_stride = torch.zeros_like(rstd), 1
-    elif batch_stats_used:
-        pivot, pivot_stride = view.tensor, view.stride_c
     else:
-        pivot, pivot_stride = running_mean, 1
+        pivot_stride = 1  # the train op's pivot output, or the running mean
     param_dtype = weight.dtype if weight is not None else accumulator_dtype(x.dtype)
     act_scale, act_shift = _act_coefficients(weight, bias, mean_shifted, rstd)
     dresidual = None
@@ -175,7 +174,7 @@ batch_norm_act_backward = torch.library.custom_op(
 
 
 @batch_norm_act_backward.register_fake
-def _(grad, x, weight, bias, running_mean, mean_shifted, rstd, mask, residual,
+def _(grad, x, weight, bias, running_mean, mean_shifted, rstd, pivot, mask, residual,
       activation, slope, has_residual, invert):
     dtype = weight.dtype if weight is not None else accumulator_dtype(x.dtype)
     c = x.shape[1]
@@ -197,19 +196,19 @@ def _no_double_backward():
 
 def _train_setup(ctx, inputs, output):
     x, weight, bias, residual, eps, activation, slope = inputs
-    _, mean_shifted, rstd, mean, var_unbiased, mask = output
-    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, mask)
+    _, mean_shifted, rstd, mean, var_unbiased, mask, pivot = output
+    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, mask, pivot)
     kept_residual = residual if _keeps_residual(activation, residual is not None) else None
-    ctx.save_for_backward(x, weight, bias, mean_shifted, rstd, mask, kept_residual)
+    ctx.save_for_backward(x, weight, bias, mean_shifted, rstd, pivot, mask, kept_residual)
     ctx.flags = (weight is not None, bias is not None, residual is not None, activation, slope)
 
 
 def _train_backward(ctx, grad_y, *_unused):
     _no_double_backward()
-    x, weight, bias, mean_shifted, rstd, mask, residual = ctx.saved_tensors
+    x, weight, bias, mean_shifted, rstd, pivot, mask, residual = ctx.saved_tensors
     has_weight, has_bias, has_residual, activation, slope = ctx.flags
     dx, dweight, dbias, dres = _backward(
-        grad_y, x, weight, bias, None, mean_shifted, rstd, mask, residual,
+        grad_y, x, weight, bias, None, mean_shifted, rstd, pivot, mask, residual,
         activation, slope, has_residual and activation != 0, False,
     )
     dres = (dres if activation != 0 else grad_y) if has_residual else None
@@ -235,7 +234,7 @@ def _eval_backward(ctx, grad_y, _grad_mask):
     # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
     rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + eps)
     dx, dweight, dbias, dres = _backward(
-        grad_y, x, weight, bias, running_mean, torch.zeros_like(rstd), rstd, mask, residual,
+        grad_y, x, weight, bias, running_mean, torch.zeros_like(rstd), rstd, running_mean, mask, residual,
         activation, slope, has_residual and activation != 0, False,
     )
     dres = (dres if activation != 0 else grad_y) if has_residual else None

@@ -4,8 +4,8 @@ Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so t
 ``torch.compile`` and ``torch.export`` can trace through them, and autograd formulas:
 
 * ``batch_norm_train``: normalizes with the batch's statistics and returns
-  ``(y, mean_shifted, rstd, mean, var_unbiased)``; ``mean_shifted`` / ``rstd`` feed the
-  backward, ``mean`` / ``var_unbiased`` the running statistics.
+  ``(y, mean_shifted, rstd, mean, var_unbiased, pivot)``; ``pivot`` / ``mean_shifted`` /
+  ``rstd`` feed the backward, ``mean`` / ``var_unbiased`` the running statistics.
 * ``update_running_stats``: the counter and running-statistics update, in place
   (declared as mutated; kept apart so that the statistics op stays functional, which autograd
   registration requires).
@@ -61,8 +61,8 @@ def _per_channel(x: Tensor) -> Tensor:
 
 def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean_shifted, rstd, mean, var_unbiased)`` from the batch's statistics."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean_shifted, rstd, mean, var_unbiased, pivot)`` from the batch's statistics."""
     return _train_and_update(x, weight, bias, eps, None)
 
 
@@ -73,9 +73,9 @@ def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
     if view.rows == 0:
         # An empty batch has no statistics: an empty output (as torch).
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
-        return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone()
+        return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
     y, stats = dispatch.forward_train(view, weight, bias, eps, running=running)
-    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased
+    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, stats.pivot
 
 
 batch_norm_train = torch.library.custom_op("bntriton::batch_norm_train", _train_impl, mutates_args=())
@@ -83,7 +83,7 @@ batch_norm_train = torch.library.custom_op("bntriton::batch_norm_train", _train_
 
 @batch_norm_train.register_fake
 def _(x, weight, bias, eps):
-    return (channel_view(x).empty_like(), *(_per_channel(x) for _ in range(4)))
+    return (channel_view(x).empty_like(), *(_per_channel(x) for _ in range(5)))
 
 
 def _update_impl(
@@ -139,15 +139,16 @@ def _backward_impl(
     running_mean: Optional[Tensor],
     mean_shifted: Tensor,
     rstd: Tensor,
+    pivot: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of either forward: batch statistics when ``running_mean`` is None (the
-    pivot is then the input's first row), else the running statistics."""
+    """Gradients of either forward: batch statistics when ``running_mean`` is None, else
+    the running statistics.  ``pivot`` is what the forward subtracted first: the train
+    op's ``pivot`` output, or the running mean."""
     view = channel_view(x)
     dy = view.same_layout(grad_out)
     batch_stats_used = running_mean is None
-    pivot, pivot_stride = (view.tensor, view.stride_c) if batch_stats_used else (running_mean, 1)
     return dispatch.backward(
-        view, dy, weight, pivot, pivot_stride, mean_shifted, rstd,
+        view, dy, weight, pivot, 1, mean_shifted, rstd,
         batch_stats=batch_stats_used, param_dtype=_param_dtype(x, weight),
     )
 
@@ -156,7 +157,7 @@ batch_norm_backward = torch.library.custom_op("bntriton::batch_norm_backward", _
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, x, weight, running_mean, mean_shifted, rstd):
+def _(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
     dtype = _param_dtype(x, weight)
     channels = x.shape[1]
     return channel_view(x).empty_like(), x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
@@ -180,21 +181,21 @@ def _composite_backward(*tensors) -> bool:
 
 def _train_setup(ctx, inputs, output):
     x, weight, bias, eps = inputs
-    _, mean_shifted, rstd, mean, var_unbiased = output
+    _, mean_shifted, rstd, mean, var_unbiased, pivot = output
     # The statistics are outputs for the backward and the running-stat update, not
     # something to differentiate through: say so, rather than drop their gradients.
-    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased)
-    ctx.save_for_backward(x, weight, bias, mean_shifted, rstd)
+    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, pivot)
+    ctx.save_for_backward(x, weight, bias, mean_shifted, rstd, pivot)
     ctx.has_bias = bias is not None
     ctx.eps = eps
 
 
 def _train_backward(ctx, grad_y, *_grads_of_statistics):
-    x, weight, _, mean_shifted, rstd = ctx.saved_tensors
+    x, weight, _, mean_shifted, rstd, pivot = ctx.saved_tensors
     if _composite_backward(grad_y, x, weight):
         dx, dweight, dbias = autograd.train_backward(grad_y, x, weight, ctx.eps)
     else:
-        dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd)
+        dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd, pivot)
     return (
         dx if ctx.needs_input_grad[0] else None,
         dweight if weight is not None else None,
@@ -204,10 +205,11 @@ def _train_backward(ctx, grad_y, *_grads_of_statistics):
 
 
 def _train_jvp(ctx, tangent_x, tangent_weight, tangent_bias, _tangent_eps):
-    x, weight, bias, mean_shifted, rstd = ctx.saved_tensors
-    tangent_y = autograd.train_jvp(x, weight, bias, mean_shifted, rstd, tangent_x, tangent_weight, tangent_bias)
+    x, weight, bias, mean_shifted, rstd, pivot = ctx.saved_tensors
+    tangent_y = autograd.train_jvp(x, weight, bias, pivot, mean_shifted, rstd, tangent_x, tangent_weight,
+                                   tangent_bias)
     # The statistics are non-differentiable outputs: no tangent.
-    return tangent_y, None, None, None, None
+    return tangent_y, None, None, None, None, None
 
 
 batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
@@ -227,7 +229,8 @@ def _eval_backward(ctx, grad_y):
     else:
         # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
         rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + ctx.eps)
-        dx, dweight, dbias = _backward(grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd)
+        dx, dweight, dbias = _backward(grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd,
+                                       running_mean)
     return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None, None, None
 
 
@@ -295,7 +298,7 @@ class _EagerTrain(torch.autograd.Function):
         # them (four memset launches per backward on a GPU).
         ctx.set_materialize_grads(False)
         if _forward_ad_active():
-            ctx.save_for_forward(x, weight, bias, output[1], output[2])
+            ctx.save_for_forward(x, weight, bias, output[1], output[2], output[5])
         return output
 
     @staticmethod
@@ -334,7 +337,7 @@ class _TransformedTrain(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _train_setup(ctx, inputs, output)
         x, weight, bias, _ = inputs
-        ctx.save_for_forward(x, weight, bias, output[1], output[2])
+        ctx.save_for_forward(x, weight, bias, output[1], output[2], output[5])
 
     backward = staticmethod(_train_backward)
     jvp = staticmethod(_train_jvp)
@@ -433,8 +436,8 @@ def evaluate(x, weight, bias, running_mean, running_var, eps):
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
 
 
-def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd):
-    tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd)
+def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
+    tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd, pivot)
     op = _backward_impl if _plain(*tensors) else batch_norm_backward
     return op(*tensors)
 
@@ -451,9 +454,9 @@ def _eval_vmap(info, in_dims, x, weight, bias, running_mean, running_var, eps):
     return batching.eval_rule(batch_norm_eval, info, in_dims, x, weight, bias, running_mean, running_var, eps)
 
 
-def _backward_vmap(info, in_dims, grad_out, x, weight, running_mean, mean_shifted, rstd):
+def _backward_vmap(info, in_dims, grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
     return batching.backward_rule(batch_norm_backward, info, in_dims, grad_out, x, weight, running_mean,
-                                  mean_shifted, rstd)
+                                  mean_shifted, rstd, pivot)
 
 
 def _update_vmap(info, in_dims, running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):

@@ -332,5 +332,6 @@ def test_registered_ops_vmap_like_a_loop():
 
     check(lambda x, w, b: ops.batch_norm_train(x, w, b, 1e-5), x, weight, bias)
     check(lambda x, w, b, m, v: ops.batch_norm_eval(x, w, b, m, v, 1e-5), x, weight, bias, running_mean, running_var)
-    _, mean_shifted, rstd, _, _ = loop(lambda x, w, b: ops.batch_norm_train(x, w, b, 1e-5), x, weight, bias)
-    check(lambda g, x, w, m, r: ops.batch_norm_backward(g, x, w, None, m, r), grad_out, x, weight, mean_shifted, rstd)
+    _, mean_shifted, rstd, _, _, pivot = loop(lambda x, w, b: ops.batch_norm_train(x, w, b, 1e-5), x, weight, bias)
+    check(lambda g, x, w, m, r, k: ops.batch_norm_backward(g, x, w, None, m, r, k), grad_out, x, weight,
+          mean_shifted, rstd, pivot)

@@ -116,14 +116,14 @@ def _forward_sample(variant, dtype, param_dtype, layout):
     if variant == "eval-bias-only":
         return ops.batch_norm_eval, (x, None, b, running_mean, running_var, 1e-3)
     with torch.no_grad():
-        _, mean_shifted, rstd, _, _ = ops.batch_norm_train(x, w, b, 1e-5)
+        _, mean_shifted, rstd, _, _, pivot = ops.batch_norm_train(x, w, b, 1e-5)
     # A contiguous gradient: for a channels_last x it comes in the other memory format,
     # and dx must still have x's.
     grad = torch.randn(x.shape, dtype=dtype, device=DEVICE)
     if variant == "backward-train":
-        return ops.batch_norm_backward, (grad, x.detach(), w.detach(), None, mean_shifted, rstd)
+        return ops.batch_norm_backward, (grad, x.detach(), w.detach(), None, mean_shifted, rstd, pivot)
     assert variant == "backward-eval"
-    return ops.batch_norm_backward, (grad, x.detach(), None, running_mean, torch.zeros_like(rstd), rstd)
+    return ops.batch_norm_backward, (grad, x.detach(), None, running_mean, torch.zeros_like(rstd), rstd, running_mean)
 
 
 def _other_sample(variant):

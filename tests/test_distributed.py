@@ -359,11 +359,11 @@ def test_split_backward_matches_the_fused_one_bitwise(dtype):
     with forced_plan(block_rows=16, block_channels=2, num_splits=3):
         tiles = plan(view)
         stats = batch_stats(view, tiles, weight, None, 1e-5)
-        dx, dweight, dbias = batch_norm_grads(view, tiles, dy, weight, x, view.stride_c, stats.mean_shifted,
+        dx, dweight, dbias = batch_norm_grads(view, tiles, dy, weight, stats.pivot, 1, stats.mean_shifted,
                                               stats.rstd, True, torch.float32)
-        sums, dweight_split, dbias_split = grad_sums(view, tiles, dy, x, view.stride_c, stats.mean_shifted,
+        sums, dweight_split, dbias_split = grad_sums(view, tiles, dy, stats.pivot, 1, stats.mean_shifted,
                                                      stats.rstd, torch.float32)
         count = torch.tensor([float(view.rows)])
-        dx_split = input_grad(view, tiles, dy, weight, x, view.stride_c, stats.mean_shifted, stats.rstd,
+        dx_split = input_grad(view, tiles, dy, weight, stats.pivot, 1, stats.mean_shifted, stats.rstd,
                               sums, count)
     assert torch.equal(dx, dx_split) and torch.equal(dweight, dweight_split) and torch.equal(dbias, dbias_split)

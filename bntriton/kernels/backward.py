@@ -29,7 +29,8 @@ from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
-from .tiles import channel_offsets, tile_offsets
+from .numerics import dx_coefficients, two_sum
+from .tiles import channel_offsets, channel_tile_offsets
 
 
 @kernel
@@ -58,28 +59,38 @@ def _grad_partial_kernel(
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
-    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dyc = tl.zeros([BLOCK_C], dtype=ACC)
+    # Sums carried in two parts (hi + lo): the tiles' pairwise sums are added with their
+    # rounding errors kept, so the error does not grow with the number of tiles.
+    dy_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    dy_lo = tl.zeros([BLOCK_C], dtype=ACC)
+    dyc_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    dyc_lo = tl.zeros([BLOCK_C], dtype=ACC)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-        mask = (r < row_end)[:, None] & c_mask[None, :]
+        offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        mask = c_mask[:, None] & (r < row_end)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         if INVERT:
-            z = invert_activation(x, slope[None, :], ACTIVATION)
-            dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
-            x_k = (z - act_shift[None, :]) / act_scale[None, :]
+            z = invert_activation(x, slope[:, None], ACTIVATION)
+            dy = activation_grad(z, dy, slope[:, None], ACTIVATION)
+            x_k = (z - act_shift[:, None]) / act_scale[:, None]
         else:
-            x_k = x - pivot[None, :]
+            x_k = x - pivot[:, None]
             if MASK:
-                dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope[None, :], ACTIVATION)
+                # The packed mask is laid out rows x channels (activations.py); the tile is transposed.
+                positive = tl.trans(load_mask(mask_ptr, r, c, tl.trans(mask), channels))
+                dy = mask_grad(positive, dy, slope[:, None], ACTIVATION)
             elif ACTIVATION != 0:
-                dy = activation_grad(x_k * act_scale[None, :] + act_shift[None, :], dy, slope[None, :], ACTIVATION)
+                dy = activation_grad(x_k * act_scale[:, None] + act_shift[:, None], dy, slope[:, None], ACTIVATION)
         # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.
-        centred = tl.where(mask, x_k - mean_s[None, :], 0.0)
-        sum_dy += tl.sum(dy, axis=0)
-        sum_dyc += tl.sum(dy * centred, axis=0)
+        centred = tl.where(mask, x_k - mean_s[:, None], 0.0)
+        dy_hi, carry = two_sum(dy_hi, tl.sum(dy, axis=1))
+        dy_lo += carry
+        dyc_hi, carry = two_sum(dyc_hi, tl.sum(dy * centred, axis=1))
+        dyc_lo += carry
+    sum_dy = dy_hi + dy_lo
+    sum_dyc = dyc_hi + dyc_lo
     out = split * channels + c
     tl.store(part_dy_ptr + out, sum_dy, mask=c_mask)
     tl.store(part_dyc_ptr + out, sum_dyc, mask=c_mask)
@@ -87,24 +98,14 @@ def _grad_partial_kernel(
 
 @triton.jit
 def _sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel sum of the ``num_splits`` partial rows, in split order (deterministic)."""
+    """Per-channel sum of the ``num_splits`` partial rows, in split order (deterministic),
+    compensated: the error does not grow with the number of splits."""
     total = tl.zeros([BLOCK_C], dtype=ACC)
+    lost = tl.zeros([BLOCK_C], dtype=ACC)
     for i in range(0, num_splits):
-        total += tl.load(part_ptr + i * channels + c, mask=c_mask, other=0.0)
-    return total
-
-
-@triton.jit
-def _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m):
-    """``dx = dy * A + (x - K) * B + C`` under batch statistics, ``A = g * rstd`` given.
-
-    ``x_hat = ((x - K) - mean_s) * rstd``, so the ``x_hat * dgamma / M`` term splits into
-    a per-element part (B) and a per-channel constant folded into C with the mean term.
-    """
-    dgamma = sum_dyc * rstd
-    coef_b = -coef_a * rstd * dgamma / m
-    coef_c = -coef_a * sum_dy / m - coef_b * mean_s
-    return coef_b, coef_c
+        total, carry = two_sum(total, tl.load(part_ptr + i * channels + c, mask=c_mask, other=0.0))
+        lost += carry
+    return total + lost
 
 
 @kernel
@@ -124,15 +125,15 @@ def _grad_combine_kernel(
     tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
     tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
 
+    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
     if HAS_WEIGHT:
-        coef_a = rstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    else:
-        coef_a = rstd
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
     if BATCH_STATS:
         m = rows + tl.zeros([BLOCK_C], dtype=ACC)
         mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
-        coef_b, coef_c = _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m)
+        coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
     else:
+        coef_a = rstd * weight
         coef_b = tl.zeros([BLOCK_C], dtype=ACC)
         coef_c = tl.zeros([BLOCK_C], dtype=ACC)
     tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
@@ -170,11 +171,10 @@ def _input_grad_coef_kernel(
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
     # The count is read on device (a one-element tensor): no host synchronization.
     m = tl.load(count_ptr + tl.zeros([BLOCK_C], dtype=tl.int32)).to(ACC)
+    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
     if HAS_WEIGHT:
-        coef_a = rstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    else:
-        coef_a = rstd
-    coef_b, coef_c = _dx_coefficients(sum_dy, sum_dyc, rstd, coef_a, mean_s, m)
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
     tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
     tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
     tl.store(coef_c_ptr + c, coef_c, mask=c_mask)

@@ -50,14 +50,9 @@ def forward_train(
         return y, stats
     tiles = plan(view)
     stats = batch_stats(view, tiles, weight, bias, eps, running)
-    pivot = view.tensor
-    if epilogue.out is not None and epilogue.out.data_ptr() == pivot.data_ptr():
-        # In place: the pivot (each channel's first element) would be overwritten by the
-        # program that owns the first rows while others still read it; copy it (O(C)).
-        pivot = torch.as_strided(pivot, (view.channels,), (view.stride_c,)).clone()
-        y = channel_affine(view, tiles, pivot, 1, stats.scale, stats.shift, epilogue=epilogue)
-        return y, stats
-    y = channel_affine(view, tiles, pivot, view.stride_c, stats.scale, stats.shift, epilogue=epilogue)
+    # The pivot is its own per-channel tensor (BatchStats.pivot): an in-place output
+    # cannot overwrite it.
+    y = channel_affine(view, tiles, stats.pivot, 1, stats.scale, stats.shift, epilogue=epilogue)
     return y, stats
 
 
@@ -73,7 +68,10 @@ def backward(
     view: ChannelView, dy, weight, pivot, pivot_stride: int, mean_shifted, rstd,
     batch_stats: bool, param_dtype: torch.dtype, epilogue: Epilogue = NO_EPILOGUE,
 ):
-    """``(dx, dweight, dbias)``; ``dy`` shares the view's strides."""
+    """``(dx, dweight, dbias)``; ``dy`` shares the view's strides.  ``pivot`` /
+    ``mean_shifted`` / ``rstd``: what the forward normalized with, the batch's
+    (``BatchStats.pivot``, stride 1) or the running statistics (``running_mean``, a zero
+    shifted mean)."""
     if native(view.tensor):
         if epilogue is NO_EPILOGUE:
             return native_cpu.backward(

@@ -6,9 +6,10 @@ block in registers: the statistics, the normalization and the output then cost o
 read and one write of x (2B instead of 3B), and one launch instead of three.  The
 backward likewise reads x and dy once and writes dx (3B instead of 5B).
 
-The numerics are those of the split path (stats.py / backward.py): pivot-shifted values,
-centred two-pass variance (here exact two-pass, as the tile is in registers), fp32 or
-fp64 accumulation.
+The numerics are those of the split path (stats.py / backward.py): the same pivot
+(``numerics.batch_pivot``), channels x rows tiles summed over their last axis, the mean's
+residual and the corrected two-pass variance of ``numerics.tile_moments`` (here over the
+whole channel, as the tile is in registers), fp32 or fp64 accumulation.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats
-from .numerics import inverse_std
-from .tiles import channel_offsets, tile_offsets
+from .numerics import batch_coefficients, dx_coefficients, pivot_of_rows, resolve_mean, tile_moments
+from .tiles import channel_offsets, channel_tile_offsets
 
 
 @kernel
 def _fused_forward_kernel(
-    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_s_ptr, rstd_ptr, mean_ptr, var_unbiased_ptr,
+    x_ptr, y_ptr, weight_ptr, bias_ptr, pivot_ptr, mean_s_ptr, rstd_ptr, mean_ptr, var_unbiased_ptr,
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, eps_hi, eps_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -46,34 +47,34 @@ def _fused_forward_kernel(
     c_mask = c < channels
     # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
     slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
-    offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-    mask = (r < rows)[:, None] & c_mask[None, :]
+    offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+    mask = c_mask[:, None] & (r < rows)[None, :]
 
-    pivot = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    # The pivot from the tile in registers: no second read of the first rows.
+    pivot = pivot_of_rows(x, r, mask, rows)
     n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-    shifted = tl.where(mask, x - pivot[None, :], 0.0)
-    mean_s = tl.sum(shifted, axis=0) / n
-    centred = tl.where(mask, shifted - mean_s[None, :], 0.0)
-    m2 = tl.sum(centred * centred, axis=0)
-    rstd = inverse_std(m2 / n, eps_hi, eps_lo, BLOCK_C, ACC)
-
-    scale = rstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    y = centred * scale[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)[None, :]
+    shifted = tl.where(mask, x - pivot[:, None], 0.0)
+    tile_mean, resid, m2 = tile_moments(shifted, mask, n)
+    # The tile's sum is n * tile_mean + resid: the product's rounding is the fma's remainder.
+    part = n * tile_mean
+    mean_s, correction = resolve_mean(part, tl.fma(n, tile_mean, -part) + resid, n)
+    rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
+                                            BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
+    # The split path's epilogue (normalize.py): one rounding for the product and the shift.
+    y = tl.fma(shifted, scale[:, None], shift[:, None])
     if HAS_RESIDUAL:
         y = y + tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
     if MASK:
-        store_mask(mask_ptr, (y > 0) & mask, 0, rows, c, c_mask, channels, BLOCK_R, BLOCK_C)
-    y = activate(y, slope[None, :], ACTIVATION)
+        # The packed mask is laid out rows x channels (activations.py); the tile is transposed.
+        store_mask(mask_ptr, tl.trans((y > 0) & mask), 0, rows, c, c_mask, channels, BLOCK_R, BLOCK_C)
+    y = activate(y, slope[:, None], ACTIVATION)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
+    tl.store(pivot_ptr + c, pivot, mask=c_mask)
     tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
-    tl.store(mean_ptr + c, pivot + mean_s, mask=c_mask)
+    tl.store(mean_ptr + c, (pivot + mean_s) + correction, mask=c_mask)
     tl.store(var_unbiased_ptr + c, m2 / (n - 1.0), mask=c_mask)
 
 
@@ -94,8 +95,8 @@ def _fused_backward_kernel(
     c_mask = c < channels
     # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
     slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
-    offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-    mask = (r < rows)[:, None] & c_mask[None, :]
+    offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+    mask = c_mask[:, None] & (r < rows)[None, :]
 
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
@@ -106,34 +107,37 @@ def _fused_backward_kernel(
         act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
         act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
     if INVERT:
-        z = invert_activation(x, slope[None, :], ACTIVATION)
-        dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
-        x_k = (z - act_shift[None, :]) / act_scale[None, :]
+        z = invert_activation(x, slope[:, None], ACTIVATION)
+        dy = activation_grad(z, dy, slope[:, None], ACTIVATION)
+        x_k = (z - act_shift[:, None]) / act_scale[:, None]
     else:
-        x_k = x - pivot[None, :]
+        x_k = x - pivot[:, None]
         if MASK:
-            dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope[None, :], ACTIVATION)
+            # The packed mask is laid out rows x channels (activations.py); the tile is transposed.
+            positive = tl.trans(load_mask(mask_ptr, r, c, tl.trans(mask), channels))
+            dy = mask_grad(positive, dy, slope[:, None], ACTIVATION)
         elif ACTIVATION != 0:
-            dy = activation_grad(x_k * act_scale[None, :] + act_shift[None, :], dy, slope[None, :], ACTIVATION)
+            dy = activation_grad(x_k * act_scale[:, None] + act_shift[:, None], dy, slope[:, None], ACTIVATION)
     dy = tl.where(mask, dy, 0.0)
     if HAS_RESIDUAL:
         tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
-    centred = tl.where(mask, x_k - mean_s[None, :], 0.0)
-    sum_dy = tl.sum(dy, axis=0)
-    sum_dyc = tl.sum(dy * centred, axis=0)
+    centred = tl.where(mask, x_k - mean_s[:, None], 0.0)
+    sum_dy = tl.sum(dy, axis=1)
+    sum_dyc = tl.sum(dy * centred, axis=1)
     tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=c_mask)
     tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
 
-    coef_a = rstd
+    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
     if HAS_WEIGHT:
-        coef_a = coef_a * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
     if BATCH_STATS:
         n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        dx = coef_a[None, :] * (
-            dy - (sum_dy / n)[None, :] - centred * (rstd * rstd * sum_dyc / n)[None, :]
-        )
+        # centred already holds the mean: C's mean_s term is zero here.
+        coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, tl.zeros([BLOCK_C], dtype=ACC),
+                                                 n, ACC)
+        dx = tl.fma(dy, coef_a[:, None], tl.fma(centred, coef_b[:, None], coef_c[:, None]))
     else:
-        dx = coef_a[None, :] * dy
+        dx = dy * (rstd * weight)[:, None]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -144,11 +148,11 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
     y = epilogue.out if epilogue.out is not None else view.empty_like()
     if epilogue.mask is not None and plan.block_rows < 8:
         plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
-    per_channel = [torch.empty(view.channels, dtype=acc, device=x.device) for _ in range(4)]
-    mean_s, rstd, mean, var_unbiased = per_channel
+    per_channel = [torch.empty(view.channels, dtype=acc, device=x.device) for _ in range(5)]
+    pivot, mean_s, rstd, mean, var_unbiased = per_channel
     _fused_forward_kernel[(cdiv(view.channels, plan.block_channels),)](
         x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
-        mean_s, rstd, mean, var_unbiased, *epilogue.pointers(x, rstd),
+        pivot, mean_s, rstd, mean, var_unbiased, *epilogue.pointers(x, rstd),
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         *split_float(eps),
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=weight is not None,
@@ -156,7 +160,7 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
         ACC=tl_accumulator(x.dtype), **epilogue.constexprs(), num_warps=plan.num_warps,
     )
     # scale / shift are folded inside the kernel; the split path's fields are not needed.
-    return y, BatchStats(mean_s, rstd, None, None, mean, var_unbiased)
+    return y, BatchStats(mean_s, rstd, None, None, mean, var_unbiased, pivot)
 
 
 def fused_backward(

@@ -7,7 +7,7 @@ used for CPU tensors unless ``bntriton.cpu_backend("interpreter")`` /
 ``BNTRITON_CPU_BACKEND=interpreter`` asks for the kernels.
 
 The numerics are the kernels': every value is first shifted by the per-channel pivot
-``K`` (the channel's first element in training, the running mean in eval), in the
+``K`` (in training the kernels' pivot, from the first rows; the running mean in eval), in the
 accumulator dtype, so that ``x - K`` is exact for offset data; torch's native CPU batch
 norm then takes the statistics of the shifted problem (its CPU reductions accumulate fp32
 in fp64), normalizes ``(x - K) - mean_shifted`` and takes the gradients.  Its saved mean
@@ -55,10 +55,22 @@ def _per_channel(view: ChannelView, c: torch.Tensor) -> torch.Tensor:
 
 
 def _pivot(view: ChannelView, acc: torch.dtype) -> torch.Tensor:
-    """K: each channel's first element (row 0), in the accumulator dtype."""
+    """K as the kernels define it (numerics.batch_pivot): the mean of the channel's first
+    m = min(16, rows) rows, ``x_0 + mean(x_i - x_0)``, or 0 where that mean is within two
+    of their standard deviations of zero; in the accumulator dtype."""
     m = _matrix(view, view.tensor)
-    first = m[0] if view.channels_last else m[0, :, 0]
-    return first.to(acc)
+    count = min(16, view.rows)
+    if view.channels_last:
+        first_rows = m[:count]
+    else:  # rows run over (sample, position): enough samples for `count` rows
+        samples = -(-count // view.spatial)
+        first_rows = m[:samples].transpose(1, 2).reshape(-1, view.channels)[:count]
+    first_rows = first_rows.to(acc)
+    deviation = first_rows - first_rows[0]
+    mean_deviation = deviation.sum(0) / count
+    variance = (deviation - mean_deviation).square().sum(0) / count
+    pivot = first_rows[0] + mean_deviation
+    return torch.where(pivot * pivot <= 4.0 * variance, torch.zeros_like(pivot), pivot)
 
 
 def _param(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
@@ -80,7 +92,7 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     y, mean_shifted, rstd = torch.native_batch_norm(
         shifted, _param(weight, acc), _param(bias, acc), mean_buffer, var_unbiased, True, 1.0, eps
     )
-    stats = BatchStats(mean_shifted, rstd, None, None, pivot + mean_shifted, var_unbiased)
+    stats = BatchStats(mean_shifted, rstd, None, None, pivot + mean_shifted, var_unbiased, pivot)
     return _unmatrix(view, y, x.dtype), stats
 
 
@@ -95,7 +107,7 @@ def backward(
     if view.rows == 0:
         zeros = torch.zeros(channels, dtype=param_dtype)
         return view.empty_like(), zeros, zeros.clone()
-    # K at ``pivot[c * pivot_stride]``: the input's first row or the running mean.
+    # K at ``pivot[c * pivot_stride]``: the forward's pivot or the running mean.
     k = pivot.as_strided((channels,), (pivot_stride,), pivot.storage_offset()).to(acc)
     shifted = torch.sub(_matrix(view, x), _per_channel(view, k))
     if shifted.dtype != acc:

@@ -73,10 +73,12 @@ def _channel_affine_kernel(
         if HAS_RESIDUAL:
             tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
         dy_scale = tl.load(dy_scale_ptr + c, mask=c_mask, other=0.0)
-        out = x_k * scale[None, :] + shift[None, :] + dy * dy_scale[None, :]
+        # fmas: one rounding per product and sum where multiply-then-add takes two (the
+        # GPU would contract them anyway; the interpreter does not).
+        out = tl.fma(dy, dy_scale[None, :], tl.fma(x_k, scale[None, :], shift[None, :]))
     else:
         pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
-        out = (x - pivot[None, :]) * scale[None, :] + shift[None, :]
+        out = tl.fma(x - pivot[None, :], scale[None, :], shift[None, :])
         if HAS_RESIDUAL:
             out = out + tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
         if MASK:

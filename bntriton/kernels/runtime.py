@@ -84,7 +84,9 @@ def _interpreting():
     with _interpreter_lock:
         original_call = JITFunction.__call__
         original_patch = getattr(interpreter, "_patch_lang_tensor", None) if _INDEX_PATCH_NEEDED else None
+        original_cast = interpreter.InterpreterBuilder.cast_impl
         JITFunction.__call__ = _call_interpreted
+        interpreter.InterpreterBuilder.cast_impl = _rounding_cast(original_cast)
         if original_patch is not None:
 
             def patch_with_index(tensor, scope):
@@ -100,8 +102,35 @@ def _interpreting():
             yield
         finally:
             JITFunction.__call__ = original_call
+            interpreter.InterpreterBuilder.cast_impl = original_cast
             if original_patch is not None:
                 interpreter._patch_lang_tensor = original_patch
+
+
+def _rounding_cast(original_cast):
+    """The interpreter's cast, with fp32 -> bf16 rounded to nearest even as on a GPU.
+
+    The interpreter truncates (drops the low 16 bits, whatever ``fp_downcast_rounding``
+    says), which biases every bf16 output towards zero by half an ulp on average and
+    doubles its error next to torch's.  fp16 goes through NumPy, which already rounds to
+    nearest even.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            # Add half an ulp of bf16, less one unless the kept part is odd: ties to even.
+            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            # A NaN stays a (quiet) NaN: the addition could carry its payload into inf.
+            quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)
+            data = np.where(np.isnan(src.data), quiet_nan, rounded)
+            return TensorHandle(data, dst_type.scalar)
+        return original_cast(self, src, dst_type)
+
+    return cast_impl
 
 
 def _call_interpreted(jit_function, *args, **kwargs):

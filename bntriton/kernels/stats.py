@@ -1,18 +1,46 @@
 """Training statistics: per-channel mean and biased variance, plus the running-stat update.
 
-Two launches:
+**The pivot.**  Values are shifted by a per-channel pivot ``K`` before anything is summed:
+``x - K`` is exact when x and K are close, which is precisely when the naive
+``E[x^2] - E[x]^2`` would cancel catastrophically.  ``K`` is defined as
+
+    m = min(16, rows),   d_i = x_i - x_0 (i < m),   dbar = sum(d_i) / m,
+    s2 = sum((d_i - dbar)**2) / m,   P = x_0 + dbar,
+    K = 0 if P**2 <= 4 * s2 else P
+
+with ``x_i`` the channel's value in row ``i`` of the rows x channels view (row 0 is
+sample 0, position 0; rows run over samples, then positions; layout.py), everything in
+the accumulator dtype (:func:`numerics.batch_pivot`; the native CPU path computes the
+same).  ``P`` sits about std / 4 from the channel's mean, where ``x_0`` alone sits about
+one std away, so the shifted values of offset data have a small mean and so do their
+sums; data whose first rows' mean is within two of their standard deviations of zero are
+not shifted at all (``x - 0`` is exact, and the epilogue then matches ``x * a + b``).  A
+constant channel gets ``K = x_0`` (or 0), and its shifted values are exactly equal.  A
+NaN among the first rows makes ``K`` NaN: the channel's statistics are NaN anyway.  ``K``
+is stored per channel (``BatchStats.pivot``) and travels with ``mean_shifted`` and
+``rstd`` to the forward epilogue and the backward (the train op's sixth output, the
+backward op's ``pivot`` argument), as the running mean does in eval.
+
+**The reductions** have an error that grows like log2(rows), on a GPU and in the
+interpreter alike: tiles are channels x rows and summed over their last axis (a tree on
+the GPU, pairwise in NumPy; tiles.py), and everything summed across tiles and splits is
+carried in two parts (``two_sum``), so its error does not grow with their number.
+
+Three launches:
 
 1. ``_stats_partial_kernel``: grid (splits, channel blocks).  Each program walks its
-   share of the rows in tiles.  Values are first shifted by a per-channel pivot ``K``
-   (the channel's first element): ``x - K`` is exact when x and K are close, which is
-   precisely when the naive ``E[x^2] - E[x]^2`` would cancel catastrophically.  Each
-   tile's shifted values are centred on the tile's own mean before squaring, and tiles
-   are merged with Chan's formula, so the variance is robust also when the pivot is an
-   outlier.
+   share of the rows in tiles.  Per tile: the mean of ``x - K``, the residual sum of the
+   values centred on that mean (what the rounded mean missed), and their corrected
+   two-pass M2; tiles are merged with Chan's formula for M2, and their sums
+   ``count * mean + residual`` are added with compensation.  Output per split: the sum of
+   ``x - K`` in two parts and M2.
 2. ``_stats_combine_kernel``: one program per channel block merges the splits in a
-   fixed order (deterministic, no atomics), writes the shifted mean and ``rstd`` that
-   the forward epilogue and the backward use, folds weight and bias into a per-channel
-   ``scale`` / ``shift``, and writes the mean and unbiased variance.
+   fixed order (deterministic, no atomics), in one pass: the compensated total, and M2
+   by Chan's formula, compensated too.  It writes the shifted mean and ``rstd``
+   that the forward epilogue and the backward use, folds weight and bias into a
+   per-channel ``scale`` / ``shift``, and writes the mean ``(K + mean_shifted) +
+   correction`` (the correction restores what rounding ``mean_shifted`` lost, so the mean
+   is accurate to its own size) and the unbiased variance.
    Given the running statistics (eager calls: see ops.py), the combine also updates
    them and bumps ``num_batches_tracked``, so a training forward takes three launches.
    It then runs as one program walking every channel block: the counter is read and
@@ -33,13 +61,13 @@ import triton.language as tl
 from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .numerics import chan_merge, fold_affine, inverse_std
-from .tiles import channel_offsets, tile_offsets
+from .numerics import batch_coefficients, batch_pivot, resolve_mean, tile_moments, two_sum
+from .tiles import channel_tile_offsets
 
 
 @kernel
 def _stats_partial_kernel(
-    x_ptr, part_mean_ptr, part_m2_ptr,
+    x_ptr, pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
     rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
@@ -47,28 +75,37 @@ def _stats_partial_kernel(
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    # Row 0 of each channel is its pivot K.
-    pivot = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
+    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
+    # Every split computes the same pivot; the first one stores it.
+    tl.store(pivot_ptr + c, pivot, mask=c_mask & ((split + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0))
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    # The split's sum of x - K in two parts (hi + lo), and its M2.
+    total_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    total_lo = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
-        mask = (r < row_end)[:, None] & c_mask[None, :]
+        offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        mask = c_mask[:, None] & (r < row_end)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        shifted = tl.where(mask, x - pivot[None, :], 0.0)
+        shifted = tl.where(mask, x - pivot[:, None], 0.0)
         # Every tile before this one in the split is full, so the counts need no carry.
         seen = (r0 - row_start) + tl.zeros([BLOCK_C], dtype=ACC)
-        tile_count = tl.minimum(row_end - r0, BLOCK_R) + tl.zeros([BLOCK_C], dtype=ACC)
-        tile_mean = tl.sum(shifted, axis=0) / tile_count
-        centred = tl.where(mask, shifted - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(centred * centred, axis=0)
-        _, mean, m2 = chan_merge(seen, mean, m2, tile_count, tile_mean, tile_m2)
+        count = tl.minimum(row_end - r0, BLOCK_R) + tl.zeros([BLOCK_C], dtype=ACC)
+        tile_mean, tile_resid, tile_m2 = tile_moments(shifted, mask, count)
+        # M2 merge (Chan): the deviation of the tile's mean from the running one.
+        delta = tile_mean - total_hi / tl.maximum(seen, 1.0)
+        m2 += tile_m2 + delta * delta * (seen * count / (seen + count))
+        # The tile's sum is count * tile_mean + resid; the product is exact for a full
+        # tile (a power of two rows), the fma's remainder catches the last one's rounding.
+        part = count * tile_mean
+        total_hi, carry = two_sum(total_hi, part)
+        total_lo += carry + tl.fma(count, tile_mean, -part) + tile_resid
     out = split * channels + c
-    tl.store(part_mean_ptr + out, mean, mask=c_mask)
+    tl.store(part_hi_ptr + out, total_hi, mask=c_mask)
+    tl.store(part_lo_ptr + out, total_lo, mask=c_mask)
     tl.store(part_m2_ptr + out, m2, mask=c_mask)
 
 
@@ -97,13 +134,13 @@ def _blend_running(running_ptr, batch, factor, c, c_mask, ACC: tl.constexpr):
 
 @kernel
 def _stats_combine_kernel(
-    part_mean_ptr, part_m2_ptr, x_ptr, weight_ptr, bias_ptr,
+    part_hi_ptr, part_lo_ptr, part_m2_ptr, pivot_ptr, weight_ptr, bias_ptr,
     mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
     running_mean_ptr, running_var_ptr, num_batches_ptr,
-    rows, channels, stride_c, rows_per_split, num_splits, eps_hi, eps_lo, momentum_hi, momentum_lo,
+    rows, channels, rows_per_split, num_splits, eps_hi, eps_lo, momentum_hi, momentum_lo,
     BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, CUMULATIVE: tl.constexpr,
-    INT64: tl.constexpr, ACC: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     # Program p takes channel blocks p, p + programs, ...: a grid of one walks them all.
     programs = tl.num_programs(0)
@@ -115,26 +152,39 @@ def _stats_combine_kernel(
     for c0 in range(tl.program_id(0) * BLOCK_C, channels, programs * BLOCK_C):
         c = c0 + lanes
         c_mask = c < channels
-        mean = tl.zeros([BLOCK_C], dtype=ACC)
-        m2 = tl.zeros([BLOCK_C], dtype=ACC)
+        # One pass over the splits, in order: their sums added with compensation, their
+        # M2 merged with Chan's formula (every term positive), also compensated; neither
+        # error grows with the number of splits.
+        total_hi = tl.zeros([BLOCK_C], dtype=ACC)
+        total_lo = tl.zeros([BLOCK_C], dtype=ACC)
+        m2_hi = tl.zeros([BLOCK_C], dtype=ACC)
+        m2_lo = tl.zeros([BLOCK_C], dtype=ACC)
         for i in range(0, num_splits):
             seen = i * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
             count = tl.minimum(rows - seen, rows_per_split)
-            part_mean = tl.load(part_mean_ptr + i * channels + c, mask=c_mask, other=0.0)
-            part_m2 = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0)
-            _, mean, m2 = chan_merge(seen, mean, m2, count, part_mean, part_m2)
-
+            part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
+            part_lo = tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
+            delta = (part_hi + part_lo) / count - total_hi / tl.maximum(seen, 1.0)
+            term = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0) + \
+                delta * delta * (seen * count / (seen + count))
+            m2_hi, carry = two_sum(m2_hi, term)
+            m2_lo += carry
+            total_hi, carry = two_sum(total_hi, part_hi)
+            total_lo += carry + part_lo
+        m2 = m2_hi + m2_lo
         n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        rstd = inverse_std(m2 / n, eps_hi, eps_lo, BLOCK_C, ACC)
-        tl.store(mean_s_ptr + c, mean, mask=c_mask)
+        mean_s, correction = resolve_mean(total_hi, total_lo, n)
+
+        rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
+                                                BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
+        tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
         tl.store(rstd_ptr + c, rstd, mask=c_mask)
-        scale, shift = fold_affine(rstd, mean, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
         tl.store(scale_ptr + c, scale, mask=c_mask)
         tl.store(shift_ptr + c, shift, mask=c_mask)
 
         # The un-shifted mean and the unbiased variance, for the running statistics.
-        pivot = tl.load(x_ptr + channel_offsets(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
-        batch_mean = pivot + mean
+        pivot = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
+        batch_mean = (pivot + mean_s) + correction
         batch_var = m2 / (n - 1.0)
         tl.store(mean_ptr + c, batch_mean, mask=c_mask)
         tl.store(var_unbiased_ptr + c, batch_var, mask=c_mask)
@@ -173,9 +223,11 @@ def _running_update_kernel(
 class BatchStats:
     """Per-channel results of the statistics launch (all in the accumulator dtype).
 
-    ``mean_shifted`` is the mean of ``x - K`` with ``K`` the channel's first element;
-    ``scale`` / ``shift`` give ``y = (x - K) * scale + shift``; ``mean`` and
-    ``var_unbiased`` feed the running statistics.
+    ``pivot`` is ``K`` (:func:`numerics.batch_pivot`), ``mean_shifted`` the mean of
+    ``x - K``; ``scale`` / ``shift`` give ``y = (x - K) * scale + shift`` (None from the
+    single-read path, which applies them itself); ``mean`` and ``var_unbiased`` feed the
+    running statistics.  The epilogue and the backward take ``(pivot, mean_shifted,
+    rstd)`` as one: they only describe the batch together.
     """
 
     mean_shifted: torch.Tensor
@@ -184,6 +236,7 @@ class BatchStats:
     shift: torch.Tensor
     mean: torch.Tensor
     var_unbiased: torch.Tensor
+    pivot: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -210,11 +263,13 @@ def batch_stats(
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     channels = view.channels
-    partial_mean = torch.empty((plan.num_splits, channels), dtype=acc, device=x.device)
-    partial_m2 = torch.empty_like(partial_mean)
+    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(7)))
+    partial_hi, partial_lo, partial_m2 = (
+        torch.empty((plan.num_splits, channels), dtype=acc, device=x.device) for _ in range(3)
+    )
     channel_blocks = cdiv(channels, plan.block_channels)
     _stats_partial_kernel[(plan.num_splits, channel_blocks)](
-        x, partial_mean, partial_m2,
+        x, stats.pivot, partial_hi, partial_lo, partial_m2,
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         plan.rows_per_split,
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
@@ -222,7 +277,6 @@ def batch_stats(
         num_warps=plan.num_warps,
     )
 
-    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(6)))
     block = channel_block(channels)
     has_running = running is not None
     has_counter = has_running and running.num_batches_tracked is not None
@@ -230,19 +284,19 @@ def batch_stats(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     momentum = running.momentum if has_running and running.momentum is not None else 0.0
     _stats_combine_kernel[(1 if has_running else cdiv(channels, block),)](
-        partial_mean, partial_m2, x,
+        partial_hi, partial_lo, partial_m2, stats.pivot,
         weight if weight is not None else stats.rstd,
         bias if bias is not None else stats.rstd,
         stats.mean_shifted, stats.rstd, stats.scale, stats.shift, stats.mean, stats.var_unbiased,
         running.mean if has_running else stats.rstd,
         running.var if has_running else stats.rstd,
         running.num_batches_tracked if has_counter else stats.rstd,
-        view.rows, channels, view.stride_c, plan.rows_per_split, plan.num_splits, *split_float(eps),
+        view.rows, channels, plan.rows_per_split, plan.num_splits, *split_float(eps),
         *split_float(momentum),
         BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RUNNING=has_running, HAS_COUNTER=has_counter,
         CUMULATIVE=has_running and running.momentum is None,
-        INT64=plan.int64, ACC=tl_accumulator(x.dtype),
+        ACC=tl_accumulator(x.dtype),
     )
     return stats
 

@@ -330,6 +330,40 @@ def _affine_off(quick):
     ]
 
 
+@_family("post_relu", "post-ReLU data: half the values exactly zero, repeated values whose rounding errors add up")
+def _post_relu(quick):
+    relu = dict(data="post_relu")
+    return [
+        dict(shape=(8, 2, 32, 32), dtype=f32, **relu, quick=True),
+        dict(shape=(4096, 3), dtype=f32, **relu, quick=True),  # several row blocks to combine
+        dict(shape=(8, 16, 6, 6), dtype=f32, layout="channels_last", **relu, quick=True),
+        dict(shape=(8, 2, 32, 32), dtype=bf16, **relu, quick=True),
+        dict(shape=(16, 4, 8, 8), dtype=f16, param_dtype=f16, **relu, quick=True),
+        dict(shape=(32, 4, 16, 16), dtype=f32, steps=2, **relu),
+        dict(shape=(16, 8, 8, 8), dtype=bf16, layout="channels_last", param_dtype=bf16, **relu),
+        dict(shape=(4, 4, 6, 8, 8), dtype=f32, **relu),
+        dict(shape=(64, 6), dtype=f32, offset=1e4, scale=1e-2, **relu),
+        dict(shape=(16, 4, 8), dtype=f64, param_dtype=f64, **relu),
+    ]
+
+
+@_family("typical", "activations as networks have them: per-channel means ~ N(0, 1), scales e^U(-1, 1)")
+def _typical(quick):
+    typical = dict(data="typical")
+    return [
+        dict(shape=(8, 8, 16, 16), dtype=f32, **typical, quick=True),
+        dict(shape=(1024, 16), dtype=f32, **typical, quick=True),
+        dict(shape=(8, 16, 8, 8), dtype=f32, layout="channels_last", **typical, quick=True),
+        dict(shape=(8, 8, 16, 16), dtype=bf16, **typical, quick=True),
+        dict(shape=(8, 8, 8, 8), dtype=f16, layout="channels_last", **typical, quick=True),
+        dict(shape=(32, 4, 16, 16), dtype=f32, steps=2, **typical),
+        dict(shape=(4, 8, 4, 8, 8), dtype=f32, layout="channels_last", **typical),
+        dict(shape=(32, 16, 8, 8), dtype=bf16, layout="channels_last", param_dtype=bf16, **typical),
+        dict(shape=(8, 16, 12), dtype=f64, param_dtype=f64, **typical),
+        dict(shape=(32, 8, 16), dtype=f32, training=False, **typical),
+    ]
+
+
 @_family("strided_params", "weight, bias, running stats as views (strided, offset, stride 0): read through, update in place, nowhere else")
 def _strided_params(quick):
     return [

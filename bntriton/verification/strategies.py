@@ -18,7 +18,10 @@ LAYOUTS = ("contiguous", "channels_last", "strided")
 # a dense layout that is neither channels-first nor channels-last.
 EXTRA_LAYOUTS = ("reversed",)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DATA_KINDS = ("normal", "constant_channel", "nan", "inf", "tiny_var")
+# "typical": per-channel means ~ N(0, 1) and scales e^U(-1, 1) (in units of ``scale``), as
+# a network's activations have; "post_relu": max(0, normal) - half the values exactly
+# zero, the repeated values that make summation errors add up coherently.
+DATA_KINDS = ("normal", "constant_channel", "nan", "inf", "tiny_var", "typical", "post_relu")
 # How the per-channel tensors (weight, bias, running_mean, running_var) are stored:
 # "contiguous"; "offset": a dense slice that starts a few elements into a larger buffer;
 # "strided": every other element of a larger buffer; "expanded": weight and bias are one
@@ -130,7 +133,15 @@ def _data(case: Case, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale
     # A per-channel offset around case.offset (in units of the std).
     channel_offset = case.offset * case.scale * (1 + 0.1 * torch.rand(case.channels, generator=gen, dtype=torch.float64))
-    x = x + channel_offset.reshape((1, -1) + (1,) * (len(shape) - 2))
+    per_channel = (1, -1) + (1,) * (len(shape) - 2)
+    if case.data == "typical":
+        spread = torch.exp(2 * torch.rand(case.channels, generator=gen, dtype=torch.float64) - 1)
+        centre = torch.randn(case.channels, generator=gen, dtype=torch.float64)
+        x = x * spread.reshape(per_channel) + (centre * case.scale).reshape(per_channel)
+    x = x + channel_offset.reshape(per_channel)
+    if case.data == "post_relu":
+        # The channel's offset is the floor (zero at offset 0): repeated values either way.
+        x = torch.maximum(x, channel_offset.reshape(per_channel))
     if case.data == "constant_channel":
         x[:, 0] = case.offset * case.scale + 0.5
     elif case.data == "tiny_var":
