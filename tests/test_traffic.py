@@ -24,12 +24,17 @@ H100 = 132
 
 # (shape, layout, dtype): bounds on moved / floor for (fwd_train, bwd_train, fwd_eval).
 # The split path reads x twice forward (1.5) and x, dy twice backward (5/3); what is left
-# above that is partial sums and per-channel vectors.
+# above that is partial sums and per-channel vectors, and in the training forward each
+# split program's read of its channels' first 16 rows, the pivot (kernels/stats.py; on a
+# GPU those rows are shared by every split and mostly come from L2, but they are counted
+# here).  That read costs 0.008 of the floor in NCHW and 0.017-0.031 in channels-last /
+# 2-D; the pins below are the measured ratios rounded up.  Taking each split's pivot from
+# its own first tile and merging the pivots in the combine would remove it.
 CASES = {
-    "split-nchw-fp32": (((8, 16, 32, 32), "nchw", "fp32"), (1.505, 1.671, 1.01)),
-    "split-nhwc-fp32": (((4, 32, 32, 32), "nhwc", "fp32"), (1.52, 1.69, 1.01)),
-    "split-nhwc-bf16": (((4, 32, 32, 32), "nhwc", "bf16"), (1.52, 1.69, 1.01)),
-    "split-2d-fp32": (((4096, 64), "nchw", "fp32"), (1.52, 1.69, 1.01)),
+    "split-nchw-fp32": (((8, 16, 32, 32), "nchw", "fp32"), (1.514, 1.671, 1.01)),
+    "split-nhwc-fp32": (((4, 32, 32, 32), "nhwc", "fp32"), (1.551, 1.69, 1.01)),
+    "split-nhwc-bf16": (((4, 32, 32, 32), "nhwc", "bf16"), (1.537, 1.69, 1.01)),
+    "split-2d-fp32": (((4096, 64), "nchw", "fp32"), (1.551, 1.69, 1.01)),
     "single-read-nchw-fp32": (((16, 64, 7, 7), "nchw", "fp32"), (1.01, 1.01, 1.01)),
 }
 
