@@ -3,7 +3,7 @@
 The interpreter runs a kernel's logic, not its compilation: a loop-carried value that
 changes type, a constexpr branch the code generator rejects, or a dtype mix the compiler
 refuses only fails once compiled.  Triton's ahead-of-time path compiles to PTX and a
-cubin with no GPU present, so CI catches those before a GPU session does.
+cubin with no GPU present, so CI catches those before any GPU run does.
 """
 import pytest
 import triton

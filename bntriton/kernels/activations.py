@@ -156,3 +156,30 @@ def load_mask(mask_ptr, r, c, mask, channels):
     offs = (r // 8).to(tl.int64)[:, None] * channels + c[None, :]
     byte = tl.load(mask_ptr + offs, mask=mask, other=0).to(tl.int32)
     return ((byte >> (r % 8)[:, None]) & 1) != 0
+
+
+@triton.jit
+def through_activation(x, dy, pivot, act_scale, act_shift, slope, mask_ptr, r, c, mask, channels,
+                       ACTIVATION: tl.constexpr, MASK: tl.constexpr, INVERT: tl.constexpr):
+    """``(x - K, dz)`` for a channels x rows tile: the backward's view of ``x`` and the
+    gradient at the pre-activation ``z = (x - K) * act_scale + act_shift``.
+
+    ``x`` is the saved input, or with ``INVERT`` the saved output (in-place activated batch
+    norm), from which ``z`` and ``x - K`` are recovered.  A packed ReLU mask (``MASK``,
+    rows x channels, see :func:`store_mask`) stands in for ``z > 0``; otherwise ``z`` is
+    recomputed from ``x``.  Per-channel arguments are [BLOCK_C] vectors.
+    """
+    if INVERT:
+        z = invert_activation(x, slope[:, None], ACTIVATION)
+        dz = activation_grad(z, dy, slope[:, None], ACTIVATION)
+        x_k = (z - act_shift[:, None]) / act_scale[:, None]
+    else:
+        x_k = x - pivot[:, None]
+        dz = dy
+        if MASK:
+            # The packed mask is laid out rows x channels; the tile is transposed.
+            positive = tl.trans(load_mask(mask_ptr, r, c, tl.trans(mask), channels))
+            dz = mask_grad(positive, dy, slope[:, None], ACTIVATION)
+        elif ACTIVATION != 0:
+            dz = activation_grad(x_k * act_scale[:, None] + act_shift[:, None], dy, slope[:, None], ACTIVATION)
+    return x_k, dz

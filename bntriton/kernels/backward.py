@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import NO_EPILOGUE, Epilogue, activation_grad, invert_activation, load_mask, mask_grad
+from .activations import NO_EPILOGUE, Epilogue, through_activation
 from .plans import Plan, cdiv, channel_block
 from .runtime import accumulator_dtype, kernel, tl_accumulator
 from .layout import ChannelView
@@ -53,9 +53,12 @@ def _grad_partial_kernel(
     slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
     mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+    # z = (x - K) * act_scale + act_shift, read only when an activation needs z.
+    act_scale = tl.full([BLOCK_C], 1.0, ACC)
+    act_shift = tl.zeros([BLOCK_C], dtype=ACC)
     if ACTIVATION != 0 or INVERT:
-        act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
-        act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
+        act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0).to(ACC)
+        act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0).to(ACC)
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
@@ -71,18 +74,8 @@ def _grad_partial_kernel(
         mask = c_mask[:, None] & (r < row_end)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if INVERT:
-            z = invert_activation(x, slope[:, None], ACTIVATION)
-            dy = activation_grad(z, dy, slope[:, None], ACTIVATION)
-            x_k = (z - act_shift[:, None]) / act_scale[:, None]
-        else:
-            x_k = x - pivot[:, None]
-            if MASK:
-                # The packed mask is laid out rows x channels (activations.py); the tile is transposed.
-                positive = tl.trans(load_mask(mask_ptr, r, c, tl.trans(mask), channels))
-                dy = mask_grad(positive, dy, slope[:, None], ACTIVATION)
-            elif ACTIVATION != 0:
-                dy = activation_grad(x_k * act_scale[:, None] + act_shift[:, None], dy, slope[:, None], ACTIVATION)
+        x_k, dy = through_activation(x, dy, pivot, act_scale, act_shift, slope, mask_ptr, r, c, mask, channels,
+                                     ACTIVATION, MASK, INVERT)
         # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.
         centred = tl.where(mask, x_k - mean_s[:, None], 0.0)
         dy_hi, carry = two_sum(dy_hi, tl.sum(dy, axis=1))

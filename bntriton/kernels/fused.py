@@ -19,7 +19,7 @@ import torch
 import triton.language as tl
 
 from .activations import (
-    NO_EPILOGUE, Epilogue, activate, activation_grad, invert_activation, load_mask, mask_grad, store_mask,
+    NO_EPILOGUE, Epilogue, activate, store_mask, through_activation,
 )
 from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
@@ -103,21 +103,14 @@ def _fused_backward_kernel(
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    # z = (x - K) * act_scale + act_shift, read only when an activation needs z.
+    act_scale = tl.full([BLOCK_C], 1.0, ACC)
+    act_shift = tl.zeros([BLOCK_C], dtype=ACC)
     if ACTIVATION != 0 or INVERT:
-        act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0)
-        act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0)
-    if INVERT:
-        z = invert_activation(x, slope[:, None], ACTIVATION)
-        dy = activation_grad(z, dy, slope[:, None], ACTIVATION)
-        x_k = (z - act_shift[:, None]) / act_scale[:, None]
-    else:
-        x_k = x - pivot[:, None]
-        if MASK:
-            # The packed mask is laid out rows x channels (activations.py); the tile is transposed.
-            positive = tl.trans(load_mask(mask_ptr, r, c, tl.trans(mask), channels))
-            dy = mask_grad(positive, dy, slope[:, None], ACTIVATION)
-        elif ACTIVATION != 0:
-            dy = activation_grad(x_k * act_scale[:, None] + act_shift[:, None], dy, slope[:, None], ACTIVATION)
+        act_scale = tl.load(act_scale_ptr + c, mask=c_mask, other=1.0).to(ACC)
+        act_shift = tl.load(act_shift_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    x_k, dy = through_activation(x, dy, pivot, act_scale, act_shift, slope, mask_ptr, r, c, mask, channels,
+                                 ACTIVATION, MASK, INVERT)
     dy = tl.where(mask, dy, 0.0)
     if HAS_RESIDUAL:
         tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
