@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import fused_ops, ops
+from . import fused_ops, ops, traceable
 from .functional import _dense, check_arguments
 from .kernels.activations import activation_code
 
@@ -59,6 +59,9 @@ def batch_norm_act(
     weight, bias = _dense(weight), _dense(bias)
     if not training and running_mean is not None:
         running_mean, running_var = _dense(running_mean), _dense(running_var)
+    if not training and running_mean is not None and traceable.capturing():
+        # Export / tracing: standard operations that run outside bntriton (traceable.py).
+        return traceable.evaluate_act(input, weight, bias, running_mean, running_var, eps, residual, code, slope)
     if inplace and torch.compiler.is_compiling():
         inplace = False  # traced graphs get the out-of-place op (same values; see README)
     if inplace:

@@ -8,7 +8,7 @@ Triton launch.  While such a graph is being captured, the eval forward is theref
 recorded as the standard operations it is made of, with the kernels' numerics: the
 running mean as the pivot, subtracted before scaling (exact for offset data), in the
 accumulator dtype, rounded once into the input's dtype.  ONNX sees Sub, Mul, Add, Sqrt,
-Div and Cast.
+Div and Cast, and the fused activations (``BatchNormAct*d``) their standard operators.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .kernels import accumulator_dtype
+from .kernels.activations import ACTIVATIONS
 
 
 def capturing() -> bool:
@@ -35,6 +36,37 @@ def evaluate(
     eps: float,
 ) -> Tensor:
     """``(x - running_mean) * weight / sqrt(running_var + eps) + bias``, as the kernels compute it."""
+    return _normalized(x, weight, bias, running_mean, running_var, eps).to(x.dtype)
+
+
+def evaluate_act(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    residual: Optional[Tensor],
+    activation: int,
+    slope: float,
+) -> Tensor:
+    """``act(BN(x) + residual)`` with the running statistics (the fused eval epilogue of
+    kernels/activations.py), in the accumulator dtype, rounded once."""
+    y = _normalized(x, weight, bias, running_mean, running_var, eps)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    if activation == ACTIVATIONS["relu"]:
+        y = torch.relu(y)
+    elif activation == ACTIVATIONS["leaky_relu"]:
+        y = torch.nn.functional.leaky_relu(y, slope)
+    elif activation == ACTIVATIONS["silu"]:
+        y = torch.nn.functional.silu(y)
+    elif activation == ACTIVATIONS["gelu"]:
+        y = torch.nn.functional.gelu(y)
+    return y.to(x.dtype)
+
+
+def _normalized(x, weight, bias, running_mean, running_var, eps) -> Tensor:
     acc = accumulator_dtype(x.dtype)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     scale = 1.0 / torch.sqrt(running_var.to(acc) + eps)
@@ -43,4 +75,4 @@ def evaluate(
     y = (x.to(acc) - running_mean.to(acc).reshape(shape)) * scale.reshape(shape)
     if bias is not None:
         y = y + bias.to(acc).reshape(shape)
-    return y.to(x.dtype)
+    return y

@@ -190,3 +190,52 @@ def test_aoti_package_runs(tmp_path):
     path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
     loaded = torch._inductor.aoti_load_package(path)
     assert _close(loaded(x), y)
+
+
+class _FusedBlock(nn.Module):
+    """BN + residual + leaky ReLU, then BN + GELU: the fused modules' eval in a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = bntriton.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.1)
+        self.bn2 = bntriton.BatchNormAct2d(3, activation="gelu")
+
+    def forward(self, x):
+        return self.bn2(self.bn(self.conv(x), residual=x))
+
+
+def _trained_fused_block() -> nn.Module:
+    torch.manual_seed(0)
+    model = _FusedBlock()
+    with bntriton.cpu_backend("native"):
+        for _ in range(3):
+            model(torch.randn(4, 3, 8, 8) * 2 + 3)
+    return model.eval()
+
+
+def test_fused_modules_export_as_standard_ops():
+    model = _trained_fused_block()
+    x = _input()
+    with bntriton.cpu_backend("native"):
+        y = model(x)
+    program = torch.export.export(model, (x,))
+    assert _no_bntriton_ops(program.graph_module)
+    assert _close(program.module()(x), y)
+    traced = torch.jit.trace(model, (x,), check_trace=False)
+    assert "bntriton::" not in traced.inlined_graph.str()
+    assert _close(traced(x), y)
+
+
+def test_fused_modules_onnx_export_runs_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _trained_fused_block()
+    x = _input()
+    with bntriton.cpu_backend("native"):
+        y = model(x)
+    path = tmp_path / "fused.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert _close(torch.from_numpy(out), y)
