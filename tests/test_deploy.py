@@ -36,6 +36,8 @@ def _input() -> torch.Tensor:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, count: int = 32) -> bool:
+    # Normwise, one y bound per batch norm the models stack (4 in _trained_model): each
+    # layer's rounding reaches the output through the (well-conditioned) layers after it.
     tol = 4 * bound_units("y", torch.float32, count) * EPS[torch.float32]
     return bool((a.double() - b.double()).abs().max() <= tol * b.double().abs().max())
 
