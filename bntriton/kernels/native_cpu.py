@@ -73,6 +73,21 @@ def _pivot(view: ChannelView, acc: torch.dtype) -> torch.Tensor:
     return torch.where(pivot * pivot <= 4.0 * variance, torch.zeros_like(pivot), pivot)
 
 
+def _minus_pivot(view: ChannelView, pivot: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``x - K`` in the matrix form, in the accumulator dtype (read-only: it may be ``x``).
+
+    Where every pivot is 0 (the pivot's rule gives 0 to data whose first rows' mean is
+    within two of their standard deviations of zero: the usual case for activations),
+    ``x - 0`` is ``x`` exactly and no pass over the data is spent on it.  Reading K costs
+    no synchronization: it is a CPU tensor of C values.
+    """
+    m = _matrix(view, view.tensor)
+    if m.dtype == acc and not bool(pivot.any()):  # a NaN pivot counts as nonzero
+        return m
+    shifted = torch.sub(m, _per_channel(view, pivot))
+    return shifted if shifted.dtype == acc else shifted.to(acc)
+
+
 def _param(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(acc)
 
@@ -83,9 +98,7 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     acc = accumulator_dtype(x.dtype)
     pivot = _pivot(view, acc)
     # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
-    shifted = torch.sub(_matrix(view, x), _per_channel(view, pivot))
-    if shifted.dtype != acc:
-        shifted = shifted.to(acc)
+    shifted = _minus_pivot(view, pivot, acc)
     # Momentum 1 on a zero buffer leaves exactly the unbiased variance in it.
     mean_buffer = torch.zeros(view.channels, dtype=acc)
     var_unbiased = torch.zeros(view.channels, dtype=acc)
@@ -109,9 +122,7 @@ def backward(
         return view.empty_like(), zeros, zeros.clone()
     # K at ``pivot[c * pivot_stride]``: the forward's pivot or the running mean.
     k = pivot.as_strided((channels,), (pivot_stride,), pivot.storage_offset()).to(acc)
-    shifted = torch.sub(_matrix(view, x), _per_channel(view, k))
-    if shifted.dtype != acc:
-        shifted = shifted.to(acc)
+    shifted = _minus_pivot(view, k, acc)
     dy_m = _matrix(view, dy)
     if dy_m.dtype != acc:
         dy_m = dy_m.to(acc)
