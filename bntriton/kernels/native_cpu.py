@@ -43,7 +43,10 @@ def _unmatrix(view: ChannelView, m: torch.Tensor, dtype: torch.dtype) -> torch.T
     re-strided in place when torch kept the layout (the usual case), else copied once."""
     x = view.tensor
     if m.dtype == dtype and m.storage_offset() == 0 and m.stride() == _matrix(view, x).stride():
-        return m.as_strided(x.shape, x.stride())
+        # The same storage under the input's shape and strides, as a tensor of its own
+        # rather than a view: forward-mode AD refuses an autograd.Function output that is
+        # a view of one of its temporaries (batched jvp checks the tangent's layout).
+        return m.new_empty(0).set_(m.untyped_storage(), 0, x.shape, x.stride())
     out = view.empty_like(dtype)
     _matrix(view, out).copy_(m)
     return out
