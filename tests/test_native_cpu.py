@@ -173,3 +173,22 @@ def test_interpreter_leaks_no_numpy_warnings_on_nan_and_inf():
             y.sum().backward()
             bntriton.batch_norm(x.detach(), torch.zeros(3), torch.ones(3), training=False)
     assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 2]).all()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_native_path_passes_forward_ad_and_batched_checks(training):
+    """Forward-mode AD, batched (vmap over jvp) included, on the default CPU path."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    running_mean = torch.randn(2, generator=gen, dtype=torch.float64)
+    running_var = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    stats = (None, None) if training else (running_mean, running_var)
+
+    def fn(x, w, b):
+        return bntriton.batch_norm(x, *stats, w, b, training=training)
+
+    with bntriton.cpu_backend("native"):
+        assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=True, check_forward_ad=True,
+                                        check_batched_grad=True, check_batched_forward_grad=True)
