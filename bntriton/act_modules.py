@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .activated import batch_norm_act
 from .kernels.activations import activation_code
+from .modules import batch_norm_arguments
 
 
 class _BatchNormAct:
@@ -32,18 +33,8 @@ class _BatchNormAct:
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
-        tracking = self.training and self.track_running_stats
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        counter = self.num_batches_tracked if tracking else None
-        momentum = self.momentum
-        if momentum is None and counter is None:
-            momentum = 0.0
         return batch_norm_act(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight, self.bias, use_batch_stats, momentum, self.eps, counter,
+            input, *batch_norm_arguments(self),
             activation=self.activation, residual=residual, negative_slope=self.negative_slope,
             inplace=self.inplace,
         )

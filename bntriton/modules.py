@@ -10,6 +10,25 @@ from torch import Tensor, nn
 from .functional import batch_norm_with_counter
 
 
+def batch_norm_arguments(module) -> tuple:
+    """``(running_mean, running_var, weight, bias, training, momentum, eps, counter)`` for a
+    batch-norm module's state and mode, as torch's modules derive them: batch statistics in
+    training, and in eval when no running statistics exist; the counter bumped only when
+    tracking."""
+    tracking = module.training and module.track_running_stats
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    use_running = not module.training or module.track_running_stats
+    counter = module.num_batches_tracked if tracking else None
+    momentum = module.momentum
+    if momentum is None and counter is None:
+        momentum = 0.0  # torch's factor when there is nothing to average over
+    return (
+        module.running_mean if use_running else None,
+        module.running_var if use_running else None,
+        module.weight, module.bias, use_batch_stats, momentum, module.eps, counter,
+    )
+
+
 class _TritonBatchNorm:
     """Mixin holding the forward shared by the three module classes."""
 
@@ -24,25 +43,7 @@ class _TritonBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        tracking = self.training and self.track_running_stats
-        # As torch: batch statistics in training, and in eval when no running stats exist.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        counter = self.num_batches_tracked if tracking else None
-        momentum = self.momentum
-        if momentum is None and counter is None:
-            momentum = 0.0  # torch's factor when there is nothing to average over
-        return batch_norm_with_counter(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            counter,
-        )
+        return batch_norm_with_counter(input, *batch_norm_arguments(self))
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
