@@ -42,6 +42,14 @@ def _close(a: torch.Tensor, b: torch.Tensor, count: int = 32) -> bool:
     return bool((a.double() - b.double()).abs().max() <= tol * b.double().abs().max())
 
 
+def _onnx_roundtrip(ort, model, x: torch.Tensor, path) -> torch.Tensor:
+    """Export ``model`` to ONNX (the dynamo exporter) and run it in onnxruntime on ``x``."""
+    torch.onnx.export(model, (x,), str(path), dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(out)
+
+
 def _no_bntriton_ops(graph_module) -> bool:
     return not any("bntriton" in str(node.target) for node in graph_module.graph.nodes)
 
@@ -175,11 +183,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     x = _input()
     with bntriton.cpu_backend("native"):
         y = model(x)
-    path = tmp_path / "model.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    assert _close(torch.from_numpy(out), y)
+    assert _close(_onnx_roundtrip(ort, model, x, tmp_path / "model.onnx"), y)
 
 
 @pytest.mark.skipif(not os.environ.get("BNTRITON_SLOW_TESTS"), reason="AOTInductor compiles C++ (~1 min): BNTRITON_SLOW_TESTS=1")
@@ -236,8 +240,4 @@ def test_fused_modules_onnx_export_runs_in_onnxruntime(tmp_path):
     x = _input()
     with bntriton.cpu_backend("native"):
         y = model(x)
-    path = tmp_path / "fused.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    assert _close(torch.from_numpy(out), y)
+    assert _close(_onnx_roundtrip(ort, model, x, tmp_path / "fused.onnx"), y)
