@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # A first look at a new NVIDIA GPU in one go, each step under its own time limit so
-# that the whole run ends in a known time (about 8 minutes with the defaults):
+# that the whole run ends in a known time (at most 7 minutes with the defaults; about 4 on an H200):
 #   1. the device and versions;
 #   2. the test suite, natively (compiler problems show up only on the device);
 #   3. the quick sweep (perf/sweep.py --quick): bntriton, torch, torch.compile;
 #   4. the error ratios against torch's CUDA batch norm (perf/numerics.py);
-#   5. a ResNet-50 training step: time and peak memory, fused and plain layers.
+#   5. a ResNet-50 training step: time and peak memory, fused and plain layers;
+#   6. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py).
 #
 #   bash perf/gpu_run.sh [OUT_DIR]        # default perf/results/gpu-run
 #
-# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S.  A step that runs out
+# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, BREAKDOWN_S.  A step that runs out
 # of time is stopped and the next one starts; its log says how far it got.
 set -u
+cd "$(dirname "$0")/.."
 out=${1:-perf/results/gpu-run}
 mkdir -p "$out"
-cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME LIMIT_S COMMAND...: run, log to $out/NAME.log, record the time taken
@@ -35,9 +36,10 @@ print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), 
 
 # -n: one worker per core (pytest-xdist); --timeout stops a single hung test.  The
 # hypothesis example count is CI's default.
-step tests "${TESTS_S:-170}" python3 -m pytest -q -rfE -n "$(nproc)" --timeout 150 -p no:cacheprovider tests
-step sweep "${SWEEP_S:-170}" python3 perf/sweep.py --quick --max-minutes 2.2 --out "$out" --stem sweep
-step numerics "${NUMERICS_S:-45}" python3 perf/numerics.py --device cuda --seeds 2
-step resnet50_step "${RESNET_S:-80}" python3 perf/resnet50_step.py --reps 6 --out "$out/resnet50_step.csv"
+step tests "${TESTS_S:-120}" python3 -m pytest -q -rfE -n "$(nproc)" --timeout 150 -p no:cacheprovider tests
+step sweep "${SWEEP_S:-100}" python3 perf/sweep.py --quick --max-minutes 1.3 --out "$out" --stem sweep
+step numerics "${NUMERICS_S:-30}" python3 perf/numerics.py --device cuda --seeds 2
+step resnet50_step "${RESNET_S:-70}" python3 perf/resnet50_step.py --reps 6 --out "$out/resnet50_step.csv"
+step breakdown "${BREAKDOWN_S:-40}" python3 perf/kernel_breakdown.py
 cat "$out/steps.txt"
 tail -n 25 "$out/sweep.log"

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .activations import NO_EPILOGUE, Epilogue, through_activation
-from .plans import Plan, cdiv, channel_block
+from .plans import Plan, cdiv, channel_block, splits_block
 from .runtime import accumulator_dtype, kernel, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
@@ -90,13 +90,17 @@ def _grad_partial_kernel(
 
 
 @triton.jit
-def _sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel sum of the ``num_splits`` partial rows, in split order (deterministic),
-    compensated: the error does not grow with the number of splits."""
+def _sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+                ACC: tl.constexpr):
+    """Per-channel sum of the ``num_splits`` partial rows, deterministic: ``SPLITS`` rows
+    at a time summed as a tree, those sums added in split order with compensation."""
     total = tl.zeros([BLOCK_C], dtype=ACC)
     lost = tl.zeros([BLOCK_C], dtype=ACC)
-    for i in range(0, num_splits):
-        total, carry = two_sum(total, tl.load(part_ptr + i * channels + c, mask=c_mask, other=0.0))
+    for i0 in range(0, num_splits, SPLITS):
+        s = i0 + tl.arange(0, SPLITS)
+        m = (s < num_splits)[:, None] & c_mask[None, :]
+        values = tl.load(part_ptr + s[:, None] * channels + c[None, :], mask=m, other=0.0)
+        total, carry = two_sum(total, tl.sum(values, axis=0))
         lost += carry
     return total + lost
 
@@ -106,13 +110,13 @@ def _grad_combine_kernel(
     part_dy_ptr, part_dyc_ptr, mean_s_ptr, rstd_ptr, weight_ptr,
     dweight_ptr, dbias_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr,
     rows, channels, num_splits,
-    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr,
     ACC: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, ACC)
-    sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, ACC)
+    sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
     dgamma = sum_dyc * rstd
     tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
@@ -137,12 +141,12 @@ def _grad_combine_kernel(
 @kernel
 def _grad_sums_kernel(
     part_dy_ptr, part_dyc_ptr, rstd_ptr, sums_ptr, dweight_ptr, dbias_ptr, channels, num_splits,
-    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, ACC)
-    sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, ACC)
+    sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
     tl.store(sums_ptr + c, sum_dy, mask=c_mask)
     tl.store(sums_ptr + channels + c, sum_dyc, mask=c_mask)
     dgamma = sum_dyc * tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
@@ -228,7 +232,8 @@ def batch_norm_grads(
         part_dy, part_dyc, mean_shifted, rstd, weight if weight is not None else rstd,
         dweight, dbias, coef_a, coef_b, coef_c,
         view.rows, channels, plan.num_splits,
-        BLOCK_C=combine_block, HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
+        BLOCK_C=combine_block, SPLITS=splits_block(plan.num_splits, combine_block),
+        HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
         ACC=tl_accumulator(x.dtype),
     )
     if batch_stats or epilogue.activation != 0:
@@ -272,7 +277,7 @@ def grad_sums(
     block = channel_block(channels)
     _grad_sums_kernel[(cdiv(channels, block),)](
         part_dy, part_dyc, rstd, sums, dweight, dbias, channels, plan.num_splits,
-        BLOCK_C=block, ACC=tl_accumulator(x.dtype),
+        BLOCK_C=block, SPLITS=splits_block(plan.num_splits, block), ACC=tl_accumulator(x.dtype),
     )
     return sums, dweight, dbias
 

@@ -206,6 +206,12 @@ def channel_block(channels: int) -> int:
     return min(next_power_of_2(max(channels, 1)), 1024)
 
 
+def splits_block(num_splits: int, block_c: int) -> int:
+    """Splits a combine kernel loads at once (a splits x channels tile of at most 4096
+    values): one dependent load per split would leave a long combine latency-bound."""
+    return max(1, min(next_power_of_2(max(num_splits, 1)), 4096 // block_c, 64))
+
+
 def _with_splits(p: Plan, rows: int) -> Plan:
     """Round rows per split up to whole tiles and drop splits that would be empty."""
     tiles = cdiv(max(rows, 1), p.block_rows)

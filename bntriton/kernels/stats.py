@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plans import Plan, cdiv, channel_block
+from .plans import Plan, cdiv, channel_block, splits_block
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import batch_coefficients, batch_pivot, resolve_mean, tile_moments, two_sum
@@ -138,7 +138,7 @@ def _stats_combine_kernel(
     mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
     running_mean_ptr, running_var_ptr, num_batches_ptr,
     rows, channels, rows_per_split, num_splits, eps_hi, eps_lo, momentum_hi, momentum_lo,
-    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -159,18 +159,34 @@ def _stats_combine_kernel(
         total_lo = tl.zeros([BLOCK_C], dtype=ACC)
         m2_hi = tl.zeros([BLOCK_C], dtype=ACC)
         m2_lo = tl.zeros([BLOCK_C], dtype=ACC)
-        for i in range(0, num_splits):
-            seen = i * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
-            count = tl.minimum(rows - seen, rows_per_split)
-            part_hi = tl.load(part_hi_ptr + i * channels + c, mask=c_mask, other=0.0)
-            part_lo = tl.load(part_lo_ptr + i * channels + c, mask=c_mask, other=0.0)
-            delta = (part_hi + part_lo) / count - total_hi / tl.maximum(seen, 1.0)
-            term = tl.load(part_m2_ptr + i * channels + c, mask=c_mask, other=0.0) + \
-                delta * delta * (seen * count / (seen + count))
-            m2_hi, carry = two_sum(m2_hi, term)
+        for i0 in range(0, num_splits, SPLITS):
+            s = i0 + tl.arange(0, SPLITS)
+            s_mask = s < num_splits
+            m = s_mask[:, None] & c_mask[None, :]
+            offs = s[:, None] * channels + c[None, :]
+            part_hi = tl.load(part_hi_ptr + offs, mask=m, other=0.0)
+            part_lo = tl.load(part_lo_ptr + offs, mask=m, other=0.0)
+            part_m2 = tl.load(part_m2_ptr + offs, mask=m, other=0.0)
+            counts = tl.where(s_mask, tl.minimum(rows - s * rows_per_split, rows_per_split), 0).to(ACC)
+            counts = counts[:, None] + tl.zeros([SPLITS, BLOCK_C], dtype=ACC)
+            # This block of splits: its sum as count * mean plus what the rounded mean
+            # misses (each split's part centred by an fma, so small and exact to the
+            # spread), and its M2 within and between the splits.
+            count = tl.sum(counts, axis=0)
+            block_mean = tl.sum(part_hi, axis=0) / count
+            resid = tl.sum(tl.where(m, tl.fma(-counts, block_mean[None, :], part_hi) + part_lo, 0.0), axis=0)
+            dev = tl.where(m, (part_hi + part_lo) / tl.maximum(counts, 1.0) - (block_mean + resid / count)[None, :],
+                           0.0)
+            block_m2 = tl.sum(part_m2 + counts * dev * dev, axis=0)
+            part = count * block_mean
+            part_err = tl.fma(count, block_mean, -part) + resid
+            # Merged into the totals in split order: M2 by Chan's formula, both compensated.
+            seen = i0 * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
+            delta = (part + part_err) / count - (total_hi + total_lo) / tl.maximum(seen, 1.0)
+            m2_hi, carry = two_sum(m2_hi, block_m2 + delta * delta * (seen * count / (seen + count)))
             m2_lo += carry
-            total_hi, carry = two_sum(total_hi, part_hi)
-            total_lo += carry + part_lo
+            total_hi, carry = two_sum(total_hi, part)
+            total_lo += carry + part_err
         m2 = m2_hi + m2_lo
         n = rows + tl.zeros([BLOCK_C], dtype=ACC)
         mean_s, correction = resolve_mean(total_hi, total_lo, n)
@@ -249,6 +265,21 @@ class RunningStats:
     momentum: float | None  # None: cumulative average, needs num_batches_tracked
 
 
+_LEGACY_PARTIAL = [False]  # A/B switch for perf/kernel_breakdown.py
+
+
+def _partial_launch(view: ChannelView, plan: Plan):
+    """The partial-statistics kernel for ``view`` and its rows per tile."""
+    if _LEGACY_PARTIAL[0]:
+        return _stats_partial_kernel, plan.block_rows
+    from .stats_variants import _partial_centred_kernel, _partial_lanes_kernel
+
+    block_rows = plan.block_rows
+    if view.tensor.element_size() == 2 and block_rows >= 32:
+        block_rows //= 2  # 4096-element tiles: the accumulators stay in registers
+    return (_partial_lanes_kernel if view.channels_last else _partial_centred_kernel), block_rows
+
+
 def batch_stats(
     view: ChannelView,
     plan: Plan,
@@ -268,11 +299,12 @@ def batch_stats(
         torch.empty((plan.num_splits, channels), dtype=acc, device=x.device) for _ in range(3)
     )
     channel_blocks = cdiv(channels, plan.block_channels)
-    _stats_partial_kernel[(plan.num_splits, channel_blocks)](
+    partial_kernel, block_rows = _partial_launch(view, plan)
+    partial_kernel[(plan.num_splits, channel_blocks)](
         x, stats.pivot, partial_hi, partial_lo, partial_m2,
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         plan.rows_per_split,
-        BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
+        BLOCK_R=block_rows, BLOCK_C=plan.block_channels,
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
         num_warps=plan.num_warps,
     )
@@ -293,8 +325,8 @@ def batch_stats(
         running.num_batches_tracked if has_counter else stats.rstd,
         view.rows, channels, plan.rows_per_split, plan.num_splits, *split_float(eps),
         *split_float(momentum),
-        BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RUNNING=has_running, HAS_COUNTER=has_counter,
+        BLOCK_C=block, SPLITS=splits_block(plan.num_splits, block),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running, HAS_COUNTER=has_counter,
         CUMULATIVE=has_running and running.momentum is None,
         ACC=tl_accumulator(x.dtype),
     )
