@@ -19,7 +19,6 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import bntriton  # noqa: E402
-from bntriton.kernels import stats  # noqa: E402
 
 SHAPES = [
     ((256, 64, 112, 112), torch.channels_last, torch.bfloat16),
@@ -53,9 +52,7 @@ def main() -> int:
         b = torch.randn(c, device="cuda").requires_grad_()
         xg = x.detach().requires_grad_()
         dy = torch.randn_like(x)
-        for label, impl in (("bntriton-before", bntriton.batch_norm), ("bntriton", bntriton.batch_norm),
-                            ("torch", F.batch_norm)):
-            stats._LEGACY_PARTIAL[0] = label == "bntriton-before"
+        for label, impl in (("bntriton", bntriton.batch_norm), ("torch", F.batch_norm)):
             rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
             fwd = kernel_times(lambda: impl(x, rm, rv, w, b, True, 0.1, 1e-5))
             y = impl(xg, rm, rv, w, b, True, 0.1, 1e-5)

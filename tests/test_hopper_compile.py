@@ -48,8 +48,8 @@ def _signature(kernel: DualKernel, variant):
         if p.is_constexpr:
             signature[name] = "constexpr"
             # The epilogue's switches stay off here (test_epilogue_variants_compile_for_sm90).
-            constexprs[name] = {"BLOCK_R": block_r, "BLOCK_C": block_c, "ACC": acc,
-                                "INT64": int64}.get(name, 0 if name in EPILOGUE else flag)
+            constexprs[name] = {"BLOCK_R": block_r, "BLOCK_C": block_c, "ACC": acc, "INT64": int64,
+                                "SPLITS": 8}.get(name, 0 if name in EPILOGUE else flag)
         elif name == "num_batches_ptr":
             signature[name] = "*i64"
         elif name == "mask_ptr":
@@ -105,7 +105,7 @@ DENSE_LAYOUTS = {
     "nchw": ({"stride_s": 1}, {"SPLIT_ROWS": True}, (1024, 4)),
     "nhwc": ({"stride_c": 1}, {"SPLIT_ROWS": False}, (64, 64)),
 }
-STREAMING = ["stats._stats_partial_kernel", "normalize._channel_affine_kernel",
+STREAMING = ["stats._partial_lanes_kernel", "stats._partial_centred_kernel", "normalize._channel_affine_kernel",
              "backward._grad_partial_kernel", "fused._fused_forward_kernel",
              "fused._fused_backward_kernel"]
 WRITES_TILE = {"normalize._channel_affine_kernel", "fused._fused_forward_kernel",

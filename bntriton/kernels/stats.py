@@ -28,15 +28,28 @@ carried in two parts (``two_sum``), so its error does not grow with their number
 
 Three launches:
 
-1. ``_stats_partial_kernel``: grid (splits, channel blocks).  Each program walks its
-   share of the rows in tiles.  Per tile: the mean of ``x - K``, the residual sum of the
-   values centred on that mean (what the rounded mean missed), and their corrected
-   two-pass M2; tiles are merged with Chan's formula for M2, and their sums
-   ``count * mean + residual`` are added with compensation.  Output per split: the sum of
-   ``x - K`` in two parts and M2.
+1. The partial statistics, grid (splits, channel blocks); each program walks its share
+   of the rows in tiles and writes, per split, the sum of ``x - K`` in two parts and M2:
+
+   * ``_partial_lanes_kernel`` (channels-last tiles): no reduction per tile.  Every lane
+     of the tile keeps its own compensated sum (``two_sum``) and Welford mean and M2
+     across the split's tiles; the lanes are merged once, after the loop: the sum as
+     ``count * mean`` plus the lanes' sums centred on that mean by an fma (small, so
+     their tree sum is accurate to the spread rather than the offset), M2 as the lanes'
+     M2 plus their counts times their squared deviations from the mean.
+   * ``_partial_centred_kernel`` (channels-first tiles): per tile one round of two
+     reductions, the sum and the sum of squares of the values centred on the split's
+     mean so far (0 for the first tile, which the pivot centres), so both are small;
+     tiles are merged with Chan's formula and their sums added with compensation.
+
+   On an H200 the per-tile rounds of three reductions these replace held the statistics
+   of a 411 MB channels-last bf16 tensor to ~950 GB/s; the lanes kernel reads it at
+   ~2000 GB/s, and the centred kernel a 822 MB NCHW fp32 one at ~3100 GB/s (perf/NOTES.md).
 2. ``_stats_combine_kernel``: one program per channel block merges the splits in a
-   fixed order (deterministic, no atomics), in one pass: the compensated total, and M2
-   by Chan's formula, compensated too.  It writes the shifted mean and ``rstd``
+   fixed order (deterministic, no atomics), a block of splits per load (one dependent
+   load per split left a 523-split combine at 310 us): the block's sum as count * mean
+   plus its splits' sums centred by an fma, its M2 within and between splits, then
+   merged into the totals in order by Chan's formula, compensated.  It writes the shifted mean and ``rstd``
    that the forward epilogue and the backward use, folds weight and bias into a
    per-channel ``scale`` / ``shift``, and writes the mean ``(K + mean_shifted) +
    correction`` (the correction restores what rounding ``mean_shifted`` lost, so the mean
@@ -61,12 +74,12 @@ import triton.language as tl
 from .plans import Plan, cdiv, channel_block, splits_block
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .numerics import batch_coefficients, batch_pivot, resolve_mean, tile_moments, two_sum
+from .numerics import batch_coefficients, batch_pivot, resolve_mean, two_sum
 from .tiles import channel_tile_offsets
 
 
 @kernel
-def _stats_partial_kernel(
+def _partial_centred_kernel(
     x_ptr, pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
     rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -76,12 +89,10 @@ def _stats_partial_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
     pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
-    # Every split computes the same pivot; the first one stores it.
     tl.store(pivot_ptr + c, pivot, mask=c_mask & ((split + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0))
 
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
-    # The split's sum of x - K in two parts (hi + lo), and its M2.
     total_hi = tl.zeros([BLOCK_C], dtype=ACC)
     total_lo = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -90,23 +101,86 @@ def _stats_partial_kernel(
         offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
         mask = c_mask[:, None] & (r < row_end)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        shifted = tl.where(mask, x - pivot[:, None], 0.0)
-        # Every tile before this one in the split is full, so the counts need no carry.
         seen = (r0 - row_start) + tl.zeros([BLOCK_C], dtype=ACC)
         count = tl.minimum(row_end - r0, BLOCK_R) + tl.zeros([BLOCK_C], dtype=ACC)
-        tile_mean, tile_resid, tile_m2 = tile_moments(shifted, mask, count)
-        # M2 merge (Chan): the deviation of the tile's mean from the running one.
-        delta = tile_mean - total_hi / tl.maximum(seen, 1.0)
+        # Centred on the split's mean so far (0 for its first tile, which the pivot centres),
+        # the tile's sum and sum of squares are small and can be taken in one round.
+        centre = total_hi / tl.maximum(seen, 1.0)
+        e = tl.where(mask, (x - pivot[:, None]) - centre[:, None], 0.0)
+        s = tl.sum(e, axis=1)
+        q = tl.sum(e * e, axis=1)
+        tile_m2 = q - s * s / count
+        tile_m2 = tl.where(tile_m2 < 0.0, 0.0, tile_m2)
+        delta = s / count + (centre - (total_hi + total_lo) / tl.maximum(seen, 1.0))
         m2 += tile_m2 + delta * delta * (seen * count / (seen + count))
-        # The tile's sum is count * tile_mean + resid; the product is exact for a full
-        # tile (a power of two rows), the fma's remainder catches the last one's rounding.
-        part = count * tile_mean
+        part = count * centre
         total_hi, carry = two_sum(total_hi, part)
-        total_lo += carry + tl.fma(count, tile_mean, -part) + tile_resid
+        total_lo += carry + tl.fma(count, centre, -part)
+        total_hi, carry = two_sum(total_hi, s)
+        total_lo += carry
     out = split * channels + c
     tl.store(part_hi_ptr + out, total_hi, mask=c_mask)
     tl.store(part_lo_ptr + out, total_lo, mask=c_mask)
     tl.store(part_m2_ptr + out, m2, mask=c_mask)
+
+
+@kernel
+def _partial_lanes_kernel(
+    x_ptr, pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
+    rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
+):
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
+    tl.store(pivot_ptr + c, pivot, mask=c_mask & ((split + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0))
+
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    full_tiles = (row_end - row_start) // BLOCK_R
+    s_hi = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    s_lo = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    mean = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    for i in range(0, full_tiles):
+        r = row_start + i * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        d = tl.load(x_ptr + offs, mask=c_mask[:, None], other=0.0).to(ACC) - pivot[:, None]
+        s_hi, carry = two_sum(s_hi, d)
+        s_lo += carry
+        delta = d - mean
+        mean += delta * (1.0 / ((i + 1) + tl.zeros([BLOCK_C, 1], dtype=ACC)))
+        m2 += delta * (d - mean)
+    # The split's last, partial tile (an all-false mask loads nothing).
+    r = row_start + full_tiles * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+    tail = c_mask[:, None] & (r < row_end)[None, :]
+    d = tl.where(tail, tl.load(x_ptr + offs, mask=tail, other=0.0).to(ACC) - pivot[:, None], 0.0)
+    s_hi, carry = two_sum(s_hi, d)
+    s_lo += carry
+    count = full_tiles + tail.to(ACC)
+    delta = tl.where(tail, d - mean, 0.0)
+    mean += delta / tl.maximum(count, 1.0)
+    m2 += delta * (d - mean)
+    # Lanes -> channel.  The sum: the lanes' exact sums added as a tree, then what the
+    # rounded mean misses summed over the lanes centred on it (small, of both signs: their
+    # tree sum is accurate to the spread, not the offset).  M2: the parallel-variance
+    # decomposition, within lanes plus between them.
+    lane_sum = s_hi + s_lo
+    n = tl.sum(count, axis=1)
+    n_safe = tl.maximum(n, 1.0)
+    channel_mean = tl.sum(lane_sum, axis=1) / n_safe
+    resid = tl.sum(tl.where(count > 0.0, tl.fma(-count, channel_mean[:, None], lane_sum), 0.0), axis=1)
+    total_hi = n * channel_mean
+    total_lo = tl.fma(n, channel_mean, -total_hi) + resid
+    dev = tl.where(count > 0.0, mean - (channel_mean + resid / n_safe)[:, None], 0.0)
+    m2_total = tl.sum(m2, axis=1) + tl.sum(count * dev * dev, axis=1)
+    out = split * channels + c
+    tl.store(part_hi_ptr + out, total_hi, mask=c_mask)
+    tl.store(part_lo_ptr + out, total_lo, mask=c_mask)
+    tl.store(part_m2_ptr + out, m2_total, mask=c_mask)
 
 
 @triton.jit
@@ -265,18 +339,14 @@ class RunningStats:
     momentum: float | None  # None: cumulative average, needs num_batches_tracked
 
 
-_LEGACY_PARTIAL = [False]  # A/B switch for perf/kernel_breakdown.py
-
-
 def _partial_launch(view: ChannelView, plan: Plan):
-    """The partial-statistics kernel for ``view`` and its rows per tile."""
-    if _LEGACY_PARTIAL[0]:
-        return _stats_partial_kernel, plan.block_rows
-    from .stats_variants import _partial_centred_kernel, _partial_lanes_kernel
-
+    """The partial-statistics kernel for ``view`` and its rows per tile: per-lane
+    accumulation for channels-last tiles, one round of reductions per tile for
+    channels-first ones (see the module docstring), 4096-value tiles for 2-byte dtypes
+    (the lane accumulators stay in registers)."""
     block_rows = plan.block_rows
     if view.tensor.element_size() == 2 and block_rows >= 32:
-        block_rows //= 2  # 4096-element tiles: the accumulators stay in registers
+        block_rows //= 2
     return (_partial_lanes_kernel if view.channels_last else _partial_centred_kernel), block_rows
 
 
