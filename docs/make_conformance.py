@@ -110,6 +110,16 @@ def _identical_pairs(reports) -> list:
                 out.append((a, b))
     return out
 
+# Argument checks where bntriton and some torch build disagree (tests/test_torch_conformance.py).
+ARGUMENT_NOTES = [
+    "Mixed dtypes of input and running statistics / parameters that torch's CPU batch norm "
+    "refuses (e.g. float32 input with a float16 running_mean, bfloat16 input with float16 "
+    "statistics, float64 input with float32 ones): torch's CUDA batch norm accepts them; "
+    "bntriton refuses them on every device, before touching any state.",
+    "eps: bntriton follows torch 2.13 (eps > 0 in training, eps >= 0 in eval, with its "
+    "wording) on every torch; earlier torch releases refuse eps = 0 in eval too.",
+]
+
 
 def _peer_of(label: str):
     return next((peer for row_label, peer, _ in CPU_ROWS + GPU_ROWS if row_label == label), None)
@@ -152,6 +162,7 @@ def render(reports, device: str, quick: bool, seed: int, total_seconds: float, c
     if same:
         lines += [""] + [f"{a} and {b} gave bit-identical errors on every case: the same code ran "
                          "(no separate CPU path yet)." for a, b in same]
+    lines += ["", "## Argument checks that differ from torch", ""] + [f"- {note}" for note in ARGUMENT_NOTES]
     lines += ["", "## What is wrong, family by family (the first failing case of each)", ""]
     for label, report, _ in reports:
         failed = report.failed_families()

@@ -1,11 +1,15 @@
-"""One correctness check per case before anything is timed: each provider against eager
-torch, pass by pass.  A fast wrong kernel must show up as a failure, not as a number.
+"""One correctness check per case before anything is timed: each provider, torch eager
+included, against torch's batch norm in float64 on the same inputs (upcast, on their
+device), pass by pass.  A fast wrong kernel must show up as a failure, not as a number.
 
-The bound is loose on purpose.  Two correct implementations differ by a few roundings of
-the stored dtype plus reduction error growing like log2(count) in fp32; a wrong kernel
-(bad index, missed tile, wrong channel) is off by O(1).  The float64 oracle and the tight
-per-quantity table (bntriton.verification.bounds) belong to the test suite; this only guards the
-sweep, on data far too large for a float64 reference on the host.
+The reference is float64, not torch eager at the stored dtype: on CUDA torch reduces
+dweight / dbias of half-precision inputs in low precision, and a reference that far off
+would fail correct providers.  The bound (:func:`loose_bound`, the one bound of this
+check) is loose on purpose.  A correct implementation is within a few roundings of the
+stored dtype plus reduction error growing like log2(count) in fp32 of the exact result;
+a wrong kernel (bad index, missed tile, wrong channel) is off by O(1).  The float64
+oracle and the tight per-quantity table (bntriton.verification.bounds) belong to the test
+suite; this only guards the sweep, on data too large for the oracle on the host.
 """
 from __future__ import annotations
 
@@ -14,10 +18,12 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
 
 from bntriton.verification.bounds import EPS
 
-from providers import Provider
+from providers import EPS as BN_EPS
+from providers import MOMENTUM, Provider
 
 
 def loose_bound(stored: torch.dtype, count: int) -> float:
@@ -80,9 +86,22 @@ def run_once(provider: Provider, inp: Inputs) -> Outputs:
     return Outputs(y_train.detach(), rm, rv, y_eval, dx, dweight, dbias)
 
 
+def reference(inp: Inputs) -> Outputs:
+    """Every pass of torch's batch norm in float64 on ``inp`` upcast, on its device."""
+    f64 = lambda t: t.detach().to(torch.float64)  # noqa: E731 (keeps x's memory format)
+    x, weight, bias = (f64(t).requires_grad_() for t in (inp.x, inp.weight, inp.bias))
+    rm, rv = f64(inp.running_mean), f64(inp.running_var)
+    y_train = F.batch_norm(x, rm, rv, weight, bias, True, MOMENTUM, BN_EPS)
+    dx, dweight, dbias = torch.autograd.grad(y_train, (x, weight, bias), f64(inp.dy))
+    with torch.no_grad():
+        y_eval = F.batch_norm(x.detach(), f64(inp.running_mean), f64(inp.running_var),
+                              weight.detach(), bias.detach(), False, MOMENTUM, BN_EPS)
+    return Outputs(y_train.detach(), rm, rv, y_eval, dx, dweight, dbias)
+
+
 def _normwise(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max|out - ref| / max|ref|, inf when out has a non-finite value where ref has none."""
-    out, ref = out.detach().float(), ref.detach().float()
+    out, ref = out.detach().double(), ref.detach().double()
     if out.shape != ref.shape:
         return math.inf
     if not torch.equal(torch.isfinite(out), torch.isfinite(ref)):
@@ -96,23 +115,24 @@ def _normwise(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _per_channel(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> float:
     """max over channels of |out - ref| / sum|terms|: a reduction's rounding error scales
     with the magnitude of what it adds, not with a result that may cancel to ~0."""
-    out, ref = out.detach().float(), ref.detach().float()
+    out, ref = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out).all():
         return math.inf
     return ((out - ref).abs() / magnitude.clamp_min(1e-30)).max().item()
 
 
 def compare(out: Outputs, ref: Outputs, inp: Inputs, case) -> Dict[str, List[str]]:
-    """Per pass, the quantities where ``out`` is outside the loose bound (empty: all agree)."""
+    """Per pass, the quantities where ``out`` is outside the loose bound of ``ref`` (the
+    float64 :func:`reference`; empty: all within)."""
     count = case.values_per_channel
     dims = [d for d in range(inp.x.dim()) if d != 1]
     # The terms of the reductions dbias = sum(dy) and dweight = sum(dy * x_hat), with x_hat
-    # recovered from torch's output (y = x_hat * weight + bias).
+    # recovered from the reference's output (y = x_hat * weight + bias).
     with torch.no_grad():
-        dy = inp.dy.float()
+        dy = inp.dy.double()
         shape = [1] * inp.x.dim()
         shape[1] = -1
-        x_hat = (ref.y_train.float() - inp.bias.view(shape)) / inp.weight.view(shape)
+        x_hat = (ref.y_train.double() - inp.bias.double().view(shape)) / inp.weight.double().view(shape)
         mag_dbias = dy.abs().sum(dims)
         mag_dweight = (dy * x_hat).abs().sum(dims)
         del dy, x_hat

@@ -11,8 +11,8 @@ measurement, rows written as they are taken so a killed run keeps what it measur
 (summarize.py) and ``<same stem>.png`` (plot.py, when matplotlib imports).  A progress
 bar goes to stderr; the overview table is printed last.
 
-Per case: every provider runs each pass once and is compared with eager torch
-(check.py); a provider that disagrees gets a ``fail`` row for that pass instead of a
+Per case: every provider, torch eager included, runs each pass once and is compared
+with torch's batch norm in float64 on the same inputs (check.py); a provider that disagrees gets a ``fail`` row for that pass instead of a
 time.  Then each pass is timed per provider, bntriton first and again last, so that the
 spread of its two times measures the run's noise.  Exit status 1 when any bntriton row
 failed or raised.
@@ -42,7 +42,7 @@ import measure  # noqa: E402
 import plot  # noqa: E402
 import suites  # noqa: E402
 import summarize  # noqa: E402
-from providers import OPTIONAL_PROVIDERS, Provider, Torch, make_provider  # noqa: E402
+from providers import OPTIONAL_PROVIDERS, Provider, make_provider  # noqa: E402
 from schema import COLUMNS, COPY, ERROR, FAILED, PASSES, PROVIDERS, REFERENCE, SUITES  # noqa: E402
 
 
@@ -253,11 +253,9 @@ def check_case(case, providers: List[Provider], inp, notes: List[str]) -> Dict[t
     """(provider, pass) -> FAILED / ERROR for what must not be timed; also warms every
     provider up (compiles) before its first timing."""
     status: Dict[tuple, str] = {}
-    ref = check.run_once(Torch(), inp)
+    ref = check.reference(inp)
     for provider in providers:
         provider.begin_case()
-        if isinstance(provider, Torch):
-            continue  # the reference itself; warmed up above
         try:
             out = check.run_once(provider, inp)
             failures = check.compare(out, ref, inp, case)

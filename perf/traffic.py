@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,17 @@ def _touched_bytes(ptrs, mask) -> int:
     return np.unique(addresses[active]).size * element_bytes
 
 
+def _argument_reader(method):
+    """``(self, *args, **kwargs) -> {name: value}`` for ``method``'s parameters, checking up
+    front that it takes the ``ptrs`` and ``mask`` the byte count reads."""
+    signature = inspect.signature(method)
+    missing = {"ptrs", "mask"} - set(signature.parameters)
+    if missing:
+        raise RuntimeError(f"this Triton's interpreter {method.__qualname__}{signature} has no "
+                           f"{sorted(missing)}: perf/traffic.py cannot count its bytes")
+    return lambda *args, **kwargs: signature.bind(*args, **kwargs).arguments
+
+
 @contextlib.contextmanager
 def counting(traffic: Traffic):
     """Count every interpreted load / store and every launch into ``traffic``."""
@@ -115,13 +127,21 @@ def counting(traffic: Traffic):
     original_getitem = runtime.DualKernel.__getitem__
     inside = [False]
 
-    def load(self, ptrs, mask, other, cache_policy, is_volatile):
-        traffic.loaded += _touched_bytes(ptrs, mask)
-        return original_load(self, ptrs, mask, other, cache_policy, is_volatile)
+    # The hooks forward whatever they are given: the builder methods' signatures change
+    # between Triton releases (3.6: cache_modifier, eviction_policy; 3.9: cache_policy).
+    # Only the pointers and the mask are read, by name, from the original's signature.
+    load_arguments = _argument_reader(original_load)
+    store_arguments = _argument_reader(original_store)
 
-    def store(self, ptrs, value, mask, cache_policy):
-        traffic.stored += _touched_bytes(ptrs, mask)
-        return original_store(self, ptrs, value, mask, cache_policy)
+    def load(self, *args, **kwargs):
+        arguments = load_arguments(self, *args, **kwargs)
+        traffic.loaded += _touched_bytes(arguments["ptrs"], arguments["mask"])
+        return original_load(self, *args, **kwargs)
+
+    def store(self, *args, **kwargs):
+        arguments = store_arguments(self, *args, **kwargs)
+        traffic.stored += _touched_bytes(arguments["ptrs"], arguments["mask"])
+        return original_store(self, *args, **kwargs)
 
     def getitem(kernel, grid):
         launch = original_getitem(kernel, grid)

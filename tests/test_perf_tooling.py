@@ -182,6 +182,25 @@ def test_a_provider_that_disagrees_with_torch_is_recorded_as_a_failure_not_timed
     assert "fail: bntriton mlp 32x16 contiguous fp32 fwd_train: y error" in summary
 
 
+def test_check_compares_every_provider_with_float64_torch_on_the_same_inputs(tmp_path):
+    # torch eager itself is checked (it passes on CPU); dweight summed in bf16, as torch's
+    # CUDA backward does for bf16 input, is far outside the bound of the float64 reference.
+    driver = (
+        "import sys, dataclasses, torch; sys.path.insert(0, sys.argv[1]); import check, providers, suites\n"
+        "case = suites.Case('t', (16, 8, 6, 6), 'channels_last', torch.bfloat16)\n"
+        "inp = check.make_inputs(case, torch.device('cpu'))\n"
+        "ref = check.reference(inp)\n"
+        "assert ref.y_train.dtype == ref.dx.dtype == ref.dweight.dtype == torch.float64\n"
+        "out = check.run_once(providers.Torch(), inp)\n"
+        "assert check.compare(out, ref, inp, case) == {}, check.compare(out, ref, inp, case)\n"
+        "low = dataclasses.replace(out, dweight=out.dweight.to(torch.bfloat16).float())\n"
+        "failures = check.compare(low, ref, inp, case)\n"
+        "assert list(failures) == ['bwd_train'] and failures['bwd_train'][0].startswith('dweight error'), failures\n"
+    )
+    result = _run("-c", driver, PERF, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_cpu_sweep_without_smoke_is_refused():
     result = _run(PERF / "sweep.py", "--device", "cpu", "--suites", "mlp", timeout=120)
     assert result.returncode == 2

@@ -323,17 +323,25 @@ def test_cli_usage_errors_exit_2(argv, capsys):
 
 
 def test_console_entry_point_exit_status(tmp_path):
-    # The real process: `python -m bntriton` (what the console script runs), torch as the
-    # implementation on a family it passes.
+    # The real process: `python -m bntriton` (what the console script runs), bntriton on a
+    # family it passes on every device (torch itself fails half-precision cases on CUDA),
+    # then a planted bug that must fail.
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
-    done = subprocess.run(
-        [sys.executable, "-m", "bntriton", "verify", "--quick", "--impl", "torch", "--family", "eval",
-         "--json", str(tmp_path / "t.json")],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
+
+    def run(impl, family, report):
+        return subprocess.run(
+            [sys.executable, "-m", "bntriton", "verify", "--quick", "--impl", impl, "--family", family,
+             "--json", str(tmp_path / report)],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+
+    done = run("bntriton", "eval", "pass.json")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert json.loads((tmp_path / "t.json").read_text())["impl"] == "torch.nn.functional.batch_norm"
+    assert json.loads((tmp_path / "pass.json").read_text())["impl"] == "bntriton.batch_norm"
+    done = run("test_verify:bn_biased_running_var", "running_stats", "fail.json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert json.loads((tmp_path / "fail.json").read_text())["passed"] is False
 
 
 def test_random_family_is_skipped_not_failed_without_hypothesis(monkeypatch):

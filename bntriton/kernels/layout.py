@@ -13,8 +13,10 @@ with ``S`` the number of spatial positions.  Two memory formats cover what users
   evenly spaced, so the batch and spatial dims fold into one row axis (``S = rows``,
   ``stride_n = 0``) and the kernels skip the division.
 
-Any other strided input is copied once into the channels-first format (see
-:func:`channel_view`), which is the only place this package copies an input.
+Any other strided input is copied once (see :func:`channel_view`), into the memory format
+torch's ``suggest_memory_format`` names for it (channels-last for a sliced channels-last
+4-D / 5-D view, channels-first otherwise): outputs then have the layout torch's batch
+norm gives them.  That is the only place this package copies an input.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 INT32_LIMIT = 2**31
 
@@ -132,9 +135,11 @@ def channel_view(x: torch.Tensor) -> ChannelView:
     """See ``x`` (N, C, *spatial) as rows x channels without copying when possible."""
     params = _view_params(tuple(x.shape), x.stride())
     if params is None:
-        # Sliced, permuted or overlapping views: one copy into the channels-first format
-        # keeps every kernel on two dense layouts (outputs share the input's strides).  An
-        # empty tensor counts as contiguous whatever its strides, so it gets fresh ones.
-        x = x.contiguous() if x.numel() else x.new_empty(x.shape)
+        # Sliced, permuted or overlapping views: one copy keeps every kernel on two dense
+        # layouts (outputs share the copy's strides).  The copy takes the memory format
+        # torch's batch norm gives its output for this input (a sliced channels-last view
+        # stays channels-last).  An empty tensor counts as contiguous whatever its
+        # strides, so it gets fresh ones.
+        x = x.contiguous(memory_format=suggest_memory_format(x)) if x.numel() else x.new_empty(x.shape)
         params = _view_params(tuple(x.shape), x.stride())
     return ChannelView(x, *params)
