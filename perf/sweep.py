@@ -42,7 +42,7 @@ import measure  # noqa: E402
 import plot  # noqa: E402
 import suites  # noqa: E402
 import summarize  # noqa: E402
-from providers import OPTIONAL_PROVIDERS, Provider, make_provider  # noqa: E402
+from providers import OPTIONAL_PROVIDERS, Provider, Torch, make_provider  # noqa: E402
 from schema import COLUMNS, COPY, ERROR, FAILED, PASSES, PROVIDERS, REFERENCE, SUITES  # noqa: E402
 
 
@@ -266,6 +266,11 @@ def check_case(case, providers: List[Provider], inp, notes: List[str]) -> Dict[t
                 status[(provider.name, pass_)] = ERROR
             continue
         for pass_, messages in failures.items():
+            if isinstance(provider, Torch):
+                # The baseline every speedup is taken against: timed all the same (torch's
+                # CUDA half-precision dweight / dbias miss the float64 bound), and said so.
+                notes.append(f"inaccurate, timed as the baseline: torch {case.label} {pass_}: {'; '.join(messages)}")
+                continue
             status[(provider.name, pass_)] = FAILED
             notes.append(f"fail: {provider.name} {case.label} {pass_}: {'; '.join(messages)}")
     return status

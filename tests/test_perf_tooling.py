@@ -225,3 +225,22 @@ def test_host_overhead_script_runs():
     for row in rows:
         ours, theirs, ratio = map(float, row[-3:])
         assert ours > 0 and theirs > 0 and ratio > 0
+
+
+def test_an_inaccurate_baseline_is_timed_and_said_so(tmp_path):
+    # torch eager is the baseline every speedup is taken against: outside the float64
+    # bound (as its CUDA half-precision dweight is), it is still timed, and the notes say so.
+    driver = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import providers, sweep\n"
+        "forward = providers.Torch.forward\n"
+        "providers.Torch.forward = lambda self, x, *a: forward(self, x, *a) * (1.01 if a[-1] else 1)\n"
+        "sys.exit(sweep.main(['--device', 'cpu', '--smoke', '--suites', 'mlp', '--out', sys.argv[2]]))\n"
+    )
+    result = _run("-c", driver, PERF, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr  # bntriton passed
+    (csv_path,) = tmp_path.glob("*.csv")
+    _, rows = _rows(csv_path)
+    theirs = {r["pass"]: r for r in rows if r["provider"] == "torch" and r["suite"] == "mlp"}
+    assert float(theirs["fwd_train"]["ms"]) > 0
+    notes = csv_path.with_suffix(".notes").read_text()
+    assert "inaccurate, timed as the baseline: torch mlp 32x16 contiguous fp32 fwd_train: y error" in notes
