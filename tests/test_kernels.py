@@ -216,3 +216,22 @@ def test_strided_views_are_copied_once_and_normalized():
     y = bntriton.batch_norm(x.to(DEVICE), None, None, training=True)
     ref = reference.forward(x.double().numpy(), None, None, training=True).y
     assert normwise_error(y, ref, torch.float32) <= bound_units("y", torch.float32, 3 * 5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels", [3, 64])
+def test_single_read_forward_updates_running_stats_in_its_launch(momentum, channels, device):
+    # The single-read kernel updates the running statistics itself; with 64 channels the
+    # interpreter's plan has two programs, where the cumulative average (momentum=None)
+    # is left to the separate update (program 0's counter increment would race).
+    torch.manual_seed(0)
+    ours = bntriton.BatchNorm1d(channels, momentum=momentum, device=device, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm1d(channels, momentum=momentum, device=device, dtype=torch.float64)
+    with forced_plan(path="fused"):
+        for step in range(3):
+            x = torch.randn(300, channels, dtype=torch.float64, device=device) * 2 + step
+            ours(x)
+            theirs(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-13, atol=1e-13)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3

@@ -17,7 +17,7 @@ from .backward import batch_norm_grads
 from .fused import fused_backward, fused_forward
 from .plans import fused_plan, plan
 from .layout import ChannelView
-from .normalize import channel_affine, eval_coefficients
+from .normalize import channel_affine, eval_affine
 from .runtime import current_cpu_backend
 from .stats import BatchStats, RunningStats, batch_stats
 from .stats import update_running_stats as _update_running_stats_kernel
@@ -33,9 +33,10 @@ def forward_train(
     running: RunningStats | None = None,
 ) -> tuple[torch.Tensor, BatchStats]:
     """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``); with
-    ``running`` given, also updates the running statistics and the counter: inside the
-    statistics' combine on the split path (three launches in all), after the forward
-    otherwise."""
+    ``running`` given, also updates the running statistics and the counter in the same
+    launches: inside the statistics' combine on the split path (three launches in all),
+    inside the single-read kernel otherwise (one; a second for the cumulative average
+    over several channel blocks)."""
     if native(view.tensor):
         if epilogue is NO_EPILOGUE:
             y, stats = native_cpu.forward_train(view, weight, bias, eps)
@@ -45,8 +46,9 @@ def forward_train(
         return y, stats
     single_read = fused_plan(view)
     if single_read is not None:
-        y, stats = fused_forward(view, single_read, weight, bias, eps, epilogue)
-        _update_running(running, stats)
+        y, stats, updated = fused_forward(view, single_read, weight, bias, eps, epilogue, running)
+        if not updated:
+            _update_running(running, stats)
         return y, stats
     tiles = plan(view)
     stats = batch_stats(view, tiles, weight, bias, eps, running)
@@ -100,9 +102,9 @@ def forward_eval(
         if epilogue is NO_EPILOGUE:
             return native_cpu.forward_eval(view, weight, bias, running_mean, running_var, eps)
         return native_act.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue)
-    _, scale, shift = eval_coefficients(view.tensor.dtype, running_var, weight, bias, eps)
-    # Pivot = running mean: y = (x - running_mean) * scale + bias.
-    return channel_affine(view, plan(view), running_mean, 1, scale, shift, epilogue=epilogue)
+    # Pivot = running mean: y = (x - running_mean) * scale + bias, the coefficients folded
+    # in the same launch.
+    return eval_affine(view, plan(view), running_mean, running_var, weight, bias, eps, epilogue=epilogue)
 
 
 def affine(view: ChannelView, pivot, pivot_stride: int, scale, shift, out_dtype, epilogue: Epilogue):

@@ -24,7 +24,7 @@ from .activations import (
 from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .stats import BatchStats
+from .stats import BatchStats, RunningStats, _blend_running, _momentum_factor
 from .numerics import batch_coefficients, dx_coefficients, pivot_of_rows, resolve_mean, tile_moments
 from .tiles import channel_offsets, channel_tile_offsets
 
@@ -34,10 +34,12 @@ def _fused_forward_kernel(
     x_ptr, y_ptr, weight_ptr, bias_ptr, pivot_ptr, mean_s_ptr, rstd_ptr, mean_ptr, var_unbiased_ptr,
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, eps_hi, eps_lo,
+    running_mean_ptr, running_var_ptr, num_batches_ptr, momentum_hi, momentum_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
     MASK: tl.constexpr = False, INVERT: tl.constexpr = False,
+    HAS_RUNNING: tl.constexpr = False, HAS_COUNTER: tl.constexpr = False, CUMULATIVE: tl.constexpr = False,
 ):
     # y = act(BN(x) [+ residual]) (see activations.py); y_ptr may be x_ptr (in-place):
     # every element is read before any is written.  act_scale / act_shift / INVERT are
@@ -74,8 +76,20 @@ def _fused_forward_kernel(
     tl.store(pivot_ptr + c, pivot, mask=c_mask)
     tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
-    tl.store(mean_ptr + c, (pivot + mean_s) + correction, mask=c_mask)
-    tl.store(var_unbiased_ptr + c, m2 / (n - 1.0), mask=c_mask)
+    batch_mean = (pivot + mean_s) + correction
+    batch_var = m2 / (n - 1.0)
+    tl.store(mean_ptr + c, batch_mean, mask=c_mask)
+    tl.store(var_unbiased_ptr + c, batch_var, mask=c_mask)
+    if HAS_RUNNING:
+        # The running-statistics update of these channels, as stats._running_update_kernel
+        # does it, a launch less.  Program 0 alone bumps the counter; CUMULATIVE (which
+        # reads it) is folded only into a grid of one program (fused_forward).
+        tracked, factor = _momentum_factor(num_batches_ptr, momentum_hi, momentum_lo, BLOCK_C,
+                                           HAS_COUNTER, CUMULATIVE, ACC)
+        _blend_running(running_mean_ptr, batch_mean, factor, c, c_mask, ACC)
+        _blend_running(running_var_ptr, batch_var, factor, c, c_mask, ACC)
+        if HAS_COUNTER:
+            tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=c == 0)
 
 
 @kernel
@@ -134,8 +148,14 @@ def _fused_backward_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE):
-    """``(y, BatchStats)`` in one launch; ``plan`` from :func:`launch.fused_plan`."""
+def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE,
+                  running: RunningStats | None = None):
+    """``(y, BatchStats, updated)`` in one launch; ``plan`` from :func:`launch.fused_plan`.
+
+    With ``running`` given, the same launch updates the running statistics and the counter
+    (``updated`` is then True), except for the cumulative average over a grid of several
+    programs, whose counter read would race with program 0's increment: the caller updates
+    those itself."""
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     y = epilogue.out if epilogue.out is not None else view.empty_like()
@@ -143,17 +163,27 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
         plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
     per_channel = [torch.empty(view.channels, dtype=acc, device=x.device) for _ in range(5)]
     pivot, mean_s, rstd, mean, var_unbiased = per_channel
-    _fused_forward_kernel[(cdiv(view.channels, plan.block_channels),)](
+    programs = cdiv(view.channels, plan.block_channels)
+    fold = running is not None and (running.momentum is not None or programs == 1)
+    has_counter = fold and running.num_batches_tracked is not None
+    if fold and running.momentum is None and not has_counter:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    _fused_forward_kernel[(programs,)](
         x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
         pivot, mean_s, rstd, mean, var_unbiased, *epilogue.pointers(x, rstd),
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         *split_float(eps),
+        running.mean if fold else rstd, running.var if fold else rstd,
+        running.num_batches_tracked if has_counter else rstd,
+        *split_float(running.momentum if fold and running.momentum is not None else 0.0),
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
-        ACC=tl_accumulator(x.dtype), **epilogue.constexprs(), num_warps=plan.num_warps,
+        ACC=tl_accumulator(x.dtype), **epilogue.constexprs(),
+        HAS_RUNNING=fold, HAS_COUNTER=has_counter, CUMULATIVE=fold and running.momentum is None,
+        num_warps=plan.num_warps,
     )
     # scale / shift are folded inside the kernel; the split path's fields are not needed.
-    return y, BatchStats(mean_s, rstd, None, None, mean, var_unbiased, pivot)
+    return y, BatchStats(mean_s, rstd, None, None, mean, var_unbiased, pivot), fold
 
 
 def fused_backward(

@@ -28,11 +28,12 @@ from .tiles import channel_offsets, tile_offsets
 def _channel_affine_kernel(
     x_ptr, dy_ptr, out_ptr, pivot_ptr, scale_ptr, shift_ptr, dy_scale_ptr,
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
-    rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride,
+    rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, eps_hi, eps_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, MASK: tl.constexpr = False,
     INVERT: tl.constexpr = False,
+    EVAL: tl.constexpr = False, HAS_WEIGHT: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     # Forward (HAS_DY False): out = act((x - K) * scale + shift [+ residual]), with the
     # sign of the pre-activation packed into ``mask`` when MASK.
@@ -41,6 +42,9 @@ def _channel_affine_kernel(
     # to ``res`` when HAS_RESIDUAL (the residual's gradient).  INVERT (in-place activated
     # batch norm): ``x`` holds the forward's output y, so z = act^-1(y) and
     # x - K = (z - act_shift) / act_scale (K = 0).
+    # EVAL (forward under running statistics): every program folds its channels' scale and
+    # shift from the running variance (``scale_ptr``), the weight (``dy_scale_ptr``) and the
+    # bias (``shift_ptr``) itself, bit for bit as eval_coefficients would: a launch less.
     r0 = tl.program_id(0) * BLOCK_R
     r = r0 + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -50,8 +54,14 @@ def _channel_affine_kernel(
     offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = (r < rows)[:, None] & c_mask[None, :]
 
-    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
+    if EVAL:
+        var = tl.load(scale_ptr + c, mask=c_mask, other=1.0).to(ACC)
+        rstd = inverse_std(var, eps_hi, eps_lo, BLOCK_C, ACC)
+        scale, shift = fold_affine(rstd, tl.zeros([BLOCK_C], dtype=ACC), dy_scale_ptr, shift_ptr, c, c_mask,
+                                   HAS_WEIGHT, HAS_BIAS, ACC)
+    else:
+        scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+        shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     if HAS_DY:
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -105,6 +115,29 @@ def channel_affine(
     result has the view's shape and strides.  ``epilogue`` adds an activation, a residual
     and the 1-bit mask (see :class:`~.activations.Epilogue`).
     """
+    return _launch_affine(view, plan, pivot, pivot_stride, scale, shift, dy, dy_scale, out_dtype, epilogue)
+
+
+def eval_affine(
+    view: ChannelView,
+    plan: Plan,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    epilogue: Epilogue | None = None,
+) -> torch.Tensor:
+    """``(x - running_mean) * scale + shift`` with the coefficients :func:`eval_coefficients`
+    gives, folded inside the same launch (one launch for eval)."""
+    return _launch_affine(
+        view, plan, running_mean, 1, running_var, bias, None, weight, None, epilogue,
+        eval_eps=eps, has_weight=weight is not None, has_bias=bias is not None,
+    )
+
+
+def _launch_affine(view, plan, pivot, pivot_stride, scale, shift, dy, dy_scale, out_dtype, epilogue,
+                   eval_eps=None, has_weight=False, has_bias=False):
     x = view.tensor
     ep = epilogue or NO_EPILOGUE
     out = ep.out if ep.out is not None else view.empty_like(out_dtype)
@@ -113,15 +146,17 @@ def channel_affine(
     if ep.mask is not None and plan.block_rows < 8:
         plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
     grid = (cdiv(view.rows, plan.block_rows), cdiv(view.channels, plan.block_channels))
+    evaluating = eval_eps is not None
     _channel_affine_kernel[grid](
-        x, dy if dy is not None else x, out, pivot, scale, shift,
+        x, dy if dy is not None else x, out, pivot, scale, shift if shift is not None else scale,
         dy_scale if dy_scale is not None else scale,
         *ep.pointers(x, scale),
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
-        pivot_stride,
+        pivot_stride, *split_float(eval_eps if evaluating else 0.0),
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_DY=dy is not None,
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
-        **ep.constexprs(), num_warps=plan.num_warps,
+        **ep.constexprs(), EVAL=evaluating, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        num_warps=plan.num_warps,
     )
     return out
 
