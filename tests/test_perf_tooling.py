@@ -161,15 +161,21 @@ def test_plot_writes_a_png_when_matplotlib_is_installed(smoke, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_provider_that_disagrees_with_torch_is_recorded_as_a_failure_not_timed(tmp_path):
-    # bntriton's training output nudged by 1%: far outside the check's bound.
+def _nudged_sweep(provider_class: str, tmp_path):
+    """A smoke sweep of the mlp suite with one provider's training output nudged by 1%:
+    far outside the check's bound."""
     driver = (
         "import sys; sys.path.insert(0, sys.argv[1]); import providers, sweep\n"
-        "forward = providers.BnTriton.forward\n"
-        "providers.BnTriton.forward = lambda self, x, *a: forward(self, x, *a) * (1.01 if a[-1] else 1)\n"
+        f"forward = providers.{provider_class}.forward\n"
+        f"providers.{provider_class}.forward = lambda self, x, *a: forward(self, x, *a) * (1.01 if a[-1] else 1)\n"
         "sys.exit(sweep.main(['--device', 'cpu', '--smoke', '--suites', 'mlp', '--out', sys.argv[2]]))\n"
     )
-    result = _run("-c", driver, PERF, tmp_path)
+    return _run("-c", driver, PERF, tmp_path)
+
+
+def test_a_provider_that_disagrees_with_torch_is_recorded_as_a_failure_not_timed(tmp_path):
+    # bntriton's training output nudged by 1%: far outside the check's bound.
+    result = _nudged_sweep("BnTriton", tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr  # bntriton failed
     (csv_path,) = tmp_path.glob("*.csv")
     _, rows = _rows(csv_path)
@@ -230,13 +236,7 @@ def test_host_overhead_script_runs():
 def test_an_inaccurate_baseline_is_timed_and_said_so(tmp_path):
     # torch eager is the baseline every speedup is taken against: outside the float64
     # bound (as its CUDA half-precision dweight is), it is still timed, and the notes say so.
-    driver = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import providers, sweep\n"
-        "forward = providers.Torch.forward\n"
-        "providers.Torch.forward = lambda self, x, *a: forward(self, x, *a) * (1.01 if a[-1] else 1)\n"
-        "sys.exit(sweep.main(['--device', 'cpu', '--smoke', '--suites', 'mlp', '--out', sys.argv[2]]))\n"
-    )
-    result = _run("-c", driver, PERF, tmp_path)
+    result = _nudged_sweep("Torch", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr  # bntriton passed
     (csv_path,) = tmp_path.glob("*.csv")
     _, rows = _rows(csv_path)

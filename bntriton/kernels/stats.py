@@ -78,6 +78,21 @@ from .numerics import batch_coefficients, batch_pivot, resolve_mean, two_sum
 from .tiles import channel_tile_offsets
 
 
+@triton.jit
+def _split_start(x_ptr, pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
+                 BLOCK_C: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr):
+    """A partial-statistics program's split, channels and rows, and the channels' pivot
+    (every split computes the same one; the first stores it)."""
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
+    tl.store(pivot_ptr + c, pivot, mask=c_mask & ((split + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0))
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    return split, c, c_mask, pivot, row_start, row_end
+
+
 @kernel
 def _partial_centred_kernel(
     x_ptr, pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
@@ -85,14 +100,9 @@ def _partial_centred_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < channels
-    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
-    tl.store(pivot_ptr + c, pivot, mask=c_mask & ((split + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0))
-
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, rows)
+    split, c, c_mask, pivot, row_start, row_end = _split_start(
+        x_ptr, pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
+        BLOCK_C, SPLIT_ROWS, INT64, ACC)
     total_hi = tl.zeros([BLOCK_C], dtype=ACC)
     total_lo = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -131,14 +141,9 @@ def _partial_lanes_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < channels
-    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
-    tl.store(pivot_ptr + c, pivot, mask=c_mask & ((split + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0))
-
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, rows)
+    split, c, c_mask, pivot, row_start, row_end = _split_start(
+        x_ptr, pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
+        BLOCK_C, SPLIT_ROWS, INT64, ACC)
     full_tiles = (row_end - row_start) // BLOCK_R
     s_hi = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     s_lo = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
