@@ -37,10 +37,11 @@ Three launches:
      ``count * mean`` plus the lanes' sums centred on that mean by an fma (small, so
      their tree sum is accurate to the spread rather than the offset), M2 as the lanes'
      M2 plus their counts times their squared deviations from the mean.
-   * ``_partial_centred_kernel`` (channels-first tiles): per tile one round of two
-     reductions, the sum and the sum of squares of the values centred on the split's
-     mean so far (0 for the first tile, which the pivot centres), so both are small;
-     tiles are merged with Chan's formula and their sums added with compensation.
+   * ``_partial_centred_kernel`` (channels-first tiles): the split's first tile by the
+     two-pass tile moments (mean, then the values centred on it), every later tile by
+     one round of two reductions, the sum and the sum of squares of the values centred
+     on the split's mean so far, so both are small; tiles are merged with Chan's formula
+     and their sums added with compensation.
 
    On an H200 the per-tile rounds of three reductions these replace held the statistics
    of a 411 MB channels-last bf16 tensor to ~950 GB/s; the lanes kernel reads it at
@@ -74,7 +75,7 @@ import triton.language as tl
 from .plans import Plan, cdiv, channel_block, splits_block
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .numerics import batch_coefficients, batch_pivot, resolve_mean, two_sum
+from .numerics import batch_coefficients, batch_pivot, resolve_mean, tile_moments, two_sum
 from .tiles import channel_tile_offsets
 
 
@@ -103,25 +104,35 @@ def _partial_centred_kernel(
     split, c, c_mask, pivot, row_start, row_end = _split_start(
         x_ptr, pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
         BLOCK_C, SPLIT_ROWS, INT64, ACC)
-    total_hi = tl.zeros([BLOCK_C], dtype=ACC)
-    total_lo = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for r0 in range(row_start, row_end, BLOCK_R):
+    # The split's first tile by the two-pass tile moments (its mean, then the values
+    # centred on it): nothing is known of where this split's data lie, and the pivot,
+    # taken from the channel's first rows, may be far from them.
+    r = row_start + tl.arange(0, BLOCK_R)
+    offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+    mask = c_mask[:, None] & (r < row_end)[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    count = tl.minimum(row_end - row_start, BLOCK_R) + tl.zeros([BLOCK_C], dtype=ACC)
+    tile_mean, tile_resid, m2 = tile_moments(tl.where(mask, x - pivot[:, None], 0.0), mask, count)
+    total_hi = count * tile_mean
+    total_lo = tl.fma(count, tile_mean, -total_hi) + tile_resid
+    for r0 in range(row_start + BLOCK_R, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
         mask = c_mask[:, None] & (r < row_end)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         seen = (r0 - row_start) + tl.zeros([BLOCK_C], dtype=ACC)
         count = tl.minimum(row_end - r0, BLOCK_R) + tl.zeros([BLOCK_C], dtype=ACC)
-        # Centred on the split's mean so far (0 for its first tile, which the pivot centres),
-        # the tile's sum and sum of squares are small and can be taken in one round.
-        centre = total_hi / tl.maximum(seen, 1.0)
+        # Centred on the split's mean so far, the tile's sum and sum of squares are small
+        # and can be taken in one round: a tile far from that mean loses to cancellation
+        # about eps * count * delta**2, against the count * delta**2 / 2 or more that the
+        # same distance adds to M2 (Chan's term below).
+        centre = total_hi / seen
         e = tl.where(mask, (x - pivot[:, None]) - centre[:, None], 0.0)
         s = tl.sum(e, axis=1)
         q = tl.sum(e * e, axis=1)
         tile_m2 = q - s * s / count
         tile_m2 = tl.where(tile_m2 < 0.0, 0.0, tile_m2)
-        delta = s / count + (centre - (total_hi + total_lo) / tl.maximum(seen, 1.0))
+        delta = s / count + (centre - (total_hi + total_lo) / seen)
         m2 += tile_m2 + delta * delta * (seen * count / (seen + count))
         part = count * centre
         total_hi, carry = two_sum(total_hi, part)
