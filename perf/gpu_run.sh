@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # A first look at a new NVIDIA GPU in one go, each step under its own time limit so
-# that the whole run ends in a known time (at most 7 minutes with the defaults; about 4 on an H200):
+# that the whole run ends in a known time (at most 7.5 minutes with the defaults; about 4 on an H200):
 #   1. the device and versions;
 #   2. the test suite, natively (compiler problems show up only on the device);
 #   3. the quick sweep (perf/sweep.py --quick): bntriton, torch, torch.compile;
 #   4. the error ratios against torch's CUDA batch norm (perf/numerics.py);
 #   5. a ResNet-50 training step: time and peak memory, fused and plain layers;
-#   6. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py).
+#   6. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py);
+#   7. host time per call on a tiny tensor, ours and torch's (perf/host_profile.py).
 #
 #   bash perf/gpu_run.sh [OUT_DIR]        # default perf/results/gpu-run
 #
-# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, BREAKDOWN_S.  A step that runs out
+# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, BREAKDOWN_S, HOST_S.  A step that runs out
 # of time is stopped and the next one starts; its log says how far it got.
 set -u
 cd "$(dirname "$0")/.."
@@ -41,5 +42,6 @@ step sweep "${SWEEP_S:-100}" python3 perf/sweep.py --quick --max-minutes 1.3 --o
 step numerics "${NUMERICS_S:-30}" python3 perf/numerics.py --device cuda --seeds 2
 step resnet50_step "${RESNET_S:-70}" python3 perf/resnet50_step.py --reps 6 --out "$out/resnet50_step.csv"
 step breakdown "${BREAKDOWN_S:-40}" python3 perf/kernel_breakdown.py
+step host_profile "${HOST_S:-30}" python3 perf/host_profile.py --calls 1000
 cat "$out/steps.txt"
 tail -n 25 "$out/sweep.log"
