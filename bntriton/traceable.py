@@ -12,7 +12,6 @@ Div and Cast, and the fused activations (``BatchNormAct*d``) their standard oper
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -25,26 +24,7 @@ from .kernels.activations import ACTIVATIONS
 def capturing() -> bool:
     """Whether the current call is being recorded into a graph that leaves bntriton
     (not ``torch.compile``, which keeps bntriton's operators and kernels)."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting() or _in_onnx_export()
-
-
-@functools.lru_cache(maxsize=None)
-def _onnx_export_flags():
-    """The two flags ``torch.onnx.is_in_onnx_export`` reads, imported once: it imports
-    them on every call, a few microseconds of every eager call's host time."""
-    try:
-        from torch.onnx._internal.exporter import _flags
-        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-    except ImportError:  # another torch's layout: its public function is the answer
-        return None
-    return _flags, GLOBALS
-
-
-def _in_onnx_export() -> bool:
-    flags = _onnx_export_flags()
-    if flags is None or not hasattr(flags[0], "_is_onnx_exporting") or not hasattr(flags[1], "in_onnx_export"):
-        return torch.onnx.is_in_onnx_export()
-    return bool(flags[1].in_onnx_export or flags[0]._is_onnx_exporting)
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 def evaluate(
