@@ -17,8 +17,8 @@ import triton.language as tl
 from .activations import (
     NO_EPILOGUE, Epilogue, activate, activation_grad, invert_activation, load_mask, mask_grad, store_mask,
 )
-from .plans import Plan, cdiv, channel_block
-from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
+from .plans import Plan, cdiv
+from .runtime import kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .numerics import fold_affine, inverse_std
 from .tiles import channel_offsets, tile_offsets
@@ -44,7 +44,7 @@ def _channel_affine_kernel(
     # x - K = (z - act_shift) / act_scale (K = 0).
     # EVAL (forward under running statistics): every program folds its channels' scale and
     # shift from the running variance (``scale_ptr``), the weight (``dy_scale_ptr``) and the
-    # bias (``shift_ptr``) itself, bit for bit as eval_coefficients would: a launch less.
+    # bias (``shift_ptr``) itself: no launch of its own for the coefficients.
     r0 = tl.program_id(0) * BLOCK_R
     r = r0 + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -128,8 +128,9 @@ def eval_affine(
     eps: float,
     epilogue: Epilogue | None = None,
 ) -> torch.Tensor:
-    """``(x - running_mean) * scale + shift`` with the coefficients :func:`eval_coefficients`
-    gives, folded inside the same launch (one launch for eval)."""
+    """``(x - running_mean) * scale + shift`` with ``scale = weight / sqrt(running_var +
+    eps)`` and ``shift = bias``, each program folding its channels' coefficients itself
+    (one launch for eval)."""
     return _launch_affine(
         view, plan, running_mean, 1, running_var, bias, None, weight, None, epilogue,
         eval_eps=eps, has_weight=weight is not None, has_bias=bias is not None,
@@ -159,42 +160,3 @@ def _launch_affine(view, plan, pivot, pivot_stride, scale, shift, dy, dy_scale, 
         num_warps=plan.num_warps,
     )
     return out
-
-
-@kernel
-def _eval_coefficients_kernel(
-    var_ptr, weight_ptr, bias_ptr, rstd_ptr, scale_ptr, shift_ptr, channels, eps_hi, eps_lo,
-    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < channels
-    var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    rstd = inverse_std(var, eps_hi, eps_lo, BLOCK_C, ACC)
-    # The pivot is the running mean itself, so the shifted mean is zero.
-    zero = tl.zeros([BLOCK_C], dtype=ACC)
-    scale, shift = fold_affine(rstd, zero, weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
-    tl.store(rstd_ptr + c, rstd, mask=c_mask)
-    tl.store(scale_ptr + c, scale, mask=c_mask)
-    tl.store(shift_ptr + c, shift, mask=c_mask)
-
-
-def eval_coefficients(
-    x_dtype: torch.dtype,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rstd, scale, shift)`` from the running variance, in one launch, so that eval is
-    ``channel_affine(view, plan, running_mean, 1, scale, shift)``."""
-    channels = running_var.numel()
-    acc = accumulator_dtype(x_dtype)
-    rstd, scale, shift = (running_var.new_empty(channels, dtype=acc) for _ in range(3))
-    block = channel_block(channels)
-    _eval_coefficients_kernel[(cdiv(channels, block),)](
-        running_var, weight if weight is not None else rstd, bias if bias is not None else rstd,
-        rstd, scale, shift, channels, *split_float(eps),
-        BLOCK_C=block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ACC=tl_accumulator(x_dtype),
-    )
-    return rstd, scale, shift
