@@ -232,8 +232,10 @@ def test_single_read_forward_updates_running_stats_in_its_launch(momentum, chann
             x = torch.randn(300, channels, dtype=torch.float64, device=device) * 2 + step
             ours(x)
             theirs(x)
-    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-13, atol=1e-13)
+    # Each within the bound table's float64 bound of the exact value: at most twice it apart.
+    for name in ("running_mean", "running_var"):
+        err = normwise_error(getattr(ours, name).cpu(), getattr(theirs, name).cpu(), torch.float64)
+        assert err <= 2 * bound_units(name, torch.float64, 300), (name, err)
     assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
 
 
