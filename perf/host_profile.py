@@ -1,6 +1,7 @@
 """Where a small batch norm's host time goes on a GPU machine: wall time per call of
 bntriton and torch on a tiny CUDA tensor (host-bound: the kernels take microseconds),
-one bare Triton launch, and a cProfile of bntriton's calls.
+one bare Triton launch, each with bntriton's direct launches and through Triton's own
+launch path, and a cProfile of bntriton's calls.
 
     python perf/host_profile.py [--calls 2000]
 """
@@ -52,16 +53,22 @@ def main(argv=None) -> int:
         "train fwd+bwd": (lambda: bntriton.batch_norm(xg, rm, rv, w, b, True, 0.1, 1e-5).backward(dy),
                           lambda: F.batch_norm(xg, rm, rv, w, b, True, 0.1, 1e-5).backward(dy)),
     }
-    print("| pass | bntriton us/call | torch us/call | ratio |\n|---|---|---|---|")
-    for name, (ours, theirs) in cases.items():
-        a, t = per_call_us(ours, args.calls), per_call_us(theirs, args.calls)
-        print(f"| {name} | {a:.1f} | {t:.1f} | {a / t:.2f} |", flush=True)
-
-    from bntriton.kernels import stats
+    from bntriton.kernels import runtime, stats
 
     mean, var = torch.randn(64, device=dev), torch.rand(64, device=dev)
     launch = lambda: stats.update_running_stats(rm, rv, None, mean, var, 0.1)  # noqa: E731
-    print(f"\none bare launch (update_running_stats, 8 arguments): {per_call_us(launch, args.calls):.1f} us")
+    direct = runtime._DIRECT_ENABLED
+    print("| pass | bntriton us/call (direct launches) | bntriton us/call (Triton's launch path) "
+          "| torch us/call | ratio (direct) |\n|---|---|---|---|---|")
+    for name, (ours, theirs) in [*cases.items(), ("one bare launch (running-stats update, 8 arguments)",
+                                                  (launch, None))]:
+        runtime._DIRECT_ENABLED = True
+        fast = per_call_us(ours, args.calls)
+        runtime._DIRECT_ENABLED = False
+        slow = per_call_us(ours, args.calls)
+        runtime._DIRECT_ENABLED = direct
+        t = per_call_us(theirs, args.calls) if theirs is not None else float("nan")
+        print(f"| {name} | {fast:.1f} | {slow:.1f} | {t:.1f} | {fast / t:.2f} |", flush=True)
 
     for name, (ours, _) in cases.items():
         prof = cProfile.Profile()

@@ -156,12 +156,14 @@ class DualKernel:
     def __init__(self, fn):
         self.fn = fn
         self.compiled = triton.jit(fn)
+        self.direct = DirectLaunches(fn)
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
-            device = next(a.device for a in args if isinstance(a, torch.Tensor))
-            if device.type == "cuda":
-                return self.compiled[grid](*args, **meta)
+            first = args[0]
+            tensor = first if isinstance(first, torch.Tensor) else next(a for a in args if isinstance(a, torch.Tensor))
+            if tensor.is_cuda:
+                return self.direct.launch(self.compiled, grid, args, meta)
             meta.pop("num_warps", None)
             # The interpreter computes with NumPy, which warns on NaN / inf arithmetic; the
             # kernels define what NaN and inf produce (a NaN stays in its channel), so
@@ -170,6 +172,112 @@ class DualKernel:
                 return _interpreted(self.fn)[grid](*args, **meta)
 
         return launch
+
+
+# ------------------------------------------------------------------ direct CUDA launches
+#
+# ``JITFunction.run`` works out, on every call, which compiled variant the arguments
+# select (it specializes each argument: dtype, 16-byte alignment of pointers, integers
+# equal to 1 or divisible by 16), formats a cache key, reads the current device and
+# stream, builds launch metadata for hooks and only then launches: ~25 us of host time
+# per launch on a GPU machine, more than a small batch norm's kernels take.  Once a
+# variant is compiled, :class:`DirectLaunches` launches it itself, with a key of its own
+# that is at least as fine as Triton's specialization (a different key only ever means
+# one more trip through ``JITFunction.run``, never a wrong variant):
+#
+# * every tensor's dtype, and whether all pointers are 16-byte aligned (a call with any
+#   unaligned pointer always takes Triton's path);
+# * for every int: equal to 1, divisible by 16, and whether it is an i32, i64 or u64;
+# * floats by type only (Triton passes them as fp32 without specializing), None, bools
+#   and constexpr values as they are; the keyword arguments with their values; the
+#   current CUDA device.
+#
+# Launch hooks (profilers) need Triton's launch metadata: while any is registered, every
+# launch takes Triton's path.  BNTRITON_DIRECT_LAUNCH=0 turns the direct path off.
+
+_DIRECT_ENABLED = os.environ.get("BNTRITON_DIRECT_LAUNCH", "1") != "0"
+_MAX_VARIANTS = 1024  # per kernel; a model uses a handful of shapes and dtypes
+
+
+def launch_key(args: tuple, meta: dict):
+    """The direct path's key for a launch, or None when it must take Triton's path
+    (an unaligned pointer)."""
+    pointers = 0
+    parts = []
+    append = parts.append
+    for a in args:
+        kind = type(a)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            pointers |= a.data_ptr()
+            append(a.dtype)
+        elif kind is int:
+            if a == 1:
+                append(-1)
+            elif -2147483648 <= a < 2147483648:
+                append(a & 15 == 0)
+            else:  # i64 or u64 on Triton's side
+                append(2 + (a & 15 == 0) + 2 * (a >= 9223372036854775808))
+        elif kind is float:
+            append(float)
+        elif isinstance(a, torch.Tensor):
+            return None  # a tensor subclass: Triton's own path decides
+        else:
+            append(a)  # None, bool, a constexpr value
+    if pointers & 15:
+        return None
+    return (*parts, *meta.items())
+
+
+def _hooks_registered() -> bool:
+    from triton import knobs
+
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    # triton >= 3.5 keeps hooks in HookChain objects (never None); older: a callable or None.
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+class DirectLaunches:
+    """Compiled variants of one kernel, launched without ``JITFunction.run`` once known."""
+
+    def __init__(self, fn):
+        import inspect
+
+        params = inspect.signature(fn).parameters
+        self.names = tuple(params)
+        self.defaults = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+        self.variants: dict = {}
+
+    def bound_values(self, args: tuple, meta: dict) -> tuple:
+        """Every parameter's value in signature order (the positional ones, then keywords
+        or defaults), as ``JITFunction.run`` hands them to the launcher."""
+        tail = self.names[len(args):]
+        return args + tuple(meta[name] if name in meta else self.defaults[name] for name in tail)
+
+    def launch(self, jit_function, grid, args: tuple, meta: dict):
+        if not _DIRECT_ENABLED or _hooks_registered():
+            return jit_function[grid](*args, **meta)
+        device = torch.cuda.current_device()
+        key = launch_key(args, meta)
+        if key is None:
+            return jit_function[grid](*args, **meta)
+        key = (device, *key)
+        compiled = self.variants.get(key)
+        if compiled is None:
+            compiled = jit_function[grid](*args, **meta)
+            # What Triton's own launch path needs of a compiled kernel; anything else (an
+            # unknown Triton version) keeps every launch on Triton's path.
+            if all(getattr(compiled, name, None) is not None for name in ("function", "packed_metadata", "run")):
+                if len(self.variants) >= _MAX_VARIANTS:
+                    self.variants.clear()
+                self.variants[key] = compiled
+            return compiled
+        grid_x = grid[0]
+        grid_y = grid[1] if len(grid) > 1 else 1
+        grid_z = grid[2] if len(grid) > 2 else 1
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *self.bound_values(args, meta))
+        return compiled
 
 
 def kernel(fn) -> DualKernel:

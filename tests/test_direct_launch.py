@@ -1,0 +1,188 @@
+"""The direct CUDA launch path (kernels/runtime.py, DirectLaunches).
+
+Compiled launches skip ``JITFunction.run`` once a variant is known.  What can go wrong is
+checked here without a GPU: the key must separate everything Triton specializes on, the
+arguments must reach the launcher in Triton's order (keywords and defaults included),
+and anything unusual (an unaligned pointer, a launch hook) must take Triton's own path.
+The GPU run of the suite launches every kernel through this path for real.
+"""
+import inspect
+
+import pytest
+import torch
+
+import bntriton
+from bntriton.kernels import forced_plan, runtime
+from bntriton.kernels.runtime import DirectLaunches, DualKernel, launch_key
+
+
+def _recorded_launches():
+    """(kernel, grid, args, meta) of every launch a few interpreted calls make: training
+    forward and backward on both paths and layouts, eval, and a fused epilogue."""
+    seen = []
+    original = DualKernel.__getitem__
+
+    def getitem(self, grid):
+        launch = original(self, grid)
+
+        def record(*args, **meta):
+            seen.append((self, grid, args, dict(meta)))
+            return launch(*args, **meta)
+
+        return record
+
+    DualKernel.__getitem__ = getitem
+    try:
+        with bntriton.cpu_backend("interpreter"):
+            for shape, channels_last in (((4, 3, 5, 5), False), ((2, 3, 4, 4), True), ((600, 3), False)):
+                x = torch.randn(shape)
+                if channels_last:
+                    x = x.to(memory_format=torch.channels_last)
+                x.requires_grad_()
+                for path in ("fused", "split"):
+                    with forced_plan(path=path):
+                        m = bntriton.BatchNorm2d(3) if x.dim() == 4 else bntriton.BatchNorm1d(3)
+                        m(x).sum().backward()
+                        m.eval()
+                        m(x)
+                        bntriton.batch_norm(x.detach(), None, None, training=True, activation="relu")
+    finally:
+        DualKernel.__getitem__ = original
+    return seen
+
+
+@pytest.fixture(scope="module")
+def launches():
+    return _recorded_launches()
+
+
+def test_arguments_reach_the_launcher_in_tritons_order(launches):
+    # JITFunction.run hands the launcher bound_args.values(): every parameter in
+    # signature order, keywords by name, defaults filled in.
+    kernels = set()
+    for kernel, _, args, meta in launches:
+        kernels.add(kernel.fn.__name__)
+        constexprs = {k: v for k, v in meta.items() if k != "num_warps"}
+        bound = inspect.signature(kernel.fn).bind(*args, **constexprs)
+        bound.apply_defaults()
+        got = kernel.direct.bound_values(args, meta)
+        assert len(got) == len(bound.arguments)
+        assert all(a is b for a, b in zip(got, bound.arguments.values())), kernel.fn.__name__
+    assert len(kernels) >= 5, kernels  # the recording reached the kernel families
+
+
+def test_every_real_launch_has_a_key(launches):
+    for kernel, _, args, meta in launches:
+        key = launch_key(args, meta)
+        assert key is not None
+        hash(key)
+
+
+def _args(x, n=20, scale=1.5):
+    return (x, x, n, scale, None, True)
+
+
+def test_key_separates_what_triton_specializes():
+    x = torch.randn(64)
+    base = launch_key(_args(x), {"BLOCK": 16, "num_warps": 4})
+    # Float values and tensor addresses (aligned) are not specialized on.
+    assert launch_key(_args(torch.randn(64), scale=7.0), {"BLOCK": 16, "num_warps": 4}) == base
+    # dtype, integer classes, constexprs and options are.
+    assert launch_key(_args(x.double()), {"BLOCK": 16, "num_warps": 4}) != base
+    assert launch_key(_args(x), {"BLOCK": 32, "num_warps": 4}) != base
+    assert launch_key(_args(x), {"BLOCK": 16, "num_warps": 8}) != base
+    # Integers: 1; i32 divisible by 16 or not; i64 and u64, each divisible or not.
+    keys = {launch_key(_args(x, n), {}) for n in (1, 16, 20, 2**31 + 16, 2**31 + 1, 2**63, 2**63 + 1)}
+    assert len(keys) == 7
+    assert launch_key(_args(x, -16), {}) == launch_key(_args(x, 16), {})  # both i32, divisible
+    assert launch_key(_args(x, 20), {}) == launch_key(_args(x, 21), {})  # same class: i32, not 1, not /16
+    assert launch_key(_args(x, 32), {}) == launch_key(_args(x, 48), {})
+    # An unaligned pointer (a view at an odd offset) has no key: Triton's path decides.
+    assert launch_key(_args(x[1:]), {}) is None
+    assert launch_key((x, x[4:]), {}) is not None  # 16 bytes in: aligned
+
+
+class _FakeCompiled:
+    def __init__(self):
+        self.function, self.packed_metadata, self.calls = object(), object(), []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+class _FakeJIT:
+    """Stands in for ``triton.jit(fn)``: ``[grid](*args, **meta)`` is Triton's own path."""
+
+    def __init__(self):
+        self.slow_calls, self.compiled = [], {}
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.slow_calls.append((grid, args, meta))
+            return self.compiled.setdefault(launch_key(args, meta), _FakeCompiled())
+
+        return run
+
+
+def _kernel(a_ptr, out_ptr, n, scale, BLOCK: "tl.constexpr", FLAG: "tl.constexpr" = False):
+    pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    monkeypatch.setattr(runtime, "_DIRECT_ENABLED", True)
+
+
+def test_known_variants_launch_directly(fake_cuda):
+    jit, direct = _FakeJIT(), DirectLaunches(_kernel)
+    x, out = torch.randn(32), torch.empty(32)
+    first = direct.launch(jit, (4, 2), (x, out, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
+    assert len(jit.slow_calls) == 1 and not first.calls
+    second = direct.launch(jit, (4, 2), (x, out, 48, 0.25), {"BLOCK": 16, "num_warps": 4})
+    assert second is first and len(jit.slow_calls) == 1
+    (call,) = first.calls
+    assert call[:4] == (4, 2, 1, 1234)
+    assert call[4] is first.function and call[5] is first.packed_metadata
+    assert call[6:9] == (None, None, None)  # no launch metadata, no hooks
+    assert call[9:] == (x, out, 48, 0.25, 16, False)  # the default FLAG filled in
+    # A new variant (another constexpr value) goes through Triton once, then directly.
+    direct.launch(jit, (4,), (x, out, 48, 0.25), {"BLOCK": 16, "FLAG": True, "num_warps": 4})
+    assert len(jit.slow_calls) == 2
+    direct.launch(jit, (4,), (x, out, 48, 0.25), {"BLOCK": 16, "FLAG": True, "num_warps": 4})
+    assert len(jit.slow_calls) == 2
+
+
+def test_unaligned_pointers_and_hooks_take_tritons_path(fake_cuda, monkeypatch):
+    jit, direct = _FakeJIT(), DirectLaunches(_kernel)
+    x, out = torch.randn(32), torch.empty(32)
+    meta = {"BLOCK": 16}
+    direct.launch(jit, (1,), (x, out, 32, 0.5), meta)
+    direct.launch(jit, (1,), (x[1:], out, 31, 0.5), meta)
+    direct.launch(jit, (1,), (x[1:], out, 31, 0.5), meta)
+    assert len(jit.slow_calls) == 3
+    monkeypatch.setattr(runtime, "_hooks_registered", lambda: True)
+    direct.launch(jit, (1,), (x, out, 32, 0.5), meta)
+    assert len(jit.slow_calls) == 4
+
+
+def test_hook_detection_follows_triton_knobs():
+    from triton import knobs
+
+    assert not runtime._hooks_registered()
+    hook = lambda *args: None  # noqa: E731
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert runtime._hooks_registered()
+        finally:
+            chain.remove(hook)
+    else:
+        knobs.runtime.launch_enter_hook = hook
+        try:
+            assert runtime._hooks_registered()
+        finally:
+            knobs.runtime.launch_enter_hook = None
+    assert not runtime._hooks_registered()
