@@ -54,6 +54,47 @@ def _dtype_error(name: str, t: Tensor, expected: torch.dtype, input: Tensor) -> 
     )
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _common_valid_case(input, running_mean, running_var, weight, bias, training, momentum, eps) -> bool:
+    """True for a call :func:`check_arguments` would accept, recognized in one pass in
+    the common case (plain CPU / CUDA tensors, per-channel tensors of C elements on the
+    input's device in one accepted dtype, nothing needing a gradient it cannot have);
+    False whenever anything is unusual, and the full checks then decide."""
+    if type(input) not in _PLAIN_TYPES or not (input.is_cuda or input.is_cpu) or input.dim() < 2:
+        return False
+    dtype = input.dtype
+    if dtype not in SUPPORTED_DTYPES or type(eps) is not float or not (
+            momentum is None or type(momentum) is float):
+        return False
+    if running_mean is None:
+        if running_var is not None or not training:
+            return False
+    elif running_var is None or running_mean.requires_grad or running_var.requires_grad:
+        return False
+    if forward_ad._current_level >= 0:
+        return False
+    shape = input.shape
+    channels = shape[1]
+    if training and (eps <= 0 or input.numel() == channels) or eps < 0:
+        return False
+    device = input.device
+    param_dtype = None
+    for t in (running_mean, running_var, weight, bias):
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TYPES or t.shape != (channels,) or t.device != device:
+            return False
+        if param_dtype is None:
+            param_dtype = t.dtype
+            if param_dtype != dtype and not (param_dtype == torch.float32 and dtype in _LOW_PRECISION):
+                return False
+        elif t.dtype != param_dtype:
+            return False
+    return True
+
+
 def check_arguments(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -65,6 +106,8 @@ def check_arguments(
     eps: float,
 ) -> None:
     """Raise a clear error for anything the kernels cannot take; change nothing."""
+    if _common_valid_case(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        return
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() < 2:

@@ -396,10 +396,13 @@ def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
 
 
 def _foldable(running: RunningStats) -> bool:
-    """Whether the statistics' combine can update ``running`` itself: plain, dense buffers
-    (the kernel writes C consecutive elements)."""
+    """Whether the statistics' launches can update ``running`` themselves: plain, dense
+    buffers (the kernel writes C consecutive elements).  Called on the eager route only,
+    so the tensors' types are all there is to check."""
+    counter = running.num_batches_tracked
     return (
-        _plain(running.mean, running.var, running.num_batches_tracked)
+        type(running.mean) in _PLAIN_TYPES and type(running.var) in _PLAIN_TYPES
+        and (counter is None or type(counter) in _PLAIN_TYPES)
         and running.mean.is_contiguous() and running.var.is_contiguous()
     )
 
@@ -424,9 +427,11 @@ def evaluate(x, weight, bias, running_mean, running_var, eps):
     """``batch_norm_eval``: eager fast path, torch.func path or the registered op; plain
     torch operations while a graph that leaves bntriton is captured (export, tracing: see
     traceable.py)."""
-    if traceable.capturing():
-        return traceable.evaluate(x, weight, bias, running_mean, running_var, eps)
     route = _route(x, weight, bias, running_mean, running_var)
+    # torch.jit.trace and the TorchScript ONNX exporter record plain tensors; torch.export
+    # and the dynamo ONNX exporter trace (fake tensors, or Dynamo itself).
+    if traceable.eager_capturing() if route == _EAGER else traceable.capturing():
+        return traceable.evaluate(x, weight, bias, running_mean, running_var, eps)
     if route == _EAGER:
         if not _records_graph(x, weight, bias):
             return _eval_impl(x, weight, bias, running_mean, running_var, eps)

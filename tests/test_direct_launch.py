@@ -65,7 +65,7 @@ def test_arguments_reach_the_launcher_in_tritons_order(launches):
         constexprs = {k: v for k, v in meta.items() if k != "num_warps"}
         bound = inspect.signature(kernel.fn).bind(*args, **constexprs)
         bound.apply_defaults()
-        got = kernel.direct.bound_values(args, meta)
+        got = args + kernel.direct.bound_tail(args, meta)
         assert len(got) == len(bound.arguments)
         assert all(a is b for a, b in zip(got, bound.arguments.values())), kernel.fn.__name__
     assert len(kernels) >= 5, kernels  # the recording reached the kernel families
@@ -87,19 +87,25 @@ def test_key_separates_what_triton_specializes():
     base = launch_key(_args(x), {"BLOCK": 16, "num_warps": 4})
     # Float values and tensor addresses (aligned) are not specialized on.
     assert launch_key(_args(torch.randn(64), scale=7.0), {"BLOCK": 16, "num_warps": 4}) == base
-    # dtype, integer classes, constexprs and options are.
+    # dtypes, argument types, ints, constexprs and options are.
     assert launch_key(_args(x.double()), {"BLOCK": 16, "num_warps": 4}) != base
+    assert launch_key(_args(torch.nn.Parameter(x)), {"BLOCK": 16, "num_warps": 4}) != base
     assert launch_key(_args(x), {"BLOCK": 32, "num_warps": 4}) != base
     assert launch_key(_args(x), {"BLOCK": 16, "num_warps": 8}) != base
-    # Integers: 1; i32 divisible by 16 or not; i64 and u64, each divisible or not.
-    keys = {launch_key(_args(x, n), {}) for n in (1, 16, 20, 2**31 + 16, 2**31 + 1, 2**63, 2**63 + 1)}
-    assert len(keys) == 7
-    assert launch_key(_args(x, -16), {}) == launch_key(_args(x, 16), {})  # both i32, divisible
-    assert launch_key(_args(x, 20), {}) == launch_key(_args(x, 21), {})  # same class: i32, not 1, not /16
-    assert launch_key(_args(x, 32), {}) == launch_key(_args(x, 48), {})
+    assert launch_key((x, x, 20, 1.5, x, True), {"BLOCK": 16, "num_warps": 4}) != base  # None -> a pointer
+    # Every class of integer Triton tells apart (1; i32, i64, u64; divisible by 16 or not)
+    # gets keys of its own: ints are keyed by value.
+    ints = (1, 16, 20, 2**31 + 16, 2**31 + 1, 2**63, 2**63 + 1)
+    assert len({launch_key(_args(x, n), {}) for n in ints}) == len(ints)
     # An unaligned pointer (a view at an odd offset) has no key: Triton's path decides.
     assert launch_key(_args(x[1:]), {}) is None
     assert launch_key((x, x[4:]), {}) is not None  # 16 bytes in: aligned
+    # A tensor subclass takes Triton's path too.
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert launch_key((x.as_subclass(Sub), 3), {}) is None
 
 
 class _FakeCompiled:
@@ -140,18 +146,22 @@ def test_known_variants_launch_directly(fake_cuda):
     x, out = torch.randn(32), torch.empty(32)
     first = direct.launch(jit, (4, 2), (x, out, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
     assert len(jit.slow_calls) == 1 and not first.calls
-    second = direct.launch(jit, (4, 2), (x, out, 48, 0.25), {"BLOCK": 16, "num_warps": 4})
+    y = torch.randn(32)  # another input, another float: the same variant
+    second = direct.launch(jit, (4, 2), (y, out, 32, 0.25), {"BLOCK": 16, "num_warps": 4})
     assert second is first and len(jit.slow_calls) == 1
     (call,) = first.calls
     assert call[:4] == (4, 2, 1, 1234)
     assert call[4] is first.function and call[5] is first.packed_metadata
     assert call[6:9] == (None, None, None)  # no launch metadata, no hooks
-    assert call[9:] == (x, out, 48, 0.25, 16, False)  # the default FLAG filled in
-    # A new variant (another constexpr value) goes through Triton once, then directly.
-    direct.launch(jit, (4,), (x, out, 48, 0.25), {"BLOCK": 16, "FLAG": True, "num_warps": 4})
-    assert len(jit.slow_calls) == 2
-    direct.launch(jit, (4,), (x, out, 48, 0.25), {"BLOCK": 16, "FLAG": True, "num_warps": 4})
-    assert len(jit.slow_calls) == 2
+    assert call[9] is y and call[10] is out
+    assert call[11:] == (32, 0.25, 16, False)  # the default FLAG filled in
+    # A new variant (another constexpr value, another size) goes through Triton once,
+    # then directly.
+    for meta, n in (({"BLOCK": 16, "FLAG": True, "num_warps": 4}, 32), ({"BLOCK": 16, "num_warps": 4}, 48)):
+        slow = len(jit.slow_calls)
+        direct.launch(jit, (4,), (x, out, n, 0.25), meta)
+        direct.launch(jit, (4,), (x, out, n, 0.25), meta)
+        assert len(jit.slow_calls) == slow + 1
 
 
 def test_unaligned_pointers_and_hooks_take_tritons_path(fake_cuda, monkeypatch):

@@ -169,3 +169,31 @@ def test_eager_running_update_matches_the_registered_ops_bitwise(path, momentum)
     for name, eager, registered in zip(("y", "running_mean", "running_var", "counter"), *results):
         assert torch.equal(eager, registered), (name, eager - registered)
     assert results[0][3].item() == 5
+
+
+def test_common_case_shortcut_accepts_only_what_the_full_checks_accept(monkeypatch):
+    # check_arguments recognizes the common valid call in one pass and otherwise runs the
+    # full checks: the shortcut must never accept a call those would refuse.  Every
+    # combination of a few ordinary and a few wrong values per argument is tried.
+    import itertools
+
+    from bntriton import functional
+
+    c = 3
+    x = torch.randn(4, c, 2)
+    good = torch.rand(c) + 0.5
+    per_channel = [None, good, good.double(), torch.rand(c + 1), torch.rand(1, c), good.half(),
+                   torch.rand(c, requires_grad=True), torch.arange(c)]
+    inputs = [x, x.half(), x[:, :, :1].reshape(4, c), torch.randn(1, c), x.int(), torch.randn(c)]
+    accepted = 0
+    for inp, rm, w, training, eps, momentum in itertools.product(
+            inputs, per_channel, per_channel[:3] + per_channel[5:6], (True, False), (1e-5, 0.0, -1.0, 1), (0.1, None, 1)):
+        args = (inp, rm, None if rm is None else good.to(rm.dtype) if rm.dim() == 1 and rm.numel() == c else rm,
+                w, None, training, momentum, eps)
+        if not functional._common_valid_case(*args):
+            continue
+        accepted += 1
+        monkeypatch.setattr(functional, "_common_valid_case", lambda *a: False)
+        functional.check_arguments(*args)  # the full checks accept it too
+        monkeypatch.undo()
+    assert accepted > 20  # the shortcut does take the common cases

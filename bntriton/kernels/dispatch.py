@@ -25,7 +25,7 @@ from .stats import update_running_stats as _update_running_stats_kernel
 
 def native(t: torch.Tensor) -> bool:
     """Whether ``t`` (a CPU tensor) runs on the native CPU path rather than the kernels."""
-    return t.device.type == "cpu" and current_cpu_backend() == "native"
+    return t.is_cpu and current_cpu_backend() == "native"
 
 
 def forward_train(

@@ -95,7 +95,7 @@ def plan(view: ChannelView) -> Plan:
     result = plan_for(
         view.rows, view.channels, view.channels_last, view.needs_int64, sm_count, view.tensor.element_size()
     )
-    if _forced_fields():
+    if _FORCED and _forced_fields():
         result = _with_splits(replace(result, **_forced_fields()), view.rows)
     return result
 
@@ -104,6 +104,8 @@ def fused_plan(view: ChannelView) -> Plan | None:
     """The single-read plan for ``view`` (kernels/fused.py), or None when the split path
     should run (see :func:`fused_plan_for`)."""
     sm_count = _device_sm_count(view.tensor.device)
+    if not _FORCED:
+        return fused_plan_for(view.rows, view.channels, view.channels_last, view.needs_int64, sm_count)
     path = _FORCED.get("path")
     if path == "split" or (path is None and _forced_fields()):
         return None  # forced tile sizes are meant for the split path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 import threading
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton import knobs as _knobs
 from triton.runtime.jit import JITFunction
 
 
@@ -181,59 +183,77 @@ class DualKernel:
 # equal to 1 or divisible by 16), formats a cache key, reads the current device and
 # stream, builds launch metadata for hooks and only then launches: ~25 us of host time
 # per launch on a GPU machine, more than a small batch norm's kernels take.  Once a
-# variant is compiled, :class:`DirectLaunches` launches it itself, with a key of its own
-# that is at least as fine as Triton's specialization (a different key only ever means
-# one more trip through ``JITFunction.run``, never a wrong variant):
+# variant is compiled, :class:`DirectLaunches` launches it itself, under a key of its own
+# that is finer than Triton's specialization (a different key only ever means one more
+# trip through ``JITFunction.run``, never a wrong variant):
 #
-# * every tensor's dtype, and whether all pointers are 16-byte aligned (a call with any
-#   unaligned pointer always takes Triton's path);
-# * for every int: equal to 1, divisible by 16, and whether it is an i32, i64 or u64;
-# * floats by type only (Triton passes them as fp32 without specializing), None, bools
-#   and constexpr values as they are; the keyword arguments with their values; the
-#   current CUDA device.
+# * the arguments' types, every tensor's dtype, and whether all pointers are 16-byte
+#   aligned (a call with any unaligned pointer always takes Triton's path);
+# * every int, bool, None and constexpr by value (a new shape is one more variant to
+#   look up, and the key stays cheap: no per-argument Python code); floats by type only
+#   (Triton passes them as fp32 without specializing on them);
+# * the keyword arguments (constexprs, num_warps) with their values, and the current CUDA
+#   device.
 #
-# Launch hooks (profilers) need Triton's launch metadata: while any is registered, every
-# launch takes Triton's path.  BNTRITON_DIRECT_LAUNCH=0 turns the direct path off.
+# The key is built with C-level iteration over argument positions worked out once per
+# argument-type signature.  Launch hooks (profilers) need Triton's launch metadata:
+# while any is registered, every launch takes Triton's path.  BNTRITON_DIRECT_LAUNCH=0
+# turns the direct path off.
 
 _DIRECT_ENABLED = os.environ.get("BNTRITON_DIRECT_LAUNCH", "1") != "0"
 _MAX_VARIANTS = 1024  # per kernel; a model uses a handful of shapes and dtypes
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _positions(indices: list):
+    """A function returning ``args[i] for i in indices`` as a tuple (itemgetter returns a
+    bare item for one index)."""
+    if not indices:
+        return lambda args: ()
+    if len(indices) == 1:
+        (i,) = indices
+        return lambda args: (args[i],)
+    return operator.itemgetter(*indices)
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_layout(types: tuple):
+    """``(tensors, keyed)`` position getters for arguments of these types, or None when
+    one is a tensor subclass (Triton's own path decides for those)."""
+    tensors, keyed = [], []
+    for i, kind in enumerate(types):
+        if kind in _TENSOR_TYPES:
+            tensors.append(i)
+        elif issubclass(kind, torch.Tensor):
+            return None
+        elif kind is not float:
+            keyed.append(i)
+    return _positions(tensors), _positions(keyed)
+
+
+_data_ptr = torch.Tensor.data_ptr
+_dtype_of = operator.attrgetter("dtype")
 
 
 def launch_key(args: tuple, meta: dict):
-    """The direct path's key for a launch, or None when it must take Triton's path
-    (an unaligned pointer)."""
-    pointers = 0
-    parts = []
-    append = parts.append
-    for a in args:
-        kind = type(a)
-        if kind is torch.Tensor or kind is torch.nn.Parameter:
-            pointers |= a.data_ptr()
-            append(a.dtype)
-        elif kind is int:
-            if a == 1:
-                append(-1)
-            elif -2147483648 <= a < 2147483648:
-                append(a & 15 == 0)
-            else:  # i64 or u64 on Triton's side
-                append(2 + (a & 15 == 0) + 2 * (a >= 9223372036854775808))
-        elif kind is float:
-            append(float)
-        elif isinstance(a, torch.Tensor):
-            return None  # a tensor subclass: Triton's own path decides
-        else:
-            append(a)  # None, bool, a constexpr value
-    if pointers & 15:
+    """The direct path's key for a launch, or None when it must take Triton's path (an
+    unaligned pointer, a tensor subclass)."""
+    types = tuple(map(type, args))
+    layout = _signature_layout(types)
+    if layout is None:
         return None
-    return (*parts, *meta.items())
+    tensors = layout[0](args)
+    if functools.reduce(operator.or_, map(_data_ptr, tensors), 0) & 15:
+        return None
+    return (types, *map(_dtype_of, tensors), *layout[1](args), *meta.items())
 
 
 def _hooks_registered() -> bool:
-    from triton import knobs
-
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    knobs = _knobs.runtime
+    enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
     # triton >= 3.5 keeps hooks in HookChain objects (never None); older: a callable or None.
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+    return bool((enter is not None and getattr(enter, "calls", True))
+                or (leave is not None and getattr(leave, "calls", True)))
 
 
 class DirectLaunches:
@@ -247,36 +267,37 @@ class DirectLaunches:
         self.defaults = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
         self.variants: dict = {}
 
-    def bound_values(self, args: tuple, meta: dict) -> tuple:
-        """Every parameter's value in signature order (the positional ones, then keywords
-        or defaults), as ``JITFunction.run`` hands them to the launcher."""
-        tail = self.names[len(args):]
-        return args + tuple(meta[name] if name in meta else self.defaults[name] for name in tail)
+    def bound_tail(self, args: tuple, meta: dict) -> tuple:
+        """The values of the parameters after the positional ones (keywords, else
+        defaults): with ``args`` before them, every parameter's value in signature order,
+        as ``JITFunction.run`` hands them to the launcher.  Fixed for a key (keywords are
+        part of it)."""
+        return tuple(meta[name] if name in meta else self.defaults[name] for name in self.names[len(args):])
 
     def launch(self, jit_function, grid, args: tuple, meta: dict):
         if not _DIRECT_ENABLED or _hooks_registered():
             return jit_function[grid](*args, **meta)
-        device = torch.cuda.current_device()
         key = launch_key(args, meta)
         if key is None:
             return jit_function[grid](*args, **meta)
-        key = (device, *key)
-        compiled = self.variants.get(key)
-        if compiled is None:
+        device = torch.cuda.current_device()
+        key = (device, key)
+        variant = self.variants.get(key)
+        if variant is None:
             compiled = jit_function[grid](*args, **meta)
             # What Triton's own launch path needs of a compiled kernel; anything else (an
             # unknown Triton version) keeps every launch on Triton's path.
             if all(getattr(compiled, name, None) is not None for name in ("function", "packed_metadata", "run")):
                 if len(self.variants) >= _MAX_VARIANTS:
                     self.variants.clear()
-                self.variants[key] = compiled
+                self.variants[key] = (compiled, self.bound_tail(args, meta))
             return compiled
+        compiled, tail = variant
         grid_x = grid[0]
         grid_y = grid[1] if len(grid) > 1 else 1
         grid_z = grid[2] if len(grid) > 2 else 1
-        stream = torch._C._cuda_getCurrentRawStream(device)
-        compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *self.bound_values(args, meta))
+        compiled.run(grid_x, grid_y, grid_z, torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
 
 
