@@ -184,7 +184,7 @@ def _partial_sums(
     """Launch the split reduction: ``(num_splits, C)`` partial sum(dy), sum(dy * centred)."""
     x = view.tensor
     channels = view.channels
-    part_dy = torch.empty((plan.num_splits, channels), dtype=accumulator_dtype(x.dtype), device=x.device)
+    part_dy = x.new_empty((plan.num_splits, channels), dtype=accumulator_dtype(x.dtype))
     part_dyc = torch.empty_like(part_dy)
     _grad_partial_kernel[(plan.num_splits, cdiv(channels, plan.block_channels))](
         x, dy, pivot, mean_shifted, part_dy, part_dyc, *epilogue.pointers(x, mean_shifted),
@@ -220,13 +220,13 @@ def batch_norm_grads(
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     channels = view.channels
-    dweight = torch.empty(channels, dtype=param_dtype, device=x.device)
+    dweight = x.new_empty(channels, dtype=param_dtype)
     dbias = torch.empty_like(dweight)
     if view.rows == 0:
         return view.empty_like(), dweight.zero_(), dbias.zero_()
 
     part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted, epilogue)
-    coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
+    coef_a, coef_b, coef_c = (x.new_empty(channels, dtype=acc) for _ in range(3))
     combine_block = channel_block(channels)
     _grad_combine_kernel[(cdiv(channels, combine_block),)](
         part_dy, part_dyc, mean_shifted, rstd, weight if weight is not None else rstd,
@@ -268,8 +268,8 @@ def grad_sums(
     """
     x = view.tensor
     channels = view.channels
-    sums = torch.empty((2, channels), dtype=accumulator_dtype(x.dtype), device=x.device)
-    dweight = torch.empty(channels, dtype=param_dtype, device=x.device)
+    sums = x.new_empty((2, channels), dtype=accumulator_dtype(x.dtype))
+    dweight = x.new_empty(channels, dtype=param_dtype)
     dbias = torch.empty_like(dweight)
     if view.rows == 0:
         return sums.zero_(), dweight.zero_(), dbias.zero_()
@@ -302,7 +302,7 @@ def input_grad(
     if view.rows == 0:
         return view.empty_like()
     acc = accumulator_dtype(x.dtype)
-    coef_a, coef_b, coef_c = (torch.empty(channels, dtype=acc, device=x.device) for _ in range(3))
+    coef_a, coef_b, coef_c = (x.new_empty(channels, dtype=acc) for _ in range(3))
     block = channel_block(channels)
     _input_grad_coef_kernel[(cdiv(channels, block),)](
         sums, count, mean_shifted, rstd, weight if weight is not None else rstd,

@@ -161,7 +161,7 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
     y = epilogue.out if epilogue.out is not None else view.empty_like()
     if epilogue.mask is not None and plan.block_rows < 8:
         plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
-    per_channel = [torch.empty(view.channels, dtype=acc, device=x.device) for _ in range(5)]
+    per_channel = [x.new_empty(view.channels, dtype=acc) for _ in range(5)]
     pivot, mean_s, rstd, mean, var_unbiased = per_channel
     programs = cdiv(view.channels, plan.block_channels)
     fold = running is not None and (running.momentum is not None or programs == 1)
@@ -193,7 +193,7 @@ def fused_backward(
     """``(dx, dweight, dbias)`` in one launch; same contract as ``batch_norm_grads``."""
     x = view.tensor
     dx = view.empty_like()
-    dweight = torch.empty(view.channels, dtype=param_dtype, device=x.device)
+    dweight = x.new_empty(view.channels, dtype=param_dtype)
     dbias = torch.empty_like(dweight)
     _fused_backward_kernel[(cdiv(view.channels, plan.block_channels),)](
         x, dy, dx, weight if weight is not None else rstd, pivot, mean_shifted, rstd, dweight, dbias,

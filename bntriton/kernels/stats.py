@@ -381,9 +381,9 @@ def batch_stats(
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     channels = view.channels
-    stats = BatchStats(*(torch.empty(channels, dtype=acc, device=x.device) for _ in range(7)))
+    stats = BatchStats(*(x.new_empty(channels, dtype=acc) for _ in range(7)))
     partial_hi, partial_lo, partial_m2 = (
-        torch.empty((plan.num_splits, channels), dtype=acc, device=x.device) for _ in range(3)
+        x.new_empty((plan.num_splits, channels), dtype=acc) for _ in range(3)
     )
     channel_blocks = cdiv(channels, plan.block_channels)
     partial_kernel, block_rows = _partial_launch(view, plan)
