@@ -15,17 +15,32 @@ def batch_norm_arguments(module) -> tuple:
     batch-norm module's state and mode, as torch's modules derive them: batch statistics in
     training, and in eval when no running statistics exist; the counter bumped only when
     tracking."""
-    tracking = module.training and module.track_running_stats
-    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-    use_running = not module.training or module.track_running_stats
-    counter = module.num_batches_tracked if tracking else None
+    try:
+        # nn.Module.__getattr__ looks parameters and buffers up in these dicts; reading
+        # them directly saves ~1 us per tensor.  Only for the classes themselves: a
+        # subclass (torch.nn.utils.parametrize makes one) may compute them otherwise.
+        if type(module) not in _OWN_CLASSES:
+            raise KeyError
+        params, buffers = module._parameters, module._buffers
+        weight, bias = params["weight"], params["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        num_batches_tracked = buffers["num_batches_tracked"]
+    except KeyError:
+        weight, bias = module.weight, module.bias
+        running_mean, running_var = module.running_mean, module.running_var
+        num_batches_tracked = module.num_batches_tracked
+    training = module.training
+    tracking = training and module.track_running_stats
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    use_running = not training or module.track_running_stats
+    counter = num_batches_tracked if tracking else None
     momentum = module.momentum
     if momentum is None and counter is None:
         momentum = 0.0  # torch's factor when there is nothing to average over
     return (
-        module.running_mean if use_running else None,
-        module.running_var if use_running else None,
-        module.weight, module.bias, use_batch_stats, momentum, module.eps, counter,
+        running_mean if use_running else None,
+        running_var if use_running else None,
+        weight, bias, use_batch_stats, momentum, module.eps, counter,
     )
 
 
@@ -59,6 +74,7 @@ class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
 
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_OWN_CLASSES = frozenset(_REPLACEMENTS.values())
 
 
 def convert_model(module: nn.Module, fuse: bool = False) -> nn.Module:

@@ -122,3 +122,27 @@ def test_convert_model_on_a_bare_batchnorm_returns_the_replacement():
     converted = bntriton.convert_model(bn)
     assert type(converted) is bntriton.BatchNorm3d and converted.weight is bn.weight
     assert converted.training
+
+
+def test_parametrized_weight_is_used_as_torch_uses_it():
+    # torch.nn.utils.parametrize turns weight into a computed property on a subclass:
+    # the module must read it as torch's does, not the stored original.
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ours, theirs = _twins(bntriton.BatchNorm2d, nn.BatchNorm2d)
+    for m in (ours, theirs):
+        parametrize.register_parametrization(m, "weight", Doubled())
+    x = torch.randn(4, 4, 5, 5, dtype=torch.float64, device=DEVICE) * 3 + 1
+    count = x.numel() // 4
+    bound = 2 * bound_units("y", torch.float64, count)
+    y = ours(x)
+    assert normwise_error(y, theirs(x), torch.float64) <= bound
+    # The stored original alone gives a different result, far outside the bound.
+    original = torch.nn.functional.batch_norm(x, None, None, ours.parametrizations.weight.original, ours.bias, True)
+    assert normwise_error(original, y, torch.float64) > 100 * bound
+    ours.eval(), theirs.eval()
+    assert normwise_error(ours(x), theirs(x), torch.float64) <= bound
