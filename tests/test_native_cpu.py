@@ -172,6 +172,46 @@ def test_eval_takes_torchs_single_pass_only_where_it_is_as_accurate(offset_in_st
         assert normwise_error(folded, exact, torch.float32) > allowance
 
 
+def _train_at_offset(offset_in_stds, gen, rows=4096, channels=32):
+    """fp32 (rows, C) data whose batch mean lies ``offset_in_stds`` batch stds from zero
+    and whose first 16 rows put it 3 of their own stds out: the kernels' pivot is nonzero
+    in every channel, but close enough to the rule's edge that the unshifted problem is
+    tried.  With the float64 result."""
+    first_spread = offset_in_stds / 3
+    head = torch.randn(16, channels, generator=gen, dtype=torch.float64)
+    head = first_spread * (head - head.mean(0)) / head.std(0, unbiased=False)
+    rest = torch.randn(rows - 16, channels, generator=gen, dtype=torch.float64)
+    rest_spread = ((rows - 16 * first_spread**2) / (rows - 16)) ** 0.5  # overall std 1
+    rest = rest_spread * (rest - rest.mean(0)) / rest.std(0, unbiased=False)
+    sigma = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+    sign = torch.where(torch.rand(channels, generator=gen) < 0.5, -1.0, 1.0)
+    x = ((torch.cat([head, rest]) + offset_in_stds * sign) * sigma).float()
+    weight = torch.rand(channels, generator=gen) + 0.5
+    bias = torch.rand(channels, generator=gen) * 0.5 - 0.25
+    eps = 1e-5
+    xd = x.double()
+    exact = (xd - xd.mean(0)) / (xd.var(0, unbiased=False) + eps).sqrt() * weight.double() + bias.double()
+    return x, weight, bias, eps, exact
+
+
+@pytest.mark.parametrize("offset_in_stds", [1.9, 2.1, 32.0])
+def test_training_skips_the_shift_only_where_the_fold_is_as_accurate(offset_in_stds):
+    """Training keeps the unshifted problem (pivot 0, no pass spent on x - K) only where
+    the batch's mean is within two of its stds of zero (native_cpu.forward_train; the
+    fold's analysis is _fold_is_exact_enough's, tested at its edge above), and is within
+    the y bound either side of that edge.  A threshold moved past 2.1 stds fails the
+    choice."""
+    from bntriton.kernels import native_cpu
+    from bntriton.kernels.layout import channel_view
+
+    gen = torch.Generator().manual_seed(int(offset_in_stds * 10) + 7)
+    x, weight, bias, eps, exact = _train_at_offset(offset_in_stds, gen)
+    y, stats = native_cpu.forward_train(channel_view(x), weight, bias, eps)
+    assert bool((stats.pivot == 0).all()) == (offset_in_stds <= 2.0)
+    assert torch.equal(stats.mean, stats.pivot + stats.mean_shifted)
+    assert normwise_error(y, exact, torch.float32) <= bound_units("y", torch.float32, x.shape[0])
+
+
 def test_running_statistics_over_steps_match_torch():
     torch.manual_seed(0)
     ours = bntriton.BatchNorm2d(4, momentum=None)
