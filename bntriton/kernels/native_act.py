@@ -95,8 +95,8 @@ def _finish(view: ChannelView, z: torch.Tensor, epilogue: Epilogue, dtype: torch
 def forward_train(view: ChannelView, weight, bias, eps: float, epilogue: Epilogue):
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
-    pivot = native_cpu._pivot(view, acc)  # before an in-place write can touch row 0
     _, stats = native_cpu.forward_train(view, weight, bias, eps)
+    pivot = stats.pivot  # its own tensor: an in-place write into x cannot change it
     scale = stats.rstd if weight is None else stats.rstd * weight.to(acc)
     shift = -stats.mean_shifted * scale
     if bias is not None:

@@ -8,7 +8,8 @@ used for CPU tensors unless ``bntriton.cpu_backend("interpreter")`` /
 
 The numerics are the kernels': every value is first shifted by the per-channel pivot
 ``K`` (in training the kernels' pivot, from the first rows; the running mean in eval), in the
-accumulator dtype, so that ``x - K`` is exact for offset data; torch's native CPU batch
+accumulator dtype, so that ``x - K`` is exact for offset data (data within two stds of zero
+skip the shift: :func:`_fold_is_exact_enough`); torch's native CPU batch
 norm then takes the statistics of the shifted problem (its CPU reductions accumulate fp32
 in fp64), normalizes ``(x - K) - mean_shifted`` and takes the gradients.  Its saved mean
 *is* ``mean_shifted`` and its saved inverse std is ``rstd``; the unbiased variance comes
@@ -57,10 +58,9 @@ def _per_channel(view: ChannelView, c: torch.Tensor) -> torch.Tensor:
     return c if view.channels_last else c.view(1, -1, 1)
 
 
-def _pivot(view: ChannelView, acc: torch.dtype) -> torch.Tensor:
-    """K as the kernels define it (numerics.batch_pivot): the mean of the channel's first
-    m = min(16, rows) rows, ``x_0 + mean(x_i - x_0)``, or 0 where that mean is within two
-    of their standard deviations of zero; in the accumulator dtype."""
+def _first_rows(view: ChannelView, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and variance of each channel's first m = min(16, rows) rows, in the
+    accumulator dtype: the mean as ``x_0 + mean(x_i - x_0)``."""
     m = _matrix(view, view.tensor)
     count = min(16, view.rows)
     if view.channels_last:
@@ -72,8 +72,27 @@ def _pivot(view: ChannelView, acc: torch.dtype) -> torch.Tensor:
     deviation = first_rows - first_rows[0]
     mean_deviation = deviation.sum(0) / count
     variance = (deviation - mean_deviation).square().sum(0) / count
-    pivot = first_rows[0] + mean_deviation
-    return torch.where(pivot * pivot <= 4.0 * variance, torch.zeros_like(pivot), pivot)
+    return first_rows[0] + mean_deviation, variance
+
+
+def _pivot_of(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """K as the kernels define it (numerics.batch_pivot): the first rows' mean, or 0 where
+    it is within two of their standard deviations of zero."""
+    return torch.where(mean * mean <= 4.0 * variance, torch.zeros_like(mean), mean)
+
+
+def _pivot(view: ChannelView, acc: torch.dtype) -> torch.Tensor:
+    """K (:func:`_pivot_of`) of the view's first rows."""
+    return _pivot_of(*_first_rows(view, acc))
+
+
+def _within(mean: torch.Tensor, variance: torch.Tensor, stds: float) -> bool:
+    """Whether every ``|mean| <= stds * sqrt(variance)`` (False for a NaN): one small op
+    and a min, as torch's boolean all() costs ~10x as much on C values."""
+    if mean.numel() == 0:
+        return True
+    slack = torch.addcmul(variance.to(mean.dtype), mean, mean, value=-1.0 / (stds * stds))
+    return float(slack.min()) >= 0.0
 
 
 def _minus_pivot(view: ChannelView, pivot: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -96,20 +115,44 @@ def _param(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
 
 
 def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Tensor, BatchStats]:
-    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``)."""
+    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``).
+
+    torch's training forward folds the batch mean into the shift as its eval does, so
+    unshifted data (K = 0) are as accurate as shifted ones while every channel's mean is
+    within two of its stds of zero (:func:`_fold_is_exact_enough`'s analysis, the
+    batch's statistics for the running ones: data always reach one batch std from their
+    mean, the std being their RMS deviation).  The kernels' pivot is 0 where the first
+    rows say so; where it is not but the first rows put the mean within four of their
+    stds (sampling noise around the rule's edge), the unshifted problem is tried first and
+    kept when the batch's own statistics show the mean within two stds: no pass over the
+    data is spent on ``x - K``, here or in the backward.  Data further out are shifted.
+    """
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
-    pivot = _pivot(view, acc)
+    first_mean, first_variance = _first_rows(view, acc)
+    pivot = _pivot_of(first_mean, first_variance)
+    m = _matrix(view, x)
+    if m.dtype == acc and _within(first_mean, first_variance, 4.0):
+        y, mean, rstd, var_unbiased = _native_forward(m, weight, bias, eps, acc)
+        if _within(first_mean, first_variance, 2.0) or _within(mean, rstd.pow(-2), 2.0):
+            zero = torch.zeros_like(mean)
+            return _unmatrix(view, y, x.dtype), BatchStats(mean, rstd, None, None, mean, var_unbiased, zero)
     # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
     shifted = _minus_pivot(view, pivot, acc)
-    # Momentum 1 on a zero buffer leaves exactly the unbiased variance in it.
-    mean_buffer = torch.zeros(view.channels, dtype=acc)
-    var_unbiased = torch.zeros(view.channels, dtype=acc)
-    y, mean_shifted, rstd = torch.native_batch_norm(
-        shifted, _param(weight, acc), _param(bias, acc), mean_buffer, var_unbiased, True, 1.0, eps
-    )
+    y, mean_shifted, rstd, var_unbiased = _native_forward(shifted, weight, bias, eps, acc)
     stats = BatchStats(mean_shifted, rstd, None, None, pivot + mean_shifted, var_unbiased, pivot)
     return _unmatrix(view, y, x.dtype), stats
+
+
+def _native_forward(m: torch.Tensor, weight, bias, eps: float, acc: torch.dtype):
+    """torch's training forward on the matrix form: ``(y, mean, rstd, var_unbiased)``."""
+    # Momentum 1 on a zero buffer leaves exactly the unbiased variance in it.
+    mean_buffer = torch.zeros(m.shape[1], dtype=acc)
+    var_unbiased = torch.zeros(m.shape[1], dtype=acc)
+    y, mean, rstd = torch.native_batch_norm(
+        m, _param(weight, acc), _param(bias, acc), mean_buffer, var_unbiased, True, 1.0, eps
+    )
+    return y, mean, rstd, var_unbiased
 
 
 def backward(
@@ -170,20 +213,29 @@ def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps
 
 
 def _fold_is_exact_enough(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> bool:
-    """Whether torch's single-pass eval is as accurate as the exact shift, within the bound.
+    """Whether torch's single-pass eval is as accurate as the exact shift, within the bound:
+    every channel's running mean within two running stds of zero, the rule by which the
+    training pivot (numerics.batch_pivot) leaves data unshifted.
 
-    torch folds the running mean into the shift, ``y = x * a + (b - mean * a)`` with
-    ``a = weight * rstd``; its rounding error is about ``eps * (|y| + |b| + 2 |mean * a|)``
-    where the shift's is ``eps * |y|``.  While every channel's ``|mean|`` is within one
-    running std, ``|mean * a|`` is at most the scale of ``y`` itself and the fold costs a
-    few eps of ``|y|`` (inside the ``y`` bound); beyond that (data far from zero) its error
-    grows with the offset, and the exact two-pass form runs.  Reading the running
-    statistics costs no synchronization: they are CPU tensors, O(C) values.
+    With ``u`` the unit roundoff of the accumulator (eps / 2), ``a = weight / sigma``,
+    ``sigma = sqrt(running_var + eps)``, ``D = |(x - mean) * a|`` and ``M = |mean * a|``:
+    the exact shift rounds ``x - mean`` (u D), the coefficient ``a`` (about 4u relative:
+    the sum, sqrt, division and product by weight), ``(x - mean) * a`` (u D) and ``y``
+    (u |y|): about ``6u D + u |y|``.  torch's fold ``y = x * a + (bias - mean * a)``
+    rounds ``a`` alike (4u D), then ``mean * a`` (u M), ``bias - mean * a`` (u (|bias| +
+    M)), ``x * a`` (u (D + M)) and ``y``: ``5u D + 3u M + u |bias| + u |y|``.  Its extra
+    error, ``3u M + u |bias|``, measured as the bound table does (normwise, eps of max|y|,
+    where max|y| >= |weight| + |bias| for data reaching one running std on both sides of
+    the running mean, which is what running statistics describe) is at most ``(1.5 M +
+    0.5 |bias|) / (|weight| + |bias|)`` eps.  With ``|mean| <= 2 sigma``, ``M <= 2
+    |weight|``: at most 3.5 eps on top of the shift's 3.5, inside the y bound (1 + 3
+    log2(count) eps: 7 from four values per channel on); for fp16 / bf16 input torch folds
+    in fp32, where it costs a fraction of the input's ulp.  Beyond two stds the fold's
+    error grows with the offset (1.5e4 eps of max|y| at 1e4 stds) and the exact shift
+    runs.  Reading the running statistics costs no synchronization: they are CPU tensors,
+    O(C) values.
     """
-    if running_mean.numel() == 0:
-        return True
-    within_one_std = running_mean.abs().square() <= running_var.to(running_mean.dtype) + eps
-    return bool(within_one_std.all())
+    return _within(running_mean, running_var + eps, 2.0)
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum) -> None:
