@@ -288,28 +288,39 @@ def _forward_ad_active() -> bool:
 
 
 class _EagerTrain(torch.autograd.Function):
+    """The eager training forward.  Its only output is y: the statistics go to the caller
+    through ``sink`` as plain tensors (they are never differentiated), which spares
+    autograd five outputs to track in the forward and five gradient slots in the
+    backward."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, running):
+    def forward(ctx, x, weight, bias, eps, running, sink):
         # The running statistics (buffers, never differentiated) are updated in place by
         # the statistics' own launches: one launch fewer than the op and its update.
         output = _train_and_update(x, weight, bias, eps, running)
-        _train_setup(ctx, (x, weight, bias, eps), output)
-        # The statistics outputs' gradients are never used: no zero-filled tensors for
-        # them (four memset launches per backward on a GPU).
-        ctx.set_materialize_grads(False)
+        _, mean_shifted, rstd, _, _, pivot = output
+        ctx.save_for_backward(x, weight, bias, mean_shifted, rstd, pivot)
+        ctx.has_bias = bias is not None
+        ctx.eps = eps
         if _forward_ad_active():
-            ctx.save_for_forward(x, weight, bias, output[1], output[2], output[5])
-        return output
+            ctx.save_for_forward(x, weight, bias, mean_shifted, rstd, pivot)
+        sink.append(output)
+        return output[0]
 
     @staticmethod
-    def backward(ctx, grad_y, *grads_of_statistics):
-        if grad_y is None:  # nothing flowed back into y (gradients are not materialized)
-            return None, None, None, None, None
-        return (*_train_backward(ctx, grad_y, *grads_of_statistics), None)
+    def backward(ctx, grad_y):
+        return (*_train_backward(ctx, grad_y), None, None)
 
     @staticmethod
-    def jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_eps, _tangent_running):
-        return _train_jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_eps)
+    def jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_eps, _tangent_running, _tangent_sink):
+        return _train_jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_eps)[0]
+
+
+def _eager_train(x, weight, bias, eps, running):
+    """``(y, *statistics)`` through :class:`_EagerTrain`."""
+    sink = []
+    y = _EagerTrain.apply(x, weight, bias, eps, running, sink)
+    return (y, *sink[0][1:])
 
 
 class _EagerEval(torch.autograd.Function):
@@ -383,11 +394,11 @@ def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
     if route == _EAGER and (running is None or _foldable(running)):
         if not _records_graph(x, weight, bias):
             return _train_and_update(x, weight, bias, eps, running)
-        return _EagerTrain.apply(x, weight, bias, eps, running)
+        return _eager_train(x, weight, bias, eps, running)
     if route == _TRANSFORMED:
         output = _TransformedTrain.apply(x, weight, bias, eps)
     elif route == _EAGER:
-        output = _EagerTrain.apply(x, weight, bias, eps, None)
+        output = _eager_train(x, weight, bias, eps, None)
     else:
         output = batch_norm_train(x, weight, bias, eps)
     if running is not None:
