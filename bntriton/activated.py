@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import fused_ops, ops, traceable
 from .functional import _dense, check_arguments
+from .kernels import RunningStats
 from .kernels.activations import activation_code
 
 
@@ -69,7 +70,14 @@ def batch_norm_act(
         y, mean, var_unbiased = fused_ops.InplaceABN.apply(
             input, weight, bias, running_mean, running_var, eps, code, slope, training)
     elif training:
-        y, _, _, mean, var_unbiased, _, _ = fused_ops.train(input, weight, bias, residual, eps, code, slope)
+        running = None
+        if running_mean is not None and input.numel() > 0:
+            running = RunningStats(running_mean, running_var, num_batches_tracked,
+                                   None if momentum is None else float(momentum))
+        y = fused_ops.train(input, weight, bias, residual, eps, code, slope, running)[0]
+        if running is None and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # an empty batch: the running statistics stay (as torch)
+        return y
     else:
         y, _ = fused_ops.evaluate(input, weight, bias, running_mean, running_var, residual, eps, code, slope)
     if training:

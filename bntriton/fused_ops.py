@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .kernels import accumulator_dtype, channel_view, dispatch, native_act
+from .kernels import RunningStats, accumulator_dtype, channel_view, dispatch, native_act
 from .kernels.activations import MASKABLE, Epilogue
 
 ACTIVATION_NAMES = {code: name for name, code in (
@@ -75,13 +75,19 @@ def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
     eps: float, activation: int, slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _train_and_update(x, weight, bias, residual, eps, activation, slope, None)
+
+
+def _train_and_update(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats]):
+    """:func:`_train_impl`, also updating ``running`` (dense buffers, a non-empty batch) in
+    the statistics' launches: the eager path (the op must stay functional)."""
     view = channel_view(x)
     mask = _mask_like(view.tensor, _needs_mask(activation, residual is not None))
     if view.rows == 0:
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
         return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone(), mask, zeros.clone()
     epilogue = _forward_epilogue(view, residual, activation, slope, mask)
-    y, stats = dispatch.forward_train(view, weight, bias, eps, epilogue)
+    y, stats = dispatch.forward_train(view, weight, bias, eps, epilogue, running=running)
     # The pivot last: what the backward subtracts first (kernels/stats.py).
     return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, mask, stats.pivot
 
@@ -119,12 +125,12 @@ def _(x, weight, bias, running_mean, running_var, residual, eps, activation, slo
 
 
 def _act_coefficients(weight, bias, mean_shifted, rstd):
-    """The forward's ``z = (x - K) * scale + shift``, per channel, in the accumulator dtype."""
+    """The forward's ``z = (x - K) * scale + shift``, per channel, in the accumulator dtype
+    (two small ops: each is a launch, and host time, on a GPU)."""
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    shift = -mean_shifted * scale
-    if bias is not None:
-        shift = shift + bias.to(rstd.dtype)
-    return scale, shift
+    if bias is None:
+        return scale, torch.mul(mean_shifted, scale).neg_()
+    return scale, torch.addcmul(bias.to(rstd.dtype), mean_shifted, scale, value=-1.0)
 
 
 def _backward_impl(
@@ -246,13 +252,15 @@ batch_norm_act_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 class _EagerActTrain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, activation, slope):
+    def forward(ctx, x, weight, bias, residual, eps, activation, slope, running):
         inputs = (x, weight, bias, residual, eps, activation, slope)
-        output = _train_impl(*inputs)
+        output = _train_and_update(*inputs, running)
         _train_setup(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_train_backward)
+    @staticmethod
+    def backward(ctx, grad_y, *unused):
+        return (*_train_backward(ctx, grad_y, *unused), None)
 
 
 class _EagerActEval(torch.autograd.Function):
@@ -266,10 +274,19 @@ class _EagerActEval(torch.autograd.Function):
     backward = staticmethod(_eval_backward)
 
 
-def train(x, weight, bias, residual, eps, activation, slope):
+def train(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats] = None):
+    """``batch_norm_act_train``, and with ``running`` given the running-statistics update:
+    inside the statistics' launches on the eager path, by one more launch otherwise."""
     if ops._plain(x, weight, bias, residual):
-        return _EagerActTrain.apply(x, weight, bias, residual, eps, activation, slope)
-    return batch_norm_act_train(x, weight, bias, residual, eps, activation, slope)
+        fold = running is not None and ops._foldable(running)
+        output = _EagerActTrain.apply(x, weight, bias, residual, eps, activation, slope, running if fold else None)
+        if fold:
+            return output
+    else:
+        output = batch_norm_act_train(x, weight, bias, residual, eps, activation, slope)
+    if running is not None:
+        ops.update(running.mean, running.var, running.num_batches_tracked, output[3], output[4], running.momentum)
+    return output
 
 
 def evaluate(x, weight, bias, running_mean, running_var, residual, eps, activation, slope):

@@ -419,3 +419,45 @@ def test_native_cpu_inplace_abn_matches_out_of_place():
     with bntriton.cpu_backend("native"):
         test_inplace_abn_matches_the_unfused_composition("leaky_relu", "channels_last", torch.float32, True, None)
         test_inplace_abn_matches_the_unfused_composition(None, "nchw", torch.bfloat16, False, None)
+
+
+@pytest.mark.parametrize("path", ["split", "fused"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_training_forward_updates_running_stats_in_its_own_launches(path, momentum):
+    # The activated training forward folds the running-statistics update into the
+    # statistics' launches as the plain one does: as many launches as plain batch norm,
+    # and the very same running statistics and counter, bit for bit (same kernels).
+    from bntriton.kernels.runtime import DualKernel
+
+    launches = []
+    original = DualKernel.__getitem__
+
+    def counting(self, grid):
+        launch = original(self, grid)
+
+        def run(*args, **meta):
+            launches.append(self.fn.__name__)
+            return launch(*args, **meta)
+
+        return run
+
+    x = (torch.randn(4, 5, 3, 4, device=DEVICE) * 2 + 3).requires_grad_()
+    plain = bntriton.BatchNorm2d(5, momentum=momentum).to(DEVICE)
+    fused = bntriton.BatchNormAct2d(5, activation="relu", momentum=momentum).to(DEVICE)
+    counts = []
+    with forced_plan(path=path):
+        for module in (plain, fused):
+            for _ in range(2):  # the second step averages into non-trivial running values
+                launches.clear()
+                DualKernel.__getitem__ = counting
+                try:
+                    module(x)
+                finally:
+                    DualKernel.__getitem__ = original
+            counts.append(list(launches))
+    from bntriton.kernels import dispatch
+
+    assert dispatch.native(x) or counts[0], "the kernels ran"
+    assert counts[0] == counts[1] and "_running_update_kernel" not in counts[1], counts
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(plain, name), getattr(fused, name)), name
