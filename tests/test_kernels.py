@@ -239,19 +239,26 @@ def test_single_read_forward_updates_running_stats_in_its_launch(momentum, chann
     assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
 
 
+@pytest.mark.parametrize("outliers", ["first_rows", "split_starts"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_statistics_stay_accurate_when_the_first_rows_are_far_from_the_rest(channels_last):
+def test_statistics_stay_accurate_when_the_first_rows_are_far_from_the_rest(channels_last, outliers):
     # The pivot comes from each channel's first 16 rows (sample 0, positions h = 0, 1 in
-    # either layout); here those are outliers 1e4 away from every other row, so the later
-    # splits' data lie far from the pivot.  The variance (outliers included) must stay
-    # within the running variance's bound and y within the y bound, against float64.
-    # (A split's first tile used to be centred on the pivot alone: its one-round sum of
-    # squares then cancelled, an error growing with the rows: 13.0 eps at 512 x 4 x 8 x 8
-    # against 4.7 now, bound 32.)
-    shape = (32, 4, 8, 8)
+    # either layout), every later split's shift from its own first row.  Here either those
+    # 16 rows are outliers 1e4 away from every other row (the later splits' data lie far
+    # from the pivot), or the first rows of two later splits are (those splits' data lie
+    # far from their shifts, and the combine moves their sums by 1e4 * count).  The
+    # variance (outliers included) must stay within the running variance's bound and y
+    # within the y bound, against float64.  (A split's first tile used to be centred on
+    # the pivot alone: its one-round sum of squares then cancelled, an error growing with
+    # the rows: 13.0 eps at 512 x 4 x 8 x 8 against 4.7 now, bound 32.)
+    shape = (32, 4, 8, 8)  # 2048 rows: 8 splits of 256, each starting at a sample's row 0
     g = torch.Generator().manual_seed(3)
     x = torch.randn(*shape, generator=g, dtype=torch.float64)
-    x[0, :, :2, :] += 1e4
+    if outliers == "first_rows":
+        x[0, :, :2, :] += 1e4
+    else:
+        x[4, :, 0, 0] += 1e4  # row 256: the second split's first row
+        x[20, :, 0, 0] -= 1e4  # row 1280: the sixth split's
     x32 = x.float()
     if channels_last:
         x32 = x32.contiguous(memory_format=torch.channels_last)

@@ -154,10 +154,12 @@ def fused_plan_for(
 
 # GPU tiles hold 16 KiB of input: 4096 fp32 values, 8192 fp16 / bf16 ones.
 _TILE_BYTES_GPU = 16384
-# Each split reads at least this many bytes per channel.  Every split costs ~30 bytes per
-# channel outside the big tensors (its pivot, two partial sums written and read back by
-# the combine, the epilogue's per-channel vectors), so 1 KiB keeps that under 3%.
-_MIN_SPLIT_BYTES = 1024
+# Each split reads at least this many bytes per channel.  Every split costs ~40 bytes per
+# channel outside the big tensors (its shift, partial sums and M2 written and read back by
+# the combine, the epilogue's per-channel vectors), so 2 KiB keeps that near 1% of a
+# pass.  Only small tensors reach this limit (larger ones are split by the programs per
+# SM), and their calls are decided by host time, not by a few more programs.
+_MIN_SPLIT_BYTES = 2048
 # Programs per SM the split grid aims for (enough loads in flight to hide DRAM latency).
 _PROGRAMS_PER_SM = 4
 

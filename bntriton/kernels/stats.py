@@ -29,7 +29,10 @@ carried in two parts (``two_sum``), so its error does not grow with their number
 Three launches:
 
 1. The partial statistics, grid (splits, channel blocks); each program walks its share
-   of the rows in tiles and writes, per split, the sum of ``x - K`` in two parts and M2:
+   of the rows in tiles and writes, per split, its shift, the sum of ``x - shift`` in two
+   parts and M2.  The first split's shift is ``K`` (which it stores), every other split's
+   its own first row (a value of the channel's data: as good a shift for the split's
+   values, and no second read of the channel's first rows per split):
 
    * ``_partial_lanes_kernel`` (channels-last tiles): no reduction per tile.  Every lane
      of the tile keeps its own compensated sum (``two_sum``) and Welford mean and M2
@@ -46,7 +49,8 @@ Three launches:
    On an H200 the per-tile rounds of three reductions these replace held the statistics
    of a 411 MB channels-last bf16 tensor to ~950 GB/s; the lanes kernel reads it at
    ~2000 GB/s, and the centred kernel a 822 MB NCHW fp32 one at ~3100 GB/s (perf/NOTES.md).
-2. ``_stats_combine_kernel``: one program per channel block merges the splits in a
+2. ``_stats_combine_kernel``: one program per channel block moves every split's sum to
+   ``K`` (adding ``count * (shift - K)``, compensated) and merges the splits in a
    fixed order (deterministic, no atomics), a block of splits per load (one dependent
    load per split left a 523-split combine at 310 us): the block's sum as count * mean
    plus its splits' sums centred by an fma, its M2 within and between splits, then
@@ -81,33 +85,45 @@ from .tiles import channel_tile_offsets
 
 
 @triton.jit
-def _split_start(x_ptr, pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
-                 BLOCK_C: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr):
-    """A partial-statistics program's split, channels and rows, and the channels' pivot
-    (every split computes the same one; the first stores it)."""
+def _split_start(x_ptr, pivot_ptr, part_pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s,
+                 rows_per_split, BLOCK_C: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
+                 ACC: tl.constexpr):
+    """A partial-statistics program's split, channels and rows, and the shift its sums
+    are taken against: the channel's pivot ``K`` for the first split (which stores it),
+    the split's own first row ``K_s`` for the others.  ``x - K_s`` is as exact for the
+    split's data as ``x - K`` (both are values of the channel's data, or 0), and reading
+    it costs one row the split reads anyway, where every split re-reading the channel's
+    first rows cost up to 3% of a channels-last pass's bytes.  Each split records its
+    shift; the combine moves its sum to ``K``."""
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    pivot = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
-    tl.store(pivot_ptr + c, pivot, mask=c_mask & ((split + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0))
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
-    return split, c, c_mask, pivot, row_start, row_end
+    if split == 0:
+        shift = batch_pivot(x_ptr, c, c_mask, rows, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64, ACC)
+        tl.store(pivot_ptr + c, shift, mask=c_mask)
+    else:
+        r = row_start + tl.arange(0, 1)
+        offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
+        shift = tl.sum(tl.load(x_ptr + offs, mask=c_mask[:, None], other=0.0).to(ACC), axis=1)  # one value: exact
+    tl.store(part_pivot_ptr + split * channels + c, shift, mask=c_mask)
+    return split, c, c_mask, shift, row_start, row_end
 
 
 @kernel
 def _partial_centred_kernel(
-    x_ptr, pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
+    x_ptr, pivot_ptr, part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
     rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
 ):
     split, c, c_mask, pivot, row_start, row_end = _split_start(
-        x_ptr, pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
+        x_ptr, pivot_ptr, part_pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
         BLOCK_C, SPLIT_ROWS, INT64, ACC)
     # The split's first tile by the two-pass tile moments (its mean, then the values
-    # centred on it): nothing is known of where this split's data lie, and the pivot,
-    # taken from the channel's first rows, may be far from them.
+    # centred on it): nothing is known of where this split's data lie, and the shift (the
+    # channel's pivot, or one value of the split) may be far from them.
     r = row_start + tl.arange(0, BLOCK_R)
     offs = channel_tile_offsets(c, r, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = c_mask[:, None] & (r < row_end)[None, :]
@@ -148,13 +164,13 @@ def _partial_centred_kernel(
 
 @kernel
 def _partial_lanes_kernel(
-    x_ptr, pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
+    x_ptr, pivot_ptr, part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
     rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
 ):
     split, c, c_mask, pivot, row_start, row_end = _split_start(
-        x_ptr, pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
+        x_ptr, pivot_ptr, part_pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
         BLOCK_C, SPLIT_ROWS, INT64, ACC)
     full_tiles = (row_end - row_start) // BLOCK_R
     s_hi = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
@@ -225,7 +241,7 @@ def _blend_running(running_ptr, batch, factor, c, c_mask, ACC: tl.constexpr):
 
 @kernel
 def _stats_combine_kernel(
-    part_hi_ptr, part_lo_ptr, part_m2_ptr, pivot_ptr, weight_ptr, bias_ptr,
+    part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr, pivot_ptr, weight_ptr, bias_ptr,
     mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
     running_mean_ptr, running_var_ptr, num_batches_ptr,
     rows, channels, rows_per_split, num_splits, eps_hi, eps_lo, momentum_hi, momentum_lo,
@@ -243,6 +259,7 @@ def _stats_combine_kernel(
     for c0 in range(tl.program_id(0) * BLOCK_C, channels, programs * BLOCK_C):
         c = c0 + lanes
         c_mask = c < channels
+        pivot = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
         # One pass over the splits, in order: their sums added with compensation, their
         # M2 merged with Chan's formula (every term positive), also compensated; neither
         # error grows with the number of splits.
@@ -260,6 +277,14 @@ def _stats_combine_kernel(
             part_m2 = tl.load(part_m2_ptr + offs, mask=m, other=0.0)
             counts = tl.where(s_mask, tl.minimum(rows - s * rows_per_split, rows_per_split), 0).to(ACC)
             counts = counts[:, None] + tl.zeros([SPLITS, BLOCK_C], dtype=ACC)
+            # Each split summed x - K_s: its sum moves to the channel's pivot by adding
+            # count * (K_s - K), compensated.  K_s - K is exact where the two agree to a
+            # factor of two (offset data) or K is 0, and accurate to the data's spread
+            # otherwise, as SyncBatchNorm carries its ranks' means (sync.py).
+            moved_by = tl.where(m, tl.load(part_pivot_ptr + offs, mask=m, other=0.0) - pivot[None, :], 0.0)
+            moved = counts * moved_by
+            part_hi, carry = two_sum(part_hi, moved)
+            part_lo += carry + tl.fma(counts, moved_by, -moved)
             # This block of splits: its sum as count * mean plus what the rounded mean
             # misses (each split's part centred by an fma, so small and exact to the
             # spread), and its M2 within and between the splits.
@@ -290,7 +315,6 @@ def _stats_combine_kernel(
         tl.store(shift_ptr + c, shift, mask=c_mask)
 
         # The un-shifted mean and the unbiased variance, for the running statistics.
-        pivot = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
         batch_mean = (pivot + mean_s) + correction
         batch_var = m2 / (n - 1.0)
         tl.store(mean_ptr + c, batch_mean, mask=c_mask)
@@ -382,13 +406,13 @@ def batch_stats(
     acc = accumulator_dtype(x.dtype)
     channels = view.channels
     stats = BatchStats(*(x.new_empty(channels, dtype=acc) for _ in range(7)))
-    partial_hi, partial_lo, partial_m2 = (
-        x.new_empty((plan.num_splits, channels), dtype=acc) for _ in range(3)
+    partial_pivot, partial_hi, partial_lo, partial_m2 = (
+        x.new_empty((plan.num_splits, channels), dtype=acc) for _ in range(4)
     )
     channel_blocks = cdiv(channels, plan.block_channels)
     partial_kernel, block_rows = _partial_launch(view, plan)
     partial_kernel[(plan.num_splits, channel_blocks)](
-        x, stats.pivot, partial_hi, partial_lo, partial_m2,
+        x, stats.pivot, partial_pivot, partial_hi, partial_lo, partial_m2,
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         plan.rows_per_split,
         BLOCK_R=block_rows, BLOCK_C=plan.block_channels,
@@ -403,7 +427,7 @@ def batch_stats(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     momentum = running.momentum if has_running and running.momentum is not None else 0.0
     _stats_combine_kernel[(1 if has_running else cdiv(channels, block),)](
-        partial_hi, partial_lo, partial_m2, stats.pivot,
+        partial_pivot, partial_hi, partial_lo, partial_m2, stats.pivot,
         weight if weight is not None else stats.rstd,
         bias if bias is not None else stats.rstd,
         stats.mean_shifted, stats.rstd, stats.scale, stats.shift, stats.mean, stats.var_unbiased,
