@@ -257,3 +257,66 @@ def test_native_path_passes_forward_ad_and_batched_checks(training):
     with bntriton.cpu_backend("native"):
         assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=True, check_forward_ad=True,
                                         check_batched_grad=True, check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("offset_in_stds", [0.0, 1.5, 32.0])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dtype, layout, offset_in_stds, monkeypatch):
+    """fp16 / bf16 training with fp32 parameters and running statistics (autocast's mix):
+    data whose means lie within two stds of zero go to torch's mixed-precision kernels
+    without a conversion (statistics by runs, native_cpu._runs), data further out keep the
+    exact fp32 shift; either way y, dx, dweight, dbias and the running statistics are
+    within the bound table against the float64 oracle, at a count (50176) where torch's
+    whole-channel fp32 sums leave its running variance outside it."""
+    from bntriton.kernels import native_cpu
+    from bntriton.kernels.layout import channel_view
+    from bntriton.verification import oracle
+    from bntriton.verification.bounds import reduction_error
+
+    gen = torch.Generator().manual_seed(int(offset_in_stds) * 7 + (layout == "nchw") + 3 * (dtype == torch.float16))
+    channels, shape = 32, (16, 32, 56, 56)
+    sigma = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+    sign = torch.where(torch.rand(channels, generator=gen) < 0.5, -1.0, 1.0).double()
+    x = ((torch.randn(shape, generator=gen, dtype=torch.float64) + offset_in_stds * sign.view(1, -1, 1, 1))
+         * sigma.view(1, -1, 1, 1)).to(dtype)
+    dy = (torch.randn(shape, generator=gen) + 3.0).to(dtype)  # one-signed mostly: long sums grow
+    if layout == "channels_last":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    weight = (torch.rand(channels, generator=gen) + 0.5).requires_grad_()
+    bias = (torch.rand(channels, generator=gen) - 0.5).requires_grad_()
+    running = [torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.5]
+    before = [t.clone() for t in running]
+
+    read = []  # the dtypes the backward's runs read: the input's own only when unshifted
+    original = native_cpu._run_backward
+    monkeypatch.setattr(native_cpu, "_run_backward", lambda view, m, *a: read.append(m.dtype) or original(view, m, *a))
+    leaf = x.clone().requires_grad_()
+    with bntriton.cpu_backend("native"):
+        y = bntriton.batch_norm(leaf, *running, weight, bias, training=True, momentum=0.5)
+        y.backward(dy)
+        _, stats = native_cpu.forward_train(channel_view(x), weight.detach(), bias.detach(), 1e-5)
+    near = offset_in_stds <= 2.0
+    assert bool((stats.pivot == 0).all()) == near and (dtype in read) == near
+    assert stats.mean.dtype == stats.rstd.dtype == stats.var_unbiased.dtype == torch.float32
+    assert y.dtype == leaf.grad.dtype == dtype and y.stride() == leaf.grad.stride() == x.stride()
+
+    xn, w64, b64 = x.double().numpy(), weight.detach().double().numpy(), bias.detach().double().numpy()
+    ref = oracle.forward(xn, before[0].double().numpy(), before[1].double().numpy(), w64, b64, True, 0.5, 1e-5)
+    grad = oracle.backward(dy.double().numpy(), xn, ref.mean, ref.var, w64, True, 1e-5)
+    count = x.numel() // channels
+    errors = {
+        "y": normwise_error(y, ref.y, dtype),
+        "dx": normwise_error(leaf.grad, grad.dx, dtype, grad.dx_scale),
+        "running_mean": normwise_error(running[0], ref.running_mean, torch.float32, ref.running_mean_magnitude),
+        "running_var": normwise_error(running[1], ref.running_var, torch.float32),
+        "dweight": reduction_error(weight.grad, grad.dweight, grad.dweight_scale, torch.float32),
+        "dbias": reduction_error(bias.grad, grad.dbias, grad.dbias_scale, torch.float32),
+    }
+    stored = {"y": dtype, "dx": dtype}
+    for name, error in errors.items():
+        assert error <= bound_units(name, stored.get(name, torch.float32), count), (name, error)
+    # torch's own result on the same inputs is no more accurate.
+    theirs = [t.clone() for t in before]
+    torch.nn.functional.batch_norm(x, *theirs, weight.detach(), bias.detach(), True, 0.5, 1e-5)
+    assert errors["running_var"] <= normwise_error(theirs[1], ref.running_var, torch.float32)

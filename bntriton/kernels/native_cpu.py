@@ -126,22 +126,135 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     stds (sampling noise around the rule's edge), the unshifted problem is tried first and
     kept when the batch's own statistics show the mean within two stds: no pass over the
     data is spent on ``x - K``, here or in the backward.  Data further out are shifted.
+    fp16 / bf16 data are read as they are on the unshifted path (:func:`_run_statistics`).
     """
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     first_mean, first_variance = _first_rows(view, acc)
     pivot = _pivot_of(first_mean, first_variance)
     m = _matrix(view, x)
-    if m.dtype == acc and _within(first_mean, first_variance, 4.0):
-        y, mean, rstd, var_unbiased = _native_forward(m, weight, bias, eps, acc)
-        if _within(first_mean, first_variance, 2.0) or _within(mean, rstd.pow(-2), 2.0):
+    if _within(first_mean, first_variance, 4.0):
+        y = None
+        if m.dtype == acc:
+            y, mean, rstd, var_unbiased = _native_forward(m, weight, bias, eps, acc)
+            variance = rstd.pow(-2)
+        else:
+            runs = _run_statistics(view, m, eps)
+            mean, variance, rstd, var_unbiased = runs if runs is not None else (None,) * 4
+        if mean is not None and (_within(first_mean, first_variance, 2.0) or _within(mean, variance, 2.0)):
+            if y is None:
+                y = _normalized(m, weight, bias, mean, variance, eps, acc)
             zero = torch.zeros_like(mean)
             return _unmatrix(view, y, x.dtype), BatchStats(mean, rstd, None, None, mean, var_unbiased, zero)
     # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
     shifted = _minus_pivot(view, pivot, acc)
-    y, mean_shifted, rstd, var_unbiased = _native_forward(shifted, weight, bias, eps, acc)
+    if view.channels_last and x.dtype != acc:
+        # torch's fp32 channels-last statistics are sequential over a thread's rows: by
+        # runs instead (_runs), as fp32 results are stored (fp32 dx rests on the same sums
+        # and is not covered here).
+        mean_shifted, variance, rstd, var_unbiased = _run_statistics(view, shifted, eps)
+        y = _normalized(shifted, weight, bias, mean_shifted, variance, eps, acc)
+    else:
+        y, mean_shifted, rstd, var_unbiased = _native_forward(shifted, weight, bias, eps, acc)
     stats = BatchStats(mean_shifted, rstd, None, None, pivot + mean_shifted, var_unbiased, pivot)
     return _unmatrix(view, y, x.dtype), stats
+
+
+# The longest run of values that one fp32 accumulator of torch's fp16 / bf16 batch-norm
+# kernels adds in sequence on the run-statistics path (see _runs).
+_RUN = 512
+# fp32 lanes over which torch's channels-first kernel spreads a channel's values (its
+# Vectorized<float>: 8 wide, 16 with AVX-512).
+_LANES = 8
+
+
+def _runs(view: ChannelView, m: torch.Tensor):
+    """The dense matrix form ``m`` of an fp16 / bf16 view as batch-norm inputs whose
+    channels are runs of one channel's values, with each input's map from its channels to
+    the view's; None where the view's strides or size allow no such cut.
+
+    Why: torch's CPU kernels for fp16 / bf16 input with fp32 parameters (the mixed
+    precision they run under autocast) accumulate a channel's sum and sum of squared
+    deviations, and the backward's ``sum(dy)`` and ``sum(dy * (x - mean))``, in fp32, in
+    sequence: over ``count / 8`` values per lane for channels-first data, over a thread's
+    rows for channels-last.  A sequential fp32 sum of L terms errs by up to ``(L - 1) u``
+    of the sum of their magnitudes, and by about ``sqrt(L) u`` for independent roundings;
+    over a whole channel of a 32x64x56x56 batch that put the running variance 2 to 30
+    times outside the bound table's ``(2 + 2 log2(count)) eps`` (tests/test_native_cpu.py
+    measures it), and channels-last ``dweight`` / ``dbias`` up to 5 times.  Cut into runs
+    of at most ``_RUN`` values per accumulator and merged in fp64 (:func:`_merged`), the
+    sums err as 512-term sums do: measured under 2 fp32 eps for the variance, against a
+    bound of at least 10 (and 35 at that size).
+
+    Channels-first: each (sample, channel) plane of S values is cut into runs of S'
+    consecutive values (S' divides S, at most ``_LANES * _RUN``: one lane adds S' / 8 of
+    them), as the channels of a (1, N * C * S / S', S') input.  Channels-last: the
+    first ``G * R`` rows of the ``rows x C`` matrix as R rows of ``G * C`` channels
+    (channel ``j * C + c`` holds rows ``j, j + G, ...`` of channel c), R = min(rows,
+    ``_RUN``) (each thread adds its share of a run's rows in sequence), the last
+    ``rows - G * R < R`` rows as one more input.
+    """
+    channels = view.channels
+    index = torch.arange(channels)
+    if view.channels_last:
+        rows = view.rows
+        run = min(rows, _RUN)
+        groups = rows // run
+        whole = groups * run
+        pieces = [(m[:whole].reshape(run, groups * channels), index.repeat(groups))]
+        if whole < rows:
+            pieces.append((m[whole:], index))
+        return pieces
+    samples, _, spatial = m.shape
+    if m.stride() != (channels * spatial, spatial, 1):
+        return None
+    least = -(-spatial // (_LANES * _RUN))
+    cuts = next((k for k in range(least, 2 * least + 1) if spatial % k == 0), None)
+    if cuts is None:
+        return None
+    planes = index.view(1, -1, 1).expand(samples, channels, cuts).reshape(-1)
+    return [(m.reshape(1, samples * channels * cuts, spatial // cuts), planes)]
+
+
+def _merged(pieces, values, channels: int):
+    """Per-channel fp64 sums of ``values`` (one per piece, per run) over the runs."""
+    total = torch.zeros(channels, dtype=torch.float64)
+    for (_, index), v in zip(pieces, values):
+        total.index_add_(0, index, v.to(torch.float64))
+    return total
+
+
+def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float):
+    """``(mean, biased variance, rstd, unbiased variance)`` (fp32) of fp16 / bf16 data, from
+    torch's statistics of short runs (:func:`_runs`) merged in fp64 by Chan's formula;
+    None where the view cannot be cut into runs."""
+    pieces = _runs(view, m)
+    if pieces is None:
+        return None
+    # fp32 buffers make torch take its mixed-precision kernel (fp32 results); the
+    # statistics come back as (run means, biased run variances).
+    stats = [torch.ops.aten.batch_norm_update_stats(x, torch.zeros(len(i)), torch.zeros(len(i)), 1.0)
+             for x, i in pieces]
+    sizes = [x.numel() // len(i) for x, i in pieces]
+    count = view.rows
+    mean = _merged(pieces, [n * run_mean.double() for n, (run_mean, _) in zip(sizes, stats)], view.channels) / count
+    # Chan: the runs' sums of squared deviations plus their counts times their means'
+    # squared deviations from the mean, all in fp64.
+    m2 = _merged(pieces, [
+        n * (run_var.double() + (run_mean.double() - mean[i]).square())
+        for n, (run_mean, run_var), (_, i) in zip(sizes, stats, pieces)
+    ], view.channels)
+    variance = m2 / count
+    rstd = (variance + eps).rsqrt()
+    var_unbiased = m2 / (count - 1)
+    return mean.float(), variance.float(), rstd.float(), var_unbiased.float()
+
+
+def _normalized(m: torch.Tensor, weight, bias, mean, variance, eps: float, acc: torch.dtype) -> torch.Tensor:
+    """torch's eval on the matrix form with the batch's statistics: y computed in fp32 and
+    rounded once (the fold's extra error is _fold_is_exact_enough's, a fraction of an
+    fp16 / bf16 ulp; the shifted data are centred)."""
+    return torch.native_batch_norm(m, _param(weight, acc), _param(bias, acc), mean, variance, False, 0.0, eps)[0]
 
 
 def _native_forward(m: torch.Tensor, weight, bias, eps: float, acc: torch.dtype):
@@ -168,11 +281,21 @@ def backward(
         return view.empty_like(), zeros, zeros.clone()
     # K at ``pivot[c * pivot_stride]``: the forward's pivot or the running mean.
     k = pivot.as_strided((channels,), (pivot_stride,), pivot.storage_offset()).to(acc)
+    if batch_stats and x.dtype != acc and dy.dtype == x.dtype and not bool(k.any()):
+        runs = _run_backward(view, _matrix(view, x), _matrix(view, dy), weight, mean_shifted, rstd, acc)
+        if runs is not None:
+            dx, dweight, dbias = runs
+            return _unmatrix(view, dx, x.dtype), dweight.to(param_dtype), dbias.to(param_dtype)
     shifted = _minus_pivot(view, k, acc)
     dy_m = _matrix(view, dy)
     if dy_m.dtype != acc:
         dy_m = dy_m.to(acc)
-    if batch_stats:
+    runs = None
+    if batch_stats and view.channels_last and x.dtype != acc:  # whole-channel fp32 sums: by runs
+        runs = _run_backward(view, shifted, dy_m, weight, mean_shifted, rstd, acc)
+    if runs is not None:
+        dx, dweight, dbias = runs
+    elif batch_stats:
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
             dy_m, shifted, _param(weight, acc), None, None, mean_shifted, rstd, True, 0.0,
             [True, True, True],
@@ -187,6 +310,33 @@ def backward(
         coef = rstd if weight is None else rstd * weight.to(acc)
         dx = dy_m * _per_channel(view, coef)
     return _unmatrix(view, dx, x.dtype), dweight.to(param_dtype), dbias.to(param_dtype)
+
+
+def _run_backward(view: ChannelView, m, dy_m, weight, mean, rstd, acc: torch.dtype):
+    """``(dx, dweight, dbias)`` of fp16 / bf16 data (unshifted, K = 0, read as they are) or
+    of their fp32 shift (channels-last); None where the view cannot be cut into runs
+    (:func:`_runs`)."""
+    pieces, dy_pieces = _runs(view, m), _runs(view, dy_m)
+    if pieces is None or dy_pieces is None:
+        return None
+    # dx from torch's backward: its whole-channel fp32 sums (errors of up to ~1e-4
+    # relative, :func:`_runs`) reach only dx, stored in fp16 / bf16 whose eps is 2**13 /
+    # 2**16 times fp32's, and rounded once.
+    dx = torch.ops.aten.native_batch_norm_backward(
+        dy_m, m, _param(weight, acc), None, None, mean, rstd, True, 0.0, [True, False, False]
+    )[0]
+    # dweight and dbias, stored in the parameters' dtype (fp32 under autocast): the same
+    # sums over runs, merged in fp64.  With rstd 1 torch's "dweight" of a run is its
+    # sum(dy * (x - mean)) exactly.
+    sums = [
+        torch.ops.aten.native_batch_norm_backward(
+            g, x, torch.ones(len(i)), None, None, mean[i], torch.ones(len(i)), True, 0.0, [False, True, True]
+        )
+        for (x, i), (g, _) in zip(pieces, dy_pieces)
+    ]
+    dweight = _merged(pieces, [s[1] for s in sums], view.channels) * rstd.double()
+    dbias = _merged(pieces, [s[2] for s in sums], view.channels)
+    return dx, dweight, dbias
 
 
 def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps: float) -> torch.Tensor:
