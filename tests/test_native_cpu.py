@@ -373,9 +373,13 @@ def test_long_channels_are_within_the_bounds(case, offset_in_stds):
     assert y.dtype == leaf.grad.dtype == dtype and y.stride() == leaf.grad.stride() == x.stride()
     assert stats.mean.dtype == stats.rstd.dtype == stats.var_unbiased.dtype == dtype
 
-    xn, w64, b64 = x.double().numpy(), weight.detach().double().numpy(), bias.detach().double().numpy()
+    # The oracle takes channels-first arrays: NumPy sums the contiguous spatial axis
+    # pairwise, while over channels-last strides its float64 sums run in sequence and err,
+    # at this size, by more than the fp64 bounds (up to 6x).
+    xn = x.double().contiguous().numpy()
+    w64, b64 = weight.detach().double().numpy(), bias.detach().double().numpy()
     ref = oracle.forward(xn, before[0].double().numpy(), before[1].double().numpy(), w64, b64, True, 0.5, eps)
-    grad = oracle.backward(dy.double().numpy(), xn, ref.mean, ref.var, w64, True, eps)
+    grad = oracle.backward(dy.double().contiguous().numpy(), xn, ref.mean, ref.var, w64, True, eps)
     count = x.numel() // channels
     dims = tuple(d for d in range(x.dim()) if d != 1)
     var = torch.from_numpy(ref.var)
