@@ -320,3 +320,86 @@ def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dt
     theirs = [t.clone() for t in before]
     torch.nn.functional.batch_norm(x, *theirs, weight.detach(), bias.detach(), True, 0.5, 1e-5)
     assert errors["running_var"] <= normwise_error(theirs[1], ref.running_var, torch.float32)
+
+
+LONG_CASES = {
+    # (shape, layout, dtype): 100352 values per channel, where torch's sequential sums
+    # (a thread's rows for channels-last data, count / lanes per lane for fp64 NCHW)
+    # leave its statistics and gradients outside the bound table.
+    "nhwc-fp32": ((32, 64, 56, 56), "channels_last", torch.float32),
+    "nc-fp32": ((100352, 64), "nc", torch.float32),
+    "nhwc-fp64": ((32, 64, 56, 56), "channels_last", torch.float64),
+    "nchw-fp64": ((32, 64, 56, 56), "nchw", torch.float64),
+}
+
+
+@pytest.mark.parametrize("offset_in_stds", [0.0, 1.5, 32.0])
+@pytest.mark.parametrize("case", list(LONG_CASES))
+def test_long_channels_are_within_the_bounds(case, offset_in_stds):
+    """fp32 / fp64 training forward + backward with 100352 values per channel, against the
+    float64 oracle: y, dx, dweight, dbias, the running statistics and the saved mean,
+    rstd and unbiased variance within the bound table, whether the data are shifted (32
+    stds) or not (0 and 1.5), with the input's strides and the accumulator's dtypes kept.
+    torch's own kernels at this size put the running variance or the parameter gradients
+    outside it (native_cpu._runs), so a native path that handed them through fails."""
+    from bntriton.kernels import native_cpu
+    from bntriton.kernels.layout import channel_view
+    from bntriton.verification import oracle
+    from bntriton.verification.bounds import reduction_error
+
+    shape, layout, dtype = LONG_CASES[case]
+    gen = torch.Generator().manual_seed(list(LONG_CASES).index(case) * 100 + int(offset_in_stds * 10))
+    channels = shape[1]
+    per_channel = (1, -1) + (1,) * (len(shape) - 2)
+    sigma = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+    sign = torch.where(torch.rand(channels, generator=gen) < 0.5, -1.0, 1.0).double()
+    x = ((torch.randn(shape, generator=gen, dtype=torch.float64) + offset_in_stds * sign.view(per_channel))
+         * sigma.view(per_channel)).to(dtype)
+    dy = (torch.randn(shape, generator=gen, dtype=torch.float64) + 3.0).to(dtype)  # long sums grow
+    if layout == "channels_last":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    weight = (torch.rand(channels, generator=gen, dtype=dtype) + 0.5).requires_grad_()
+    bias = (torch.rand(channels, generator=gen, dtype=dtype) - 0.5).requires_grad_()
+    running = [torch.randn(channels, generator=gen, dtype=dtype), torch.rand(channels, generator=gen, dtype=dtype) + 0.5]
+    before = [t.clone() for t in running]
+    eps = 1e-5
+
+    leaf = x.clone().requires_grad_()
+    with bntriton.cpu_backend("native"):
+        y = bntriton.batch_norm(leaf, *running, weight, bias, training=True, momentum=0.5, eps=eps)
+        y.backward(dy)
+        _, stats = native_cpu.forward_train(channel_view(x), weight.detach(), bias.detach(), eps)
+    assert bool((stats.pivot == 0).all()) == (offset_in_stds <= 2.0)
+    assert y.dtype == leaf.grad.dtype == dtype and y.stride() == leaf.grad.stride() == x.stride()
+    assert stats.mean.dtype == stats.rstd.dtype == stats.var_unbiased.dtype == dtype
+
+    # The oracle takes channels-first arrays: NumPy sums the contiguous spatial axis
+    # pairwise, while over channels-last strides its float64 sums run in sequence and err,
+    # at this size, by more than the fp64 bounds (up to 6x).
+    xn = x.double().contiguous().numpy()
+    w64, b64 = weight.detach().double().numpy(), bias.detach().double().numpy()
+    ref = oracle.forward(xn, before[0].double().numpy(), before[1].double().numpy(), w64, b64, True, 0.5, eps)
+    grad = oracle.backward(dy.double().contiguous().numpy(), xn, ref.mean, ref.var, w64, True, eps)
+    count = x.numel() // channels
+    dims = tuple(d for d in range(x.dim()) if d != 1)
+    var = torch.from_numpy(ref.var)
+    errors = {
+        "y": normwise_error(y, ref.y, dtype),
+        "dx": normwise_error(leaf.grad, grad.dx, dtype, grad.dx_scale),
+        "dweight": reduction_error(weight.grad, grad.dweight, grad.dweight_scale, dtype),
+        "dbias": reduction_error(bias.grad, grad.dbias, grad.dbias_scale, dtype),
+        "running_mean": normwise_error(running[0], ref.running_mean, dtype, ref.running_mean_magnitude),
+        "running_var": normwise_error(running[1], ref.running_var, dtype),
+        # The saved statistics: the mean as a batch mean (relative to max|x|), the unbiased
+        # variance as the running one, rstd as y's per-channel scale.
+        ("running_mean", "saved mean"): normwise_error(stats.mean, ref.mean, dtype, x.double().abs().amax(dims)),
+        ("running_var", "saved var_unbiased"): normwise_error(stats.var_unbiased, var * count / (count - 1), dtype),
+        ("y", "saved rstd"): normwise_error(stats.rstd, (var + eps).rsqrt(), dtype),
+    }
+    over = {}
+    for key, error in errors.items():
+        name = key[0] if isinstance(key, tuple) else key
+        units = bound_units(name, dtype, count)
+        if error > units:
+            over[key] = round(error / units, 3)
+    assert not over, f"outside the bound (multiples of it): {over}"

@@ -126,16 +126,18 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     stds (sampling noise around the rule's edge), the unshifted problem is tried first and
     kept when the batch's own statistics show the mean within two stds: no pass over the
     data is spent on ``x - K``, here or in the backward.  Data further out are shifted.
-    fp16 / bf16 data are read as they are on the unshifted path (:func:`_run_statistics`).
+    fp16 / bf16 data are read as they are on the unshifted path (:func:`_run_statistics`);
+    the statistics of long fp32 / fp64 channels are taken by runs too (:func:`_long_sums`).
     """
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     first_mean, first_variance = _first_rows(view, acc)
     pivot = _pivot_of(first_mean, first_variance)
     m = _matrix(view, x)
+    long = _long_sums(view, acc)
     if _within(first_mean, first_variance, 4.0):
         y = None
-        if m.dtype == acc:
+        if m.dtype == acc and not long:
             y, mean, rstd, var_unbiased = _native_forward(m, weight, bias, eps, acc)
             variance = rstd.pow(-2)
         else:
@@ -148,11 +150,12 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
             return _unmatrix(view, y, x.dtype), BatchStats(mean, rstd, None, None, mean, var_unbiased, zero)
     # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
     shifted = _minus_pivot(view, pivot, acc)
-    if view.channels_last and x.dtype != acc:
-        # torch's fp32 channels-last statistics are sequential over a thread's rows: by
-        # runs instead (_runs), as fp32 results are stored (fp32 dx rests on the same sums
-        # and is not covered here).
-        mean_shifted, variance, rstd, var_unbiased = _run_statistics(view, shifted, eps)
+    # Statistics by runs (_runs) where torch's would be long sequential sums in the
+    # accumulator: fp32 / fp64 channels-last and fp64 channels-first data of more than
+    # _RUN rows (_long_sums), and the fp32 shift of fp16 / bf16 channels-last data.
+    runs = _run_statistics(view, shifted, eps) if long or (view.channels_last and x.dtype != acc) else None
+    if runs is not None:
+        mean_shifted, variance, rstd, var_unbiased = runs
         y = _normalized(shifted, weight, bias, mean_shifted, variance, eps, acc)
     else:
         y, mean_shifted, rstd, var_unbiased = _native_forward(shifted, weight, bias, eps, acc)
@@ -160,39 +163,56 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     return _unmatrix(view, y, x.dtype), stats
 
 
-# The longest run of values that one fp32 accumulator of torch's fp16 / bf16 batch-norm
-# kernels adds in sequence on the run-statistics path (see _runs).
+# The longest run of values that one accumulator of torch's batch-norm kernels adds in
+# sequence on the run-statistics path (see _runs).
 _RUN = 512
-# fp32 lanes over which torch's channels-first kernel spreads a channel's values (its
-# Vectorized<float>: 8 wide, 16 with AVX-512).
-_LANES = 8
+# Bytes of the vector registers over which torch's channels-first kernels spread a
+# channel's values (its Vectorized<float>: 8 fp32 lanes, 4 fp64; twice that with AVX-512).
+_VECTOR_BYTES = 32
+
+
+def _long_sums(view: ChannelView, acc: torch.dtype) -> bool:
+    """Whether torch's own kernels, given data in the accumulator dtype ``acc``, would add
+    more than ``_RUN`` of a channel's values in sequence in ``acc`` (:func:`_runs`):
+    channels-last fp32 / fp64 sums run over a thread's share of the rows, channels-first
+    fp64 ones over ``count / 4`` values per lane and then over the samples.  Channels-first
+    fp32 data accumulate in fp64 there, and ``rows <= _RUN`` channels are runs already."""
+    return view.rows > _RUN and (view.channels_last or acc == torch.float64)
 
 
 def _runs(view: ChannelView, m: torch.Tensor):
-    """The dense matrix form ``m`` of an fp16 / bf16 view as batch-norm inputs whose
-    channels are runs of one channel's values, with each input's map from its channels to
-    the view's; None where the view's strides or size allow no such cut.
+    """The dense matrix form ``m`` of a view as batch-norm inputs whose channels are runs
+    of one channel's values, each with its map from its channels to the view's and the
+    shape and dims that fold its per-run results into per-channel ones (:func:`_merged`);
+    None where the view's strides or size allow no such cut.
 
-    Why: torch's CPU kernels for fp16 / bf16 input with fp32 parameters (the mixed
-    precision they run under autocast) accumulate a channel's sum and sum of squared
-    deviations, and the backward's ``sum(dy)`` and ``sum(dy * (x - mean))``, in fp32, in
-    sequence: over ``count / 8`` values per lane for channels-first data, over a thread's
-    rows for channels-last.  A sequential fp32 sum of L terms errs by up to ``(L - 1) u``
-    of the sum of their magnitudes, and by about ``sqrt(L) u`` for independent roundings;
-    over a whole channel of a 32x64x56x56 batch that put the running variance 2 to 30
-    times outside the bound table's ``(2 + 2 log2(count)) eps`` (tests/test_native_cpu.py
-    measures it), and channels-last ``dweight`` / ``dbias`` up to 5 times.  Cut into runs
-    of at most ``_RUN`` values per accumulator and merged in fp64 (:func:`_merged`), the
-    sums err as 512-term sums do: measured under 2 fp32 eps for the variance, against a
-    bound of at least 10 (and 35 at that size).
+    Why: torch's CPU kernels accumulate a channel's sum and sum of squared deviations,
+    and the backward's ``sum(dy)`` and ``sum(dy * (x - mean))``, in sequence in one
+    accumulator dtype: fp32 for fp16 / bf16 input with fp32 parameters (the mixed
+    precision they run under autocast), over ``count / 8`` values per lane for
+    channels-first data and over a thread's rows for channels-last; for fp32 and fp64
+    channels-last input in the input's own dtype over a thread's rows; for fp64
+    channels-first input over ``count / 4`` values per lane and then the samples.  A
+    sequential sum of L terms errs by up to ``(L - 1) u`` of the sum of their magnitudes,
+    and by about ``sqrt(L) u`` for independent roundings; over a whole channel of a
+    32x64x56x56 batch (tests/test_native_cpu.py measures it) that put the running
+    variance 2 to 30 times outside the bound table's ``(2 + 2 log2(count)) eps`` for
+    fp16 / bf16; for fp32 channels-last and (N, C) data the running variance 1.7, the
+    saved unbiased variance 2.5, dweight 2.1 and dbias 1.8 times; for fp64 dweight 4.0
+    (NCHW) and 2.0 (channels-last) times, and NCHW y and dx 1.3 and 1.5 times.  Cut into
+    runs of at most ``_RUN`` values per accumulator and merged in fp64 by a pairwise sum
+    (:func:`_merged`), the sums err as 512-term sums do plus ``O(log(runs)) u`` of fp64:
+    measured under 2 fp32 eps for the variance of fp16 / bf16 data, against a bound of at
+    least 10 (and 35 at that size); every fp32 output within 0.02 of its bound there, and
+    every fp64 one within 0.15 (the float64 oracle's own error included).
 
     Channels-first: each (sample, channel) plane of S values is cut into runs of S'
-    consecutive values (S' divides S, at most ``_LANES * _RUN``: one lane adds S' / 8 of
-    them), as the channels of a (1, N * C * S / S', S') input.  Channels-last: the
-    first ``G * R`` rows of the ``rows x C`` matrix as R rows of ``G * C`` channels
-    (channel ``j * C + c`` holds rows ``j, j + G, ...`` of channel c), R = min(rows,
-    ``_RUN``) (each thread adds its share of a run's rows in sequence), the last
-    ``rows - G * R < R`` rows as one more input.
+    consecutive values (S' divides S, at most one register's lanes times ``_RUN``: one
+    lane adds at most ``_RUN`` of them), as the channels of a (1, N * C * S / S', S')
+    input.  Channels-last: the first ``G * R`` rows of the ``rows x C`` matrix as R rows
+    of ``G * C`` channels (channel ``j * C + c`` holds rows ``j, j + G, ...`` of channel
+    c), R = min(rows, ``_RUN``) (each thread adds its share of a run's rows in sequence),
+    the last ``rows - G * R < R`` rows as one more input.
     """
     channels = view.channels
     index = torch.arange(channels)
@@ -201,53 +221,61 @@ def _runs(view: ChannelView, m: torch.Tensor):
         run = min(rows, _RUN)
         groups = rows // run
         whole = groups * run
-        pieces = [(m[:whole].reshape(run, groups * channels), index.repeat(groups))]
+        pieces = [(m[:whole].reshape(run, groups * channels), index.repeat(groups), (groups, channels), (0,))]
         if whole < rows:
-            pieces.append((m[whole:], index))
+            pieces.append((m[whole:], index, (1, channels), (0,)))
         return pieces
     samples, _, spatial = m.shape
     if m.stride() != (channels * spatial, spatial, 1):
         return None
-    least = -(-spatial // (_LANES * _RUN))
+    lanes = _VECTOR_BYTES * 8 // torch.finfo(accumulator_dtype(m.dtype)).bits
+    least = -(-spatial // (lanes * _RUN))
     cuts = next((k for k in range(least, 2 * least + 1) if spatial % k == 0), None)
     if cuts is None:
         return None
     planes = index.view(1, -1, 1).expand(samples, channels, cuts).reshape(-1)
-    return [(m.reshape(1, samples * channels * cuts, spatial // cuts), planes)]
+    return [(m.reshape(1, samples * channels * cuts, spatial // cuts), planes, (samples, channels, cuts), (0, 2))]
 
 
-def _merged(pieces, values, channels: int):
-    """Per-channel fp64 sums of ``values`` (one per piece, per run) over the runs."""
-    total = torch.zeros(channels, dtype=torch.float64)
-    for (_, index), v in zip(pieces, values):
-        total.index_add_(0, index, v.to(torch.float64))
+def _merged(pieces, values) -> torch.Tensor:
+    """Per-channel fp64 sums of ``values`` (one per piece, per run) over the runs: torch's
+    sum over the runs of each channel, which adds them pairwise (cascade), so that fp64
+    runs (fp64 input) merge with an error of ``O(log(runs))`` fp64 ulps, not ``runs``."""
+    total = None
+    for (_, _, shape, dims), v in zip(pieces, values):
+        part = v.to(torch.float64).reshape(shape).sum(dims)
+        total = part if total is None else total + part
     return total
 
 
 def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float):
-    """``(mean, biased variance, rstd, unbiased variance)`` (fp32) of fp16 / bf16 data, from
-    torch's statistics of short runs (:func:`_runs`) merged in fp64 by Chan's formula;
-    None where the view cannot be cut into runs."""
+    """``(mean, biased variance, rstd, unbiased variance)`` (in the accumulator dtype) of
+    the matrix form ``m``, from torch's statistics of short runs (:func:`_runs`) merged in
+    fp64 by Chan's formula; None where the view cannot be cut into runs."""
     pieces = _runs(view, m)
     if pieces is None:
         return None
-    # fp32 buffers make torch take its mixed-precision kernel (fp32 results); the
-    # statistics come back as (run means, biased run variances).
-    stats = [torch.ops.aten.batch_norm_update_stats(x, torch.zeros(len(i)), torch.zeros(len(i)), 1.0)
-             for x, i in pieces]
-    sizes = [x.numel() // len(i) for x, i in pieces]
+    acc = accumulator_dtype(m.dtype)
+    # Buffers in the accumulator dtype (fp32 for fp16 / bf16 data make torch take its
+    # mixed-precision kernel: fp32 results); the statistics come back as (run means,
+    # biased run variances).
+    stats = [
+        torch.ops.aten.batch_norm_update_stats(x, torch.zeros(len(i), dtype=acc), torch.zeros(len(i), dtype=acc), 1.0)
+        for x, i, _, _ in pieces
+    ]
+    sizes = [x.numel() // len(i) for x, i, _, _ in pieces]
     count = view.rows
-    mean = _merged(pieces, [n * run_mean.double() for n, (run_mean, _) in zip(sizes, stats)], view.channels) / count
+    mean = _merged(pieces, [n * run_mean.double() for n, (run_mean, _) in zip(sizes, stats)]) / count
     # Chan: the runs' sums of squared deviations plus their counts times their means'
     # squared deviations from the mean, all in fp64.
     m2 = _merged(pieces, [
         n * (run_var.double() + (run_mean.double() - mean[i]).square())
-        for n, (run_mean, run_var), (_, i) in zip(sizes, stats, pieces)
-    ], view.channels)
+        for n, (run_mean, run_var), (_, i, _, _) in zip(sizes, stats, pieces)
+    ])
     variance = m2 / count
     rstd = (variance + eps).rsqrt()
     var_unbiased = m2 / (count - 1)
-    return mean.float(), variance.float(), rstd.float(), var_unbiased.float()
+    return mean.to(acc), variance.to(acc), rstd.to(acc), var_unbiased.to(acc)
 
 
 def _normalized(m: torch.Tensor, weight, bias, mean, variance, eps: float, acc: torch.dtype) -> torch.Tensor:
@@ -291,7 +319,8 @@ def backward(
     if dy_m.dtype != acc:
         dy_m = dy_m.to(acc)
     runs = None
-    if batch_stats and view.channels_last and x.dtype != acc:  # whole-channel fp32 sums: by runs
+    if batch_stats and (_long_sums(view, acc) or (view.channels_last and x.dtype != acc)):
+        # Sums that torch would take in long sequences: by runs (as the forward's statistics).
         runs = _run_backward(view, shifted, dy_m, weight, mean_shifted, rstd, acc)
     if runs is not None:
         dx, dweight, dbias = runs
@@ -313,29 +342,52 @@ def backward(
 
 
 def _run_backward(view: ChannelView, m, dy_m, weight, mean, rstd, acc: torch.dtype):
-    """``(dx, dweight, dbias)`` of fp16 / bf16 data (unshifted, K = 0, read as they are) or
-    of their fp32 shift (channels-last); None where the view cannot be cut into runs
-    (:func:`_runs`)."""
+    """``(dx, dweight, dbias)`` from sums over runs (:func:`_runs`) merged in fp64: of
+    fp16 / bf16 data (unshifted, K = 0, read as they are) or of their fp32 shift
+    (channels-last), and of fp32 / fp64 data whose sums torch would take in long
+    sequences (:func:`_long_sums`); None where the view cannot be cut into runs."""
     pieces, dy_pieces = _runs(view, m), _runs(view, dy_m)
     if pieces is None or dy_pieces is None:
         return None
-    # dx from torch's backward: its whole-channel fp32 sums (errors of up to ~1e-4
-    # relative, :func:`_runs`) reach only dx, stored in fp16 / bf16 whose eps is 2**13 /
-    # 2**16 times fp32's, and rounded once.
-    dx = torch.ops.aten.native_batch_norm_backward(
-        dy_m, m, _param(weight, acc), None, None, mean, rstd, True, 0.0, [True, False, False]
-    )[0]
-    # dweight and dbias, stored in the parameters' dtype (fp32 under autocast): the same
-    # sums over runs, merged in fp64.  With rstd 1 torch's "dweight" of a run is its
-    # sum(dy * (x - mean)) exactly.
+    # sum(dy) and sum(dy * (x - mean)) per run: with rstd 1 torch's "dweight" of a run is
+    # the latter exactly; merged in fp64.
     sums = [
         torch.ops.aten.native_batch_norm_backward(
-            g, x, torch.ones(len(i)), None, None, mean[i], torch.ones(len(i)), True, 0.0, [False, True, True]
+            g, x, torch.ones(len(i), dtype=acc), None, None, mean[i], torch.ones(len(i), dtype=acc), True, 0.0,
+            [False, True, True],
         )
-        for (x, i), (g, _) in zip(pieces, dy_pieces)
+        for (x, i, _, _), (g, _, _, _) in zip(pieces, dy_pieces)
     ]
-    dweight = _merged(pieces, [s[1] for s in sums], view.channels) * rstd.double()
-    dbias = _merged(pieces, [s[2] for s in sums], view.channels)
+    dot = _merged(pieces, [s[1] for s in sums])
+    dbias = _merged(pieces, [s[2] for s in sums])
+    rstd64 = rstd.double()
+    dweight = dot * rstd64
+    if view.tensor.dtype != acc:
+        # dx of fp16 / bf16 data from torch's backward: its whole-channel fp32 sums
+        # (errors of up to ~1e-4 relative, :func:`_runs`) reach only dx, stored in fp16 /
+        # bf16 whose eps is 2**13 / 2**16 times fp32's, and rounded once.
+        dx = torch.ops.aten.native_batch_norm_backward(
+            dy_m, m, _param(weight, acc), None, None, mean, rstd, True, 0.0, [True, False, False]
+        )[0]
+        return dx, dweight, dbias
+    # fp32 / fp64: dx = k (dy - mean(dy) - x_hat mean(dy x_hat)), k = weight * rstd, from
+    # the merged sums, as two elementwise passes over x (or x - K) and dy:
+    #     dx = dy * k + (x * q + r),  q = -k b,  r = k (b mean - a),
+    # a = mean(dy), b = mean(dy * x_hat) * rstd, the coefficients formed in fp64 and
+    # rounded once.  Each product and sum rounds once (u of its terms), so the error is a
+    # few u of |k dy| + |k b x| + |r|.  Against the bound's scale, dx_scale = |k| (|dy| +
+    # |a| + |x_hat b / rstd|), the only term the centred form (x - mean) would not have is
+    # |k b mean|, and |mean| is at most two stds here (unshifted data are kept only then,
+    # and shifted ones are centred by the first rows' mean) while the data reach one std
+    # from it: at most 2 max(dx_scale), a few eps against the dx bound (55 eps from
+    # _RUN values per channel on).  One pass fewer than the centred form.
+    count = view.rows
+    k = rstd64 if weight is None else rstd64 * weight.double()
+    a = dbias / count
+    b = dot / count * rstd64.square()
+    q = _per_channel(view, (-k * b).to(acc))
+    r = _per_channel(view, (k * (b * mean.double() - a)).to(acc))
+    dx = torch.addcmul(r, m, q).addcmul_(dy_m, _per_channel(view, k.to(acc)))
     return dx, dweight, dbias
 
 
