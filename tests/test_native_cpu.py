@@ -172,6 +172,30 @@ def test_eval_takes_torchs_single_pass_only_where_it_is_as_accurate(offset_in_st
         assert normwise_error(folded, exact, torch.float32) > allowance
 
 
+def test_eval_fold_decision_follows_in_place_updates_of_the_running_statistics():
+    """The fold decision is remembered per running-mean tensor for as long as neither
+    running statistic changes: an in-place update (a training step, load_state_dict,
+    an explicit ``add_``) must bring the exact shift back where the means move far
+    from zero, and the fold where they come back."""
+    gen = torch.Generator().manual_seed(11)
+    args, _, _ = _eval_at_offset(0.5, gen)
+    x, running_mean, running_var, weight, bias, eps = args
+    with bntriton.cpu_backend("native"):
+        for shift in (0.0, 1e4, -1e4):  # near zero, then 1e4 running stds out, then back
+            moved_by = shift * running_var.sqrt()
+            running_mean.add_(moved_by)
+            x = (x.double() + moved_by.double().view(1, -1, 1, 1)).float()  # the data move with it
+            y = bntriton.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
+            a = weight.double() / (running_var.double() + eps).sqrt()
+            exact = ((x.double() - running_mean.double().view(1, -1, 1, 1)) * a.view(1, -1, 1, 1)
+                     + bias.double().view(1, -1, 1, 1))
+            assert normwise_error(y, exact, torch.float32) <= bound_units("y", torch.float32, x.numel() // x.shape[1])
+    with torch.inference_mode():  # inference tensors keep no version counter
+        rm, rv = running_mean.clone(), running_var.clone()
+        with bntriton.cpu_backend("native"):
+            bntriton.batch_norm(x, rm, rv, weight, bias, training=False, eps=eps)
+
+
 def _train_at_offset(offset_in_stds, gen, rows=4096, channels=32):
     """fp32 (rows, C) data whose batch mean lies ``offset_in_stds`` batch stds from zero
     and whose first 16 rows put it 3 of their own stds out: the kernels' pivot is nonzero

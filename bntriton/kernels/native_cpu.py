@@ -22,6 +22,8 @@ handle: ``(rows, C)`` for channels-last views, ``(N, C, S)`` for channels-first 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .layout import ChannelView
@@ -396,9 +398,15 @@ def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     if _fold_is_exact_enough(running_mean, running_var, eps):
-        # torch's own eval: one pass, ``x * a + (bias - running_mean * a)``.
-        y = torch.batch_norm(_matrix(view, x), weight, bias, running_mean, running_var, False, 0.0, eps, False)
-        return _unmatrix(view, y, x.dtype)
+        # torch's own eval: one pass, ``x * a + (bias - running_mean * a)``, on the input
+        # as it is (its output takes the input's strides for contiguous and channels_last
+        # tensors, the layouts models use; anything else is re-strided once).
+        y = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
+        if y.stride() == x.stride():
+            return y
+        out = view.empty_like()
+        out.copy_(y)
+        return out
     shifted = torch.sub(_matrix(view, x), _per_channel(view, running_mean.to(acc)))
     if shifted.dtype != acc:
         shifted = shifted.to(acc)
@@ -437,7 +445,28 @@ def _fold_is_exact_enough(running_mean: torch.Tensor, running_var: torch.Tensor,
     runs.  Reading the running statistics costs no synchronization: they are CPU tensors,
     O(C) values.
     """
-    return _within(running_mean, running_var + eps, 2.0)
+    try:
+        key = (running_mean._version, running_mean.data_ptr(), id(running_var), running_var._version,
+               running_var.data_ptr(), eps)
+    except RuntimeError:  # inference tensors keep no version counter: decide every time
+        return _within(running_mean, running_var + eps, 2.0)
+    tensor_id = id(running_mean)
+    known = _fold_decisions.get(tensor_id)
+    if known is not None and known[0]() is running_mean and known[1] == key:
+        return known[2]
+    decision = _within(running_mean, running_var + eps, 2.0)
+    _fold_decisions[tensor_id] = (
+        weakref.ref(running_mean, lambda _, i=tensor_id: _fold_decisions.pop(i, None)), key, decision,
+    )
+    return decision
+
+
+# The fold decision per running-mean tensor (by identity, held weakly: tensors compare
+# elementwise, so they cannot be dictionary keys themselves), with the version counters
+# and storages of both running statistics it was made for: eval calls between two
+# training steps, or a whole inference run, reuse it instead of spending four small ops
+# on C values per call.  Any in-place update bumps a version.
+_fold_decisions: dict = {}
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum) -> None:
