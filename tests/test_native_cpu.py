@@ -172,6 +172,33 @@ def test_eval_takes_torchs_single_pass_only_where_it_is_as_accurate(offset_in_st
         assert normwise_error(folded, exact, torch.float32) > allowance
 
 
+@pytest.mark.parametrize("dtype,offset_in_stds,folds", [
+    (torch.bfloat16, 4.0, True), (torch.bfloat16, 1000.0, True),
+    (torch.float16, 4.0, True), (torch.float16, 1000.0, True), (torch.float16, 20000.0, False),
+])
+def test_low_precision_eval_folds_far_further_out(dtype, offset_in_stds, folds, monkeypatch):
+    """fp16 / bf16 input is folded in fp32 and rounded once into its own dtype: the fold's
+    extra error stays a fraction of the output's eps up to 2 eps_in / eps32 running stds
+    (16384 for fp16, 131072 for bf16), so eval takes torch's single pass out there too,
+    and the exact shift beyond.  Either way y stays within its bound against float64 on
+    the same (rounded) input."""
+    from bntriton.kernels import native_cpu
+
+    gen = torch.Generator().manual_seed(int(offset_in_stds) + 7)
+    args, _, _ = _eval_at_offset(offset_in_stds, gen)
+    x, running_mean, running_var, weight, bias, eps = args
+    x = x.to(dtype)
+    chosen = []
+    original = native_cpu._fold_is_exact_enough
+    monkeypatch.setattr(native_cpu, "_fold_is_exact_enough", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    with bntriton.cpu_backend("native"):
+        y = bntriton.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
+    assert chosen == [folds] and y.dtype == dtype
+    a = weight.double() / (running_var.double() + eps).sqrt()
+    exact = (x.double() - running_mean.double().view(1, -1, 1, 1)) * a.view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+    assert normwise_error(y, exact, dtype) <= bound_units("y", dtype, x.numel() // x.shape[1])
+
+
 def test_eval_fold_decision_follows_in_place_updates_of_the_running_statistics():
     """The fold decision is remembered per running-mean tensor for as long as neither
     running statistic changes: an in-place update (a training step, load_state_dict,

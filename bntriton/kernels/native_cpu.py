@@ -397,7 +397,7 @@ def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps
     """``(x - running_mean) * weight * rstd + bias`` with ``rstd`` from the running variance."""
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
-    if _fold_is_exact_enough(running_mean, running_var, eps):
+    if _fold_is_exact_enough(running_mean, running_var, eps, _fold_stds(x.dtype, acc)):
         # torch's own eval: one pass, ``x * a + (bias - running_mean * a)``, on the input
         # as it is (its output takes the input's strides for contiguous and channels_last
         # tensors, the layouts models use; anything else is re-strided once).
@@ -422,10 +422,25 @@ def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps
     return _unmatrix(view, shifted, x.dtype)
 
 
-def _fold_is_exact_enough(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> bool:
+def _fold_stds(dtype: torch.dtype, acc: torch.dtype) -> float:
+    """How many running stds from zero the running means may lie for torch's fold to be as
+    accurate as the exact shift (:func:`_fold_is_exact_enough`): 2 for fp32 / fp64 input.
+    fp16 / bf16 input is folded in fp32 and rounded once into its own dtype, so the fold's
+    extra error, ``1.5 k`` fp32 eps of max|y| at ``k`` stds, is ``1.5 k eps32 / eps_in``
+    of the output's eps: the fp32 rule's 3 eps at 2 stds is reached only at ``2 eps_in /
+    eps32`` stds (16384 for fp16, 131072 for bf16), beyond what data of that precision can
+    resolve around such a mean."""
+    if dtype == acc:
+        return 2.0
+    return 2.0 * torch.finfo(dtype).eps / torch.finfo(acc).eps
+
+
+def _fold_is_exact_enough(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                          stds: float = 2.0) -> bool:
     """Whether torch's single-pass eval is as accurate as the exact shift, within the bound:
-    every channel's running mean within two running stds of zero, the rule by which the
-    training pivot (numerics.batch_pivot) leaves data unshifted.
+    every channel's running mean within ``stds`` running stds of zero (two for fp32 / fp64
+    input, the rule by which the training pivot, numerics.batch_pivot, leaves data
+    unshifted; :func:`_fold_stds` for fp16 / bf16).
 
     With ``u`` the unit roundoff of the accumulator (eps / 2), ``a = weight / sigma``,
     ``sigma = sqrt(running_var + eps)``, ``D = |(x - mean) * a|`` and ``M = |mean * a|``:
@@ -447,14 +462,14 @@ def _fold_is_exact_enough(running_mean: torch.Tensor, running_var: torch.Tensor,
     """
     try:
         key = (running_mean._version, running_mean.data_ptr(), id(running_var), running_var._version,
-               running_var.data_ptr(), eps)
+               running_var.data_ptr(), eps, stds)
     except RuntimeError:  # inference tensors keep no version counter: decide every time
-        return _within(running_mean, running_var + eps, 2.0)
+        return _within(running_mean, running_var + eps, stds)
     tensor_id = id(running_mean)
     known = _fold_decisions.get(tensor_id)
     if known is not None and known[0]() is running_mean and known[1] == key:
         return known[2]
-    decision = _within(running_mean, running_var + eps, 2.0)
+    decision = _within(running_mean, running_var + eps, stds)
     _fold_decisions[tensor_id] = (
         weakref.ref(running_mean, lambda _, i=tensor_id: _fold_decisions.pop(i, None)), key, decision,
     )
