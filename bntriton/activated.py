@@ -67,23 +67,23 @@ def batch_norm_act(
         inplace = False  # traced graphs get the out-of-place op (same values; see README)
     if inplace:
         fused_ops._check_inplace(input, weight, code, slope, residual, training)
+    if not training:
+        if inplace:
+            return fused_ops.InplaceABN.apply(
+                input, weight, bias, running_mean, running_var, eps, code, slope, training)[0]
+        return fused_ops.evaluate(input, weight, bias, running_mean, running_var, residual, eps, code, slope)[0]
+    running = None
+    if running_mean is not None and input.numel() > 0:
+        running = RunningStats(running_mean, running_var, num_batches_tracked,
+                               None if momentum is None else float(momentum))
+    if inplace:
         y, mean, var_unbiased = fused_ops.InplaceABN.apply(
             input, weight, bias, running_mean, running_var, eps, code, slope, training)
-    elif training:
-        running = None
-        if running_mean is not None and input.numel() > 0:
-            running = RunningStats(running_mean, running_var, num_batches_tracked,
-                                   None if momentum is None else float(momentum))
-        y = fused_ops.train(input, weight, bias, residual, eps, code, slope, running)[0]
-        if running is None and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)  # an empty batch: the running statistics stay (as torch)
-        return y
+        if running is not None:
+            ops.update(running.mean, running.var, running.num_batches_tracked, mean, var_unbiased, running.momentum)
     else:
-        y, _ = fused_ops.evaluate(input, weight, bias, running_mean, running_var, residual, eps, code, slope)
-    if training:
-        if running_mean is not None and input.numel() > 0:
-            ops.update(running_mean, running_var, num_batches_tracked, mean, var_unbiased,
-                       None if momentum is None else float(momentum))
-        elif num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
+        # The eager path updates the running statistics inside the statistics' launches.
+        y = fused_ops.train(input, weight, bias, residual, eps, code, slope, running)[0]
+    if running is None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # no statistics, or an empty batch: they stay (as torch)
     return y

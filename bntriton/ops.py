@@ -180,11 +180,17 @@ def _composite_backward(*tensors) -> bool:
 
 
 def _train_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
     _, mean_shifted, rstd, mean, var_unbiased, pivot = output
     # The statistics are outputs for the backward and the running-stat update, not
     # something to differentiate through: say so, rather than drop their gradients.
     ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, pivot)
+    _train_save(ctx, inputs, output)
+
+
+def _train_save(ctx, inputs, output):
+    """What the training backward reads: x, the parameters and the batch's statistics."""
+    x, weight, bias, eps = inputs
+    _, mean_shifted, rstd, _, _, pivot = output
     ctx.save_for_backward(x, weight, bias, mean_shifted, rstd, pivot)
     ctx.has_bias = bias is not None
     ctx.eps = eps
@@ -298,12 +304,9 @@ class _EagerTrain(torch.autograd.Function):
         # The running statistics (buffers, never differentiated) are updated in place by
         # the statistics' own launches: one launch fewer than the op and its update.
         output = _train_and_update(x, weight, bias, eps, running)
-        _, mean_shifted, rstd, _, _, pivot = output
-        ctx.save_for_backward(x, weight, bias, mean_shifted, rstd, pivot)
-        ctx.has_bias = bias is not None
-        ctx.eps = eps
+        _train_save(ctx, (x, weight, bias, eps), output)
         if _forward_ad_active():
-            ctx.save_for_forward(x, weight, bias, mean_shifted, rstd, pivot)
+            ctx.save_for_forward(x, weight, bias, output[1], output[2], output[5])
         sink.append(output)
         return output[0]
 
