@@ -274,12 +274,16 @@ class _EagerActEval(torch.autograd.Function):
     backward = staticmethod(_eval_backward)
 
 
+_eager_act_train_apply = ops.bare_apply(_EagerActTrain)
+_eager_act_eval_apply = ops.bare_apply(_EagerActEval)
+
+
 def train(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats] = None):
     """``batch_norm_act_train``, and with ``running`` given the running-statistics update:
     inside the statistics' launches on the eager path, by one more launch otherwise."""
     if ops._plain(x, weight, bias, residual):
         fold = running is not None and ops._foldable(running)
-        output = _EagerActTrain.apply(x, weight, bias, residual, eps, activation, slope, running if fold else None)
+        output = _eager_act_train_apply(x, weight, bias, residual, eps, activation, slope, running if fold else None)
         if fold:
             return output
     else:
@@ -292,7 +296,7 @@ def train(x, weight, bias, residual, eps, activation, slope, running: Optional[R
 def evaluate(x, weight, bias, running_mean, running_var, residual, eps, activation, slope):
     args = (x, weight, bias, running_mean, running_var, residual, eps, activation, slope)
     if ops._plain(x, weight, bias, running_mean, running_var, residual):
-        return _EagerActEval.apply(*args)
+        return _eager_act_eval_apply(*args)
     return batch_norm_act_eval(*args)
 
 

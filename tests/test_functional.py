@@ -141,6 +141,33 @@ def test_eager_fast_path_matches_the_registered_ops_bitwise(training):
         assert torch.equal(eager, registered)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_tensor_left_behind_by_a_finished_transform_computes_as_a_plain_one(training):
+    """Eager calls start their autograd.Function through the C++ apply (ops.bare_apply),
+    unwrapping what a finished torch.func transform left behind (a dead wrapper) as
+    autograd.Function.apply does: output and gradients are those of the plain tensor."""
+    leaked = []
+
+    def keep(t):
+        leaked.append(t)
+        return t.sum()
+
+    x = torch.randn(4, 3, 5, device=DEVICE) * 2 + 1
+    torch.func.grad(keep)(x)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    dy = torch.randn(4, 3, 5, device=DEVICE)
+    stats = _stats(3)
+    results = []
+    for inp in (leaked[0], x):
+        w, b = torch.ones(3, device=DEVICE, requires_grad=True), torch.zeros(3, device=DEVICE, requires_grad=True)
+        rm, rv = (t.clone() for t in stats)
+        y = bntriton.batch_norm(inp, rm, rv, w, b, training=training)
+        y.backward(dy)
+        results.append([y, w.grad, b.grad, rm, rv])
+    for left_behind, plain in zip(*results):
+        assert torch.equal(left_behind, plain)
+
+
 @pytest.mark.parametrize("path", ["split", "fused"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_eager_running_update_matches_the_registered_ops_bitwise(path, momentum):

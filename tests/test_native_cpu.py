@@ -122,9 +122,10 @@ def test_native_keeps_the_pivot_exact_at_large_offsets():
 
 def _eval_at_offset(offset_in_stds, gen):
     """fp32 eval inputs whose running means lie ``offset_in_stds`` running stds from zero
-    (either sign) and whose data span one running std on both sides of them, with the
-    float64 result and the error allowance of ``native_cpu._fold_is_exact_enough``'s
-    analysis at its threshold (2 stds), in eps of max|y|."""
+    (either sign) and whose data span one running std on both sides of them (256 values
+    per channel), with the float64 result and the error allowance of
+    ``native_cpu._fold_is_exact_enough``'s analysis, in eps of max|y|: the exact shift's,
+    plus the fold's where it runs."""
     channels, eps = 64, 1e-5
     std = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
     sign = torch.where(torch.rand(channels, generator=gen) < 0.5, -1.0, 1.0)
@@ -140,36 +141,49 @@ def _eval_at_offset(offset_in_stds, gen):
     exact = (x.double() - running_mean.double().view(1, -1, 1, 1)) * a.view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
     d = ((x.double() - running_mean.double().view(1, -1, 1, 1)) * a.view(1, -1, 1, 1)).abs().max()
     top = exact.abs().max()
-    # 6u D + u |y| (the shift) + 3u M + u |bias| with M <= 2 |weight| (the fold), u = eps / 2.
-    allowance = float((3 * d + 3 * weight.double().abs().max() + 0.5 * bias.double().abs().max()) / top + 0.5)
+
+    def allowance(folded: bool) -> float:
+        # 6u D + u |y| (the shift), + 3u M + u |bias| with M <= k |weight| (the fold), u = eps / 2.
+        fold = 1.5 * offset_in_stds * weight.double().abs().max() + 0.5 * bias.double().abs().max()
+        return float((3 * d + (fold if folded else 0.0)) / top + 0.5)
+
     return (x, running_mean, running_var, weight, bias, eps), exact, allowance
 
 
-@pytest.mark.parametrize("offset_in_stds", [0.5, 1.9, 2.1, 32.0, 1e4])
-def test_eval_takes_torchs_single_pass_only_where_it_is_as_accurate(offset_in_stds, monkeypatch):
-    """Eval runs torch's one-pass fold while every running mean is within two running
-    stds of zero, the exact shift beyond; the result stays within the analysis' allowance
-    at the threshold (and the y bound) at every offset.  The allowance is a worst case (the
-    fold measures ~0.3 eps per std of offset here): forced at 32 stds and beyond, the fold
-    exceeds it, so a threshold moved that far fails, and one moved across 1.9 or 2.1 stds
-    fails the choice itself."""
+# native_cpu._fold_stds for _eval_at_offset's 256 values per channel: 2 (log2(256) - 1).
+_FOLD_STDS_256 = 14.0
+
+
+@pytest.mark.parametrize("offset_in_stds", [0.5, 13.9, 14.1, 100.0, 1e4])
+def test_eval_takes_torchs_single_pass_only_where_it_stays_within_the_bound(offset_in_stds, monkeypatch):
+    """Eval runs torch's one-pass fold while every running mean lies within
+    ``2 (log2(count) - 1)`` running stds of zero (14 at 256 values per channel), where the
+    analysis' worst case for the fold (the shift's 3.5 eps plus 1.5 per std and 0.5) still
+    meets the y bound, and the exact shift beyond.  The result stays within the analysis'
+    allowance and the y bound at every offset.  Forced at 1e4 stds, the fold leaves the
+    bound: there the exact shift is what keeps y within it."""
     from bntriton.kernels import native_cpu
 
+    bound = bound_units("y", torch.float32, 256)
+    assert native_cpu._fold_stds(torch.float32, torch.float32, 256) == _FOLD_STDS_256
+    assert 3.5 + 1.5 * _FOLD_STDS_256 + 0.5 <= bound < 3.5 + 1.5 * (_FOLD_STDS_256 + 0.5) + 0.5
     gen = torch.Generator().manual_seed(int(offset_in_stds * 10) + 1)
     args, exact, allowance = _eval_at_offset(offset_in_stds, gen)
     x = args[0]
+    assert x.numel() // x.shape[1] == 256
     chosen = []
     original = native_cpu._fold_is_exact_enough
     monkeypatch.setattr(native_cpu, "_fold_is_exact_enough", lambda *a: chosen.append(original(*a)) or chosen[-1])
     with bntriton.cpu_backend("native"):
         y = bntriton.batch_norm(x, args[1], args[2], args[3], args[4], training=False, eps=args[5])
-    assert chosen == [offset_in_stds <= 2.0]
+    folds = offset_in_stds <= _FOLD_STDS_256
+    assert chosen == [folds]
     error = normwise_error(y, exact, torch.float32)
-    assert error <= allowance
-    assert error <= bound_units("y", torch.float32, x.numel() // x.shape[1])
-    if offset_in_stds >= 32.0:
+    assert error <= allowance(folds)
+    assert error <= bound
+    if offset_in_stds >= 1e4:
         folded = torch.batch_norm(x, args[3], args[4], args[1], args[2], False, 0.0, args[5], False)
-        assert normwise_error(folded, exact, torch.float32) > allowance
+        assert normwise_error(folded, exact, torch.float32) > bound
 
 
 @pytest.mark.parametrize("dtype,offset_in_stds,folds", [
@@ -454,3 +468,83 @@ def test_long_channels_are_within_the_bounds(case, offset_in_stds):
         if error > units:
             over[key] = round(error / units, 3)
     assert not over, f"outside the bound (multiples of it): {over}"
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["small", "gated"])
+@pytest.mark.parametrize("offset_in_stds", [1.5, 32.0])
+def test_training_tries_the_unshifted_problem_without_asking_the_first_rows_below_the_gate(
+        gated, offset_in_stds, monkeypatch):
+    """Below native_cpu._GATE_VALUES the training forward runs torch's pass on the data as
+    they are before anything else (the first rows are read only if the batch's mean lies
+    beyond two stds); from it on, the first rows decide first, so that data far from zero
+    spend no pass on a try that is thrown away.  Either way the result is within the y
+    bound and shifted exactly where the mean is beyond two stds."""
+    from bntriton.kernels import native_cpu
+    from bntriton.kernels.layout import channel_view
+
+    gen = torch.Generator().manual_seed(int(offset_in_stds) + 11 * gated)
+    rows, channels = 512, 16
+    x = (torch.randn(rows, channels, generator=gen) + offset_in_stds) * 3.0
+    monkeypatch.setattr(native_cpu, "_GATE_VALUES", x.numel() if gated else x.numel() + 1)
+    calls = {"first_rows": 0, "native_forward": 0}
+    for name in calls:
+        original = getattr(native_cpu, "_" + name)
+
+        def counted(*args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(native_cpu, "_" + name, counted)
+    y, stats = native_cpu.forward_train(channel_view(x), None, None, 1e-5)
+    near = offset_in_stds <= 2.0
+    assert bool((stats.pivot == 0).all()) == near
+    assert calls["first_rows"] == (1 if gated or not near else 0)
+    assert calls["native_forward"] == (1 if gated or near else 2)
+    xd = x.double()
+    exact = (xd - xd.mean(0)) / (xd.var(0, unbiased=False) + 1e-5).sqrt()
+    assert normwise_error(y, exact, torch.float32) <= bound_units("y", torch.float32, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, 0.7, None])
+def test_running_update_rounds_as_the_kernels_formula_within_an_ulp(dtype, momentum):
+    """The native update, ``(1 - f) running + f batch`` with f and 1 - f rounded to the
+    accumulator dtype, is within one ulp of the terms' magnitudes of that formula evaluated
+    exactly (what its two roundings can cost; the buffers' signs may cancel), over several
+    steps, for both buffers and the counter (momentum None: f = 1 / count)."""
+    from bntriton.kernels import native_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    running_mean = torch.randn(64, generator=gen, dtype=dtype) * 5
+    running_var = torch.rand(64, generator=gen, dtype=dtype) * 4 + 0.1
+    counter = torch.tensor(0, dtype=torch.long)
+    for step in range(1, 4):
+        mean = torch.randn(64, generator=gen, dtype=dtype) * 5
+        var = torch.rand(64, generator=gen, dtype=dtype) * 4 + 0.1
+        factor = torch.tensor(momentum if momentum is not None else 1.0 / step, dtype=dtype)
+        keep = (1.0 - factor).double()
+        pairs = ((running_mean, mean), (running_var, var))
+        expected = [keep * r.double() + factor.double() * b.double() for r, b in pairs]
+        magnitudes = [keep * r.double().abs() + factor.double() * b.double().abs() for r, b in pairs]
+        native_cpu.update_running_stats(running_mean, running_var, counter, mean, var, momentum)
+        assert counter.item() == step
+        for got, exact, magnitude in zip((running_mean, running_var), expected, magnitudes):
+            ulp = torch.finfo(dtype).eps * magnitude
+            assert got.dtype == dtype
+            assert bool(((got.double() - exact).abs() <= ulp).all())
+
+
+def test_running_update_of_buffers_in_another_dtype_rounds_once():
+    """fp32 statistics into bf16 running buffers (the buffers' dtype is kept): computed in
+    fp32 and rounded once, within half a bf16 ulp of the exact update."""
+    from bntriton.kernels import native_cpu
+
+    gen = torch.Generator().manual_seed(4)
+    running_mean = (torch.randn(64, generator=gen) * 5).bfloat16()
+    running_var = (torch.rand(64, generator=gen) + 0.5).bfloat16()
+    mean, var = torch.randn(64, generator=gen) * 5, torch.rand(64, generator=gen) + 0.5
+    expected = [0.9 * r.double() + 0.1 * b.double() for r, b in ((running_mean, mean), (running_var, var))]
+    native_cpu.update_running_stats(running_mean, running_var, None, mean, var, 0.1)
+    for got, exact in zip((running_mean, running_var), expected):
+        assert got.dtype == torch.bfloat16
+        assert bool(((got.double() - exact).abs() <= 0.5 * torch.finfo(torch.bfloat16).eps * exact.abs() * 1.01).all())

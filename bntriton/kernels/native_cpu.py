@@ -22,6 +22,8 @@ handle: ``(rows, C)`` for channels-last views, ``(N, C, S)`` for channels-first 
 """
 from __future__ import annotations
 
+import math
+import struct
 import weakref
 
 import torch
@@ -88,13 +90,13 @@ def _pivot(view: ChannelView, acc: torch.dtype) -> torch.Tensor:
     return _pivot_of(*_first_rows(view, acc))
 
 
-def _within(mean: torch.Tensor, variance: torch.Tensor, stds: float) -> bool:
-    """Whether every ``|mean| <= stds * sqrt(variance)`` (False for a NaN): one small op
-    and a min, as torch's boolean all() costs ~10x as much on C values."""
+def _within(mean: torch.Tensor, variance: torch.Tensor, stds: float, eps: float = 0.0) -> bool:
+    """Whether every ``|mean| <= stds * sqrt(variance + eps)`` (False for a NaN): one small
+    op and a min, as torch's boolean all() costs ~10x as much on C values."""
     if mean.numel() == 0:
         return True
     slack = torch.addcmul(variance.to(mean.dtype), mean, mean, value=-1.0 / (stds * stds))
-    return float(slack.min()) >= 0.0
+    return float(slack.min()) >= -eps
 
 
 def _minus_pivot(view: ChannelView, pivot: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -123,33 +125,44 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     unshifted data (K = 0) are as accurate as shifted ones while every channel's mean is
     within two of its stds of zero (:func:`_fold_is_exact_enough`'s analysis, the
     batch's statistics for the running ones: data always reach one batch std from their
-    mean, the std being their RMS deviation).  The kernels' pivot is 0 where the first
-    rows say so; where it is not but the first rows put the mean within four of their
-    stds (sampling noise around the rule's edge), the unshifted problem is tried first and
-    kept when the batch's own statistics show the mean within two stds: no pass over the
-    data is spent on ``x - K``, here or in the backward.  Data further out are shifted.
-    fp16 / bf16 data are read as they are on the unshifted path (:func:`_run_statistics`);
-    the statistics of long fp32 / fp64 channels are taken by runs too (:func:`_long_sums`).
+    mean, the std being their RMS deviation).  So the unshifted problem is tried first and
+    kept when the batch's own statistics show every mean within two stds, or when the
+    kernels' rule leaves it unshifted (the first rows' mean within two of their stds): no
+    pass over the data is spent on ``x - K``, here or in the backward.  Data further out
+    are shifted by the kernels' pivot.  For large tensors (:data:`_GATE_VALUES`) the first
+    rows decide whether the try is worth a pass: not where they put some mean beyond four
+    of their stds.  fp16 / bf16 data are read as they are on the unshifted path
+    (:func:`_run_statistics`); the statistics of long fp32 / fp64 channels are taken by
+    runs too (:func:`_long_sums`).
     """
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
-    first_mean, first_variance = _first_rows(view, acc)
-    pivot = _pivot_of(first_mean, first_variance)
     m = _matrix(view, x)
     long = _long_sums(view, acc)
-    if _within(first_mean, first_variance, 4.0):
-        y = None
-        if m.dtype == acc and not long:
+    native = m.dtype == acc and not long
+    first = None if native and x.numel() < _GATE_VALUES else _first_rows(view, acc)
+    if first is None or _within(*first, 4.0):
+        if native:
             y, mean, rstd, var_unbiased = _native_forward(m, weight, bias, eps, acc)
-            variance = rstd.pow(-2)
+            # rstd**-2 is variance + eps: |mean| * rstd <= 2 is _within's test.
+            kept = _scaled_within(mean, rstd, 2.0)
         else:
+            y = None
             runs = _run_statistics(view, m, eps)
             mean, variance, rstd, var_unbiased = runs if runs is not None else (None,) * 4
-        if mean is not None and (_within(first_mean, first_variance, 2.0) or _within(mean, variance, 2.0)):
+            kept = mean is not None and _within(mean, variance, 2.0)
+        if mean is not None and not kept:
+            if first is None:
+                first = _first_rows(view, acc)
+            kept = _within(*first, 2.0)
+        if kept:
             if y is None:
                 y = _normalized(m, weight, bias, mean, variance, eps, acc)
             zero = torch.zeros_like(mean)
             return _unmatrix(view, y, x.dtype), BatchStats(mean, rstd, None, None, mean, var_unbiased, zero)
+    if first is None:
+        first = _first_rows(view, acc)
+    pivot = _pivot_of(*first)
     # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
     shifted = _minus_pivot(view, pivot, acc)
     # Statistics by runs (_runs) where torch's would be long sequential sums in the
@@ -163,6 +176,21 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
         y, mean_shifted, rstd, var_unbiased = _native_forward(shifted, weight, bias, eps, acc)
     stats = BatchStats(mean_shifted, rstd, None, None, pivot + mean_shifted, var_unbiased, pivot)
     return _unmatrix(view, y, x.dtype), stats
+
+
+# From this many values on, the training forward asks the first rows (a dozen small ops
+# on C values, ~0.1 ms on a 2-core CPU) whether trying the unshifted problem is worth a
+# pass over the data; below, a wasted try on offset data costs less than asking on
+# every call.
+_GATE_VALUES = 1 << 20
+
+
+def _scaled_within(mean: torch.Tensor, rstd: torch.Tensor, stds: float) -> bool:
+    """Whether every ``|mean| * rstd <= stds`` (False for a NaN): :func:`_within` for
+    the statistics torch's training forward returns, in two small ops."""
+    if mean.numel() == 0:
+        return True
+    return float(torch.linalg.vector_norm(mean * rstd, float("inf"))) <= stds
 
 
 # The longest run of values that one accumulator of torch's batch-norm kernels adds in
@@ -397,7 +425,7 @@ def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps
     """``(x - running_mean) * weight * rstd + bias`` with ``rstd`` from the running variance."""
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
-    if _fold_is_exact_enough(running_mean, running_var, eps, _fold_stds(x.dtype, acc)):
+    if _fold_is_exact_enough(running_mean, running_var, eps, _fold_stds(x.dtype, acc, view.rows)):
         # torch's own eval: one pass, ``x * a + (bias - running_mean * a)``, on the input
         # as it is (its output takes the input's strides for contiguous and channels_last
         # tensors, the layouts models use; anything else is re-strided once).
@@ -422,25 +450,33 @@ def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps
     return _unmatrix(view, shifted, x.dtype)
 
 
-def _fold_stds(dtype: torch.dtype, acc: torch.dtype) -> float:
-    """How many running stds from zero the running means may lie for torch's fold to be as
-    accurate as the exact shift (:func:`_fold_is_exact_enough`): 2 for fp32 / fp64 input.
+def _fold_stds(dtype: torch.dtype, acc: torch.dtype, count: int) -> float:
+    """How many running stds from zero the running means may lie for torch's one-pass
+    fold to keep y within its bound (:func:`_fold_is_exact_enough`), ``count`` values per
+    channel.
+
+    fp32 / fp64 input: the exact shift's own 3.5 eps of max|y| plus the fold's extra
+    ``1.5 k + 0.5`` at ``k`` stds stay within the y bound, ``1 + 3 log2(count)`` eps
+    (verification/bounds.py), while ``k <= 2 (log2(count) - 1)``: 2 stds for four values
+    per channel, 14 for 256, 31 for 100352 (fewer than four values keep the rule of four).
+    Beyond, torch's fold can leave the bound, and grows with the offset (measured on
+    (8, 64, 28, 28): 10 eps at 100 stds, 580 at 1e4, where the exact shift stays under
+    1.3), so the exact shift runs.
+
     fp16 / bf16 input is folded in fp32 and rounded once into its own dtype, so the fold's
     extra error, ``1.5 k`` fp32 eps of max|y| at ``k`` stds, is ``1.5 k eps32 / eps_in``
-    of the output's eps: the fp32 rule's 3 eps at 2 stds is reached only at ``2 eps_in /
-    eps32`` stds (16384 for fp16, 131072 for bf16), beyond what data of that precision can
-    resolve around such a mean."""
+    of the output's eps: 3 such eps are reached only at ``2 eps_in / eps32`` stds (16384
+    for fp16, 131072 for bf16), beyond what data of that precision can resolve around
+    such a mean; measured, 0.2-0.4 eps out there."""
     if dtype == acc:
-        return 2.0
+        return 2.0 * (math.log2(max(count, 4)) - 1.0)
     return 2.0 * torch.finfo(dtype).eps / torch.finfo(acc).eps
 
 
 def _fold_is_exact_enough(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
-                          stds: float = 2.0) -> bool:
-    """Whether torch's single-pass eval is as accurate as the exact shift, within the bound:
-    every channel's running mean within ``stds`` running stds of zero (two for fp32 / fp64
-    input, the rule by which the training pivot, numerics.batch_pivot, leaves data
-    unshifted; :func:`_fold_stds` for fp16 / bf16).
+                          stds: float) -> bool:
+    """Whether torch's single-pass eval keeps y within its bound: every channel's running
+    mean within ``stds`` running stds of zero (:func:`_fold_stds`).
 
     With ``u`` the unit roundoff of the accumulator (eps / 2), ``a = weight / sigma``,
     ``sigma = sqrt(running_var + eps)``, ``D = |(x - mean) * a|`` and ``M = |mean * a|``:
@@ -452,24 +488,22 @@ def _fold_is_exact_enough(running_mean: torch.Tensor, running_var: torch.Tensor,
     error, ``3u M + u |bias|``, measured as the bound table does (normwise, eps of max|y|,
     where max|y| >= |weight| + |bias| for data reaching one running std on both sides of
     the running mean, which is what running statistics describe) is at most ``(1.5 M +
-    0.5 |bias|) / (|weight| + |bias|)`` eps.  With ``|mean| <= 2 sigma``, ``M <= 2
-    |weight|``: at most 3.5 eps on top of the shift's 3.5, inside the y bound (1 + 3
-    log2(count) eps: 7 from four values per channel on); for fp16 / bf16 input torch folds
-    in fp32, where it costs a fraction of the input's ulp.  Beyond two stds the fold's
-    error grows with the offset (1.5e4 eps of max|y| at 1e4 stds) and the exact shift
-    runs.  Reading the running statistics costs no synchronization: they are CPU tensors,
-    O(C) values.
+    0.5 |bias|) / (|weight| + |bias|)`` eps: with ``|mean| <= k sigma``, ``M <= k
+    |weight|``, at most ``1.5 k + 0.5`` eps on top of the shift's 3.5.  This is a worst
+    case: the roundings rarely align (measured ~0.1 eps per std of offset).  For fp16 /
+    bf16 input torch folds in fp32, where it costs a fraction of the input's ulp.  Reading
+    the running statistics costs no synchronization: they are CPU tensors, O(C) values.
     """
     try:
         key = (running_mean._version, running_mean.data_ptr(), id(running_var), running_var._version,
                running_var.data_ptr(), eps, stds)
     except RuntimeError:  # inference tensors keep no version counter: decide every time
-        return _within(running_mean, running_var + eps, stds)
+        return _within(running_mean, running_var, stds, eps)
     tensor_id = id(running_mean)
     known = _fold_decisions.get(tensor_id)
     if known is not None and known[0]() is running_mean and known[1] == key:
         return known[2]
-    decision = _within(running_mean, running_var + eps, stds)
+    decision = _within(running_mean, running_var, stds, eps)
     _fold_decisions[tensor_id] = (
         weakref.ref(running_mean, lambda _, i=tensor_id: _fold_decisions.pop(i, None)), key, decision,
     )
@@ -485,10 +519,24 @@ _fold_decisions: dict = {}
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum) -> None:
-    """The kernel's running-statistics update, with the same arithmetic in the same dtype."""
+    """The kernel's running-statistics update, ``(1 - f) running + f batch`` in the
+    accumulator dtype with ``f = momentum`` or ``1 / num_batches_tracked``.
+
+    Buffers in the accumulator dtype (the usual case) take two in-place ops for both:
+    the products by ``1 - f`` and then ``+ f batch`` fused (torch's add with alpha), which
+    rounds once where the kernel's ``(1 - f) r + f b`` may round twice (less than an ulp
+    apart).  Others are updated in the accumulator and rounded once into their dtype."""
     acc = mean.dtype
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
+    if running_mean.dtype == acc and running_var.dtype == acc:
+        # f and 1 - f rounded as the kernel rounds them, in the accumulator dtype (reading
+        # the counter costs no synchronization: it is a CPU tensor).
+        factor = _rounded(momentum if momentum is not None else 1.0 / float(num_batches_tracked), acc)
+        keep = _rounded(1.0 - factor, acc)
+        torch._foreach_mul_([running_mean, running_var], keep)
+        torch._foreach_add_([running_mean, running_var], [mean, var_unbiased], alpha=factor)
+        return
     if momentum is None:
         factor = 1.0 / num_batches_tracked.to(acc)
     else:
@@ -496,3 +544,8 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
     keep = 1.0 - factor
     running_mean.copy_(keep * running_mean.to(acc) + factor * mean)
     running_var.copy_(keep * running_var.to(acc) + factor * var_unbiased)
+
+
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (fp32 / fp64), as a Python float."""
+    return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
