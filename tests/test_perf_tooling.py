@@ -244,3 +244,30 @@ def test_an_inaccurate_baseline_is_timed_and_said_so(tmp_path):
     assert float(theirs["fwd_train"]["ms"]) > 0
     notes = csv_path.with_suffix(".notes").read_text()
     assert "inaccurate, timed as the baseline: torch mlp 32x16 contiguous fp32 fwd_train: y error" in notes
+
+
+def test_cpu_benchmark_writes_its_table_and_checks_the_far_eval_against_float64(tmp_path):
+    """perf/cpu.py (the native CPU path against torch), quick: the CSV in the schema, a
+    row per pass and provider, and the markdown table with a verdict on every targeted
+    pass and, on the far eval pass (where torch's fold may leave the y bound), both
+    providers' errors against float64 instead: the run stops if bntriton's leaves it."""
+    out = tmp_path / "cpu"
+    proc = _run(PERF / "cpu.py", "--quick", "--out", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS
+    cpu = _perf_module("cpu")
+    timed = [r for r in rows if r["pass"] != "copy"]
+    assert {(r["pass"], r["provider"]) for r in timed} == {
+        (p, provider) for p in cpu.PASSES for provider in ("torch", "bntriton")}
+    table = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| 32x64")]
+    assert len(table) == 2 * len(cpu.PASSES)
+    for line in table:
+        pass_name, verdict = line.split("|")[4].strip(), line.split("|")[8].strip()
+        if pass_name in cpu.TARGETS:
+            assert verdict.startswith(f"<= {cpu.TARGETS[pass_name]}: ")
+        elif pass_name in cpu.ACCURACY_ROWS:
+            assert verdict.startswith("errors: torch ") and "y bound" in verdict
+        else:
+            assert verdict == ""
