@@ -324,16 +324,19 @@ def test_native_path_passes_forward_ad_and_batched_checks(training):
                                         check_batched_grad=True, check_batched_forward_grad=True)
 
 
-@pytest.mark.parametrize("offset_in_stds", [0.0, 1.5, 32.0])
+@pytest.mark.parametrize("offset_in_stds", [0.0, 1.5, 32.0, 1e4])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dtype, layout, offset_in_stds, monkeypatch):
     """fp16 / bf16 training with fp32 parameters and running statistics (autocast's mix):
     data whose means lie within two stds of zero go to torch's mixed-precision kernels
-    without a conversion (statistics by runs, native_cpu._runs), data further out keep the
-    exact fp32 shift; either way y, dx, dweight, dbias and the running statistics are
-    within the bound table against the float64 oracle, at a count (50176) where torch's
-    whole-channel fp32 sums leave its running variance outside it."""
+    without a conversion (statistics by runs, native_cpu._runs); data further out take
+    their statistics from the exact fp32 shift, and y and the gradients from the data as
+    they are (sums centred on the pivot) out to native_cpu._half_shift_stds (1024 stds
+    for fp16, 8192 for bf16), from the fp32 shift beyond; either way y, dx, dweight,
+    dbias and the running statistics are within the bound table against the float64
+    oracle, at a count (50176) where torch's whole-channel fp32 sums leave its running
+    variance outside it."""
     from bntriton.kernels import native_cpu
     from bntriton.kernels.layout import channel_view
     from bntriton.verification import oracle
@@ -353,16 +356,22 @@ def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dt
     running = [torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.5]
     before = [t.clone() for t in running]
 
-    read = []  # the dtypes the backward's runs read: the input's own only when unshifted
+    read = []  # the dtypes the backward's runs read: the input's own out to _half_shift_stds
     original = native_cpu._run_backward
     monkeypatch.setattr(native_cpu, "_run_backward", lambda view, m, *a: read.append(m.dtype) or original(view, m, *a))
+    normalized = []  # the dtypes y is computed from: the input's own out to _half_shift_stds
+    original_normalized = native_cpu._normalized
+    monkeypatch.setattr(native_cpu, "_normalized",
+                        lambda m, *a: normalized.append(m.dtype) or original_normalized(m, *a))
     leaf = x.clone().requires_grad_()
     with bntriton.cpu_backend("native"):
         y = bntriton.batch_norm(leaf, *running, weight, bias, training=True, momentum=0.5)
         y.backward(dy)
         _, stats = native_cpu.forward_train(channel_view(x), weight.detach(), bias.detach(), 1e-5)
     near = offset_in_stds <= 2.0
-    assert bool((stats.pivot == 0).all()) == near and (dtype in read) == near
+    as_they_are = offset_in_stds <= native_cpu._half_shift_stds(dtype, torch.float32)
+    assert bool((stats.pivot == 0).all()) == near and (dtype in read) == as_they_are
+    assert normalized == [dtype if as_they_are else torch.float32] * 2
     assert stats.mean.dtype == stats.rstd.dtype == stats.var_unbiased.dtype == torch.float32
     assert y.dtype == leaf.grad.dtype == dtype and y.stride() == leaf.grad.stride() == x.stride()
 

@@ -165,6 +165,19 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     pivot = _pivot_of(*first)
     # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
     shifted = _minus_pivot(view, pivot, acc)
+    if x.dtype != acc:
+        # fp16 / bf16: the statistics of the fp32 shift by runs (centred sums for
+        # channels-first data), y from the data as they are where that is exact enough.
+        runs = _run_statistics(view, shifted, eps, centred=not view.channels_last)
+        if runs is not None:
+            mean_shifted, variance, rstd, var_unbiased = runs
+            mean = pivot + mean_shifted
+            if _scaled_within(mean, rstd, _half_shift_stds(x.dtype, acc)):
+                y = _normalized(m, weight, bias, mean, variance, eps, acc)
+            else:
+                y = _normalized(shifted, weight, bias, mean_shifted, variance, eps, acc)
+            stats = BatchStats(mean_shifted, rstd, None, None, mean, var_unbiased, pivot)
+            return _unmatrix(view, y, x.dtype), stats
     # Statistics by runs (_runs) where torch's would be long sequential sums in the
     # accumulator: fp32 / fp64 channels-last and fp64 channels-first data of more than
     # _RUN rows (_long_sums), and the fp32 shift of fp16 / bf16 channels-last data.
@@ -176,6 +189,21 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
         y, mean_shifted, rstd, var_unbiased = _native_forward(shifted, weight, bias, eps, acc)
     stats = BatchStats(mean_shifted, rstd, None, None, pivot + mean_shifted, var_unbiased, pivot)
     return _unmatrix(view, y, x.dtype), stats
+
+
+def _half_shift_stds(dtype: torch.dtype, acc: torch.dtype) -> float:
+    """How far from zero, in stds, shifted fp16 / bf16 training data take their y from
+    the data as they are and their gradients from sums centred on the pivot
+    (:func:`forward_train`, :func:`backward`).  y comes from torch's mixed-precision eval
+    with the batch's mean and variance, rounded once into the input's dtype; torch folds
+    the mean into the shift in fp32, which at ``k`` stds costs ``1.5 k`` fp32 eps of
+    max|y| (:func:`_fold_is_exact_enough`), and rounding the mean ``K + mean_shifted``
+    to fp32 half as much again.  The limit is ``eps_in / eps32 / 8`` (1024 for
+    fp16, 8192 for bf16), where the fp32 fold and the mean's rounding cost at most 0.19
+    of an output eps, and dx's x_hat (centred on the mean rounded to fp32) 0.13 of its
+    scale.  Further out the data resolve their own spread only coarsely (a bf16 value
+    8192 stds from zero is rounded to 32 stds) and the fp32 shift runs throughout."""
+    return torch.finfo(dtype).eps / torch.finfo(acc).eps / 8
 
 
 # From this many values on, the training forward asks the first rows (a dozen small ops
@@ -196,6 +224,9 @@ def _scaled_within(mean: torch.Tensor, rstd: torch.Tensor, stds: float) -> bool:
 # The longest run of values that one accumulator of torch's batch-norm kernels adds in
 # sequence on the run-statistics path (see _runs).
 _RUN = 512
+# The same for the centred sums of squares (_run_statistics), whose rounding reaches the
+# variance undiluted.
+_CENTRED_RUN = 16
 # Bytes of the vector registers over which torch's channels-first kernels spread a
 # channel's values (its Vectorized<float>: 8 fp32 lanes, 4 fp64; twice that with AVX-512).
 _VECTOR_BYTES = 32
@@ -210,7 +241,7 @@ def _long_sums(view: ChannelView, acc: torch.dtype) -> bool:
     return view.rows > _RUN and (view.channels_last or acc == torch.float64)
 
 
-def _runs(view: ChannelView, m: torch.Tensor):
+def _runs(view: ChannelView, m: torch.Tensor, run: int = _RUN):
     """The dense matrix form ``m`` of a view as batch-norm inputs whose channels are runs
     of one channel's values, each with its map from its channels to the view's and the
     shape and dims that fold its per-run results into per-channel ones (:func:`_merged`);
@@ -248,7 +279,7 @@ def _runs(view: ChannelView, m: torch.Tensor):
     index = torch.arange(channels)
     if view.channels_last:
         rows = view.rows
-        run = min(rows, _RUN)
+        run = min(rows, run)
         groups = rows // run
         whole = groups * run
         pieces = [(m[:whole].reshape(run, groups * channels), index.repeat(groups), (groups, channels), (0,))]
@@ -259,7 +290,7 @@ def _runs(view: ChannelView, m: torch.Tensor):
     if m.stride() != (channels * spatial, spatial, 1):
         return None
     lanes = _VECTOR_BYTES * 8 // torch.finfo(accumulator_dtype(m.dtype)).bits
-    least = -(-spatial // (lanes * _RUN))
+    least = -(-spatial // (lanes * run))
     cuts = next((k for k in range(least, 2 * least + 1) if spatial % k == 0), None)
     if cuts is None:
         return None
@@ -278,30 +309,55 @@ def _merged(pieces, values) -> torch.Tensor:
     return total
 
 
-def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float):
+def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: bool = False):
     """``(mean, biased variance, rstd, unbiased variance)`` (in the accumulator dtype) of
     the matrix form ``m``, from torch's statistics of short runs (:func:`_runs`) merged in
-    fp64 by Chan's formula; None where the view cannot be cut into runs."""
-    pieces = _runs(view, m)
+    fp64 by Chan's formula; None where the view cannot be cut into runs.
+
+    ``centred``: ``m`` is fp32 data shifted by a pivot near their mean (within a fraction
+    of a std), whose runs' sums of values and of squares then come from torch's backward
+    kernel (``dy = x = m``, mean 0, rstd 1: its ``dweight`` is the sum of squares, its
+    ``dbias`` the sum), merged in fp64, with ``M2 = sum(s^2) - sum(s)^2 / n`` there:
+    channels-first fp32 statistics accumulate in fp64 in torch and run ~7x slower.  The
+    sums of squares err as a run's sequential sum of positive terms does, about
+    ``sqrt(L) u`` of themselves for L values per accumulator, and centred data lose at
+    most a factor ``1 + mean_shifted^2 / variance`` (~1.1) of that to the subtraction:
+    hence runs of ``_CENTRED_RUN`` values per accumulator, not ``_RUN``: measured on
+    (32, 64, 56, 56) fp16 data 10 and 32 stds from zero, the running variance came to
+    0.82 of its bound at 392 values per lane, 0.15 at 56 and 0.03 at 14 (for no
+    measurable time: the runs' count hardly matters to torch's kernel)."""
+    pieces = _runs(view, m, _CENTRED_RUN if centred else _RUN)
     if pieces is None:
         return None
     acc = accumulator_dtype(m.dtype)
-    # Buffers in the accumulator dtype (fp32 for fp16 / bf16 data make torch take its
-    # mixed-precision kernel: fp32 results); the statistics come back as (run means,
-    # biased run variances).
-    stats = [
-        torch.ops.aten.batch_norm_update_stats(x, torch.zeros(len(i), dtype=acc), torch.zeros(len(i), dtype=acc), 1.0)
-        for x, i, _, _ in pieces
-    ]
-    sizes = [x.numel() // len(i) for x, i, _, _ in pieces]
     count = view.rows
-    mean = _merged(pieces, [n * run_mean.double() for n, (run_mean, _) in zip(sizes, stats)]) / count
-    # Chan: the runs' sums of squared deviations plus their counts times their means'
-    # squared deviations from the mean, all in fp64.
-    m2 = _merged(pieces, [
-        n * (run_var.double() + (run_mean.double() - mean[i]).square())
-        for n, (run_mean, run_var), (_, i, _, _) in zip(sizes, stats, pieces)
-    ])
+    if centred:
+        sums = [
+            torch.ops.aten.native_batch_norm_backward(
+                x, x, torch.ones(len(i), dtype=acc), None, None, torch.zeros(len(i), dtype=acc),
+                torch.ones(len(i), dtype=acc), True, 0.0, [False, True, True],
+            )
+            for x, i, _, _ in pieces
+        ]
+        total = _merged(pieces, [s[2] for s in sums])
+        mean = total / count
+        m2 = (_merged(pieces, [s[1] for s in sums]) - total * mean).clamp_min(0.0)
+    else:
+        # Buffers in the accumulator dtype (fp32 for fp16 / bf16 data make torch take its
+        # mixed-precision kernel: fp32 results); the statistics come back as (run means,
+        # biased run variances).
+        stats = [
+            torch.ops.aten.batch_norm_update_stats(x, torch.zeros(len(i), dtype=acc), torch.zeros(len(i), dtype=acc), 1.0)
+            for x, i, _, _ in pieces
+        ]
+        sizes = [x.numel() // len(i) for x, i, _, _ in pieces]
+        mean = _merged(pieces, [n * run_mean.double() for n, (run_mean, _) in zip(sizes, stats)]) / count
+        # Chan: the runs' sums of squared deviations plus their counts times their means'
+        # squared deviations from the mean, all in fp64.
+        m2 = _merged(pieces, [
+            n * (run_var.double() + (run_mean.double() - mean[i]).square())
+            for n, (run_mean, run_var), (_, i, _, _) in zip(sizes, stats, pieces)
+        ])
     variance = m2 / count
     rstd = (variance + eps).rsqrt()
     var_unbiased = m2 / (count - 1)
@@ -339,11 +395,15 @@ def backward(
         return view.empty_like(), zeros, zeros.clone()
     # K at ``pivot[c * pivot_stride]``: the forward's pivot or the running mean.
     k = pivot.as_strided((channels,), (pivot_stride,), pivot.storage_offset()).to(acc)
-    if batch_stats and x.dtype != acc and dy.dtype == x.dtype and not bool(k.any()):
-        runs = _run_backward(view, _matrix(view, x), _matrix(view, dy), weight, mean_shifted, rstd, acc)
-        if runs is not None:
-            dx, dweight, dbias = runs
-            return _unmatrix(view, dx, x.dtype), dweight.to(param_dtype), dbias.to(param_dtype)
+    if batch_stats and x.dtype != acc and dy.dtype == x.dtype:
+        # fp16 / bf16 data read as they are: unshifted (K = 0), or shifted and within
+        # _half_shift_stds of zero, their sums then centred on K.
+        centre = None if not bool(k.any()) else k
+        if centre is None or _scaled_within(k + mean_shifted, rstd, _half_shift_stds(x.dtype, acc)):
+            runs = _run_backward(view, _matrix(view, x), _matrix(view, dy), weight, mean_shifted, rstd, acc, centre)
+            if runs is not None:
+                dx, dweight, dbias = runs
+                return _unmatrix(view, dx, x.dtype), dweight.to(param_dtype), dbias.to(param_dtype)
     shifted = _minus_pivot(view, k, acc)
     dy_m = _matrix(view, dy)
     if dy_m.dtype != acc:
@@ -371,35 +431,46 @@ def backward(
     return _unmatrix(view, dx, x.dtype), dweight.to(param_dtype), dbias.to(param_dtype)
 
 
-def _run_backward(view: ChannelView, m, dy_m, weight, mean, rstd, acc: torch.dtype):
+def _run_backward(view: ChannelView, m, dy_m, weight, mean, rstd, acc: torch.dtype, pivot=None):
     """``(dx, dweight, dbias)`` from sums over runs (:func:`_runs`) merged in fp64: of
-    fp16 / bf16 data (unshifted, K = 0, read as they are) or of their fp32 shift
-    (channels-last), and of fp32 / fp64 data whose sums torch would take in long
-    sequences (:func:`_long_sums`); None where the view cannot be cut into runs."""
+    fp16 / bf16 data read as they are (``mean`` their mean; or, with ``pivot`` K given,
+    ``mean`` their mean minus K) or of their fp32 shift (channels-last), and of fp32 /
+    fp64 data whose sums torch would take in long sequences (:func:`_long_sums`); None
+    where the view cannot be cut into runs."""
     pieces, dy_pieces = _runs(view, m), _runs(view, dy_m)
     if pieces is None or dy_pieces is None:
         return None
-    # sum(dy) and sum(dy * (x - mean)) per run: with rstd 1 torch's "dweight" of a run is
-    # the latter exactly; merged in fp64.
+    # sum(dy) and sum(dy * (x - c)) per run, c the mean or K: with rstd 1 torch's
+    # "dweight" of a run is the latter exactly (torch centres each value before the
+    # product, in fp32: x - K is exact near K, else rounded relative to itself); merged
+    # in fp64.
+    centre = mean if pivot is None else pivot
     sums = [
         torch.ops.aten.native_batch_norm_backward(
-            g, x, torch.ones(len(i), dtype=acc), None, None, mean[i], torch.ones(len(i), dtype=acc), True, 0.0,
+            g, x, torch.ones(len(i), dtype=acc), None, None, centre[i], torch.ones(len(i), dtype=acc), True, 0.0,
             [False, True, True],
         )
         for (x, i, _, _), (g, _, _, _) in zip(pieces, dy_pieces)
     ]
     dot = _merged(pieces, [s[1] for s in sums])
     dbias = _merged(pieces, [s[2] for s in sums])
+    if pivot is not None:
+        # sum(dy (x - mean)) = sum(dy (x - K)) - (mean - K) sum(dy), in fp64: K lies within
+        # a fraction of a std of the mean (the first rows' mean), so little cancels.
+        dot = dot - mean.double() * dbias
     rstd64 = rstd.double()
     dweight = dot * rstd64
     if view.tensor.dtype != acc:
         # dx of fp16 / bf16 data from torch's backward: its whole-channel fp32 sums
         # (errors of up to ~1e-4 relative, :func:`_runs`) reach only dx, stored in fp16 /
-        # bf16 whose eps is 2**13 / 2**16 times fp32's, and rounded once.
+        # bf16 whose eps is 2**13 / 2**16 times fp32's, and rounded once.  Shifted data
+        # are centred on K + mean rounded to fp32 (:func:`_half_shift_stds`).
+        centre = mean if pivot is None else pivot + mean
         dx = torch.ops.aten.native_batch_norm_backward(
-            dy_m, m, _param(weight, acc), None, None, mean, rstd, True, 0.0, [True, False, False]
+            dy_m, m, _param(weight, acc), None, None, centre, rstd, True, 0.0, [True, False, False]
         )[0]
         return dx, dweight, dbias
+    assert pivot is None, "the runs' dx of fp32 / fp64 data takes them shifted"
     # fp32 / fp64: dx = k (dy - mean(dy) - x_hat mean(dy x_hat)), k = weight * rstd, from
     # the merged sums, as two elementwise passes over x (or x - K) and dy:
     #     dx = dy * k + (x * q + r),  q = -k b,  r = k (b mean - a),
