@@ -163,21 +163,22 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     if first is None:
         first = _first_rows(view, acc)
     pivot = _pivot_of(*first)
-    # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
-    shifted = _minus_pivot(view, pivot, acc)
     if x.dtype != acc:
-        # fp16 / bf16: the statistics of the fp32 shift by runs (centred sums for
-        # channels-first data), y from the data as they are where that is exact enough.
-        runs = _run_statistics(view, shifted, eps, centred=not view.channels_last)
+        # fp16 / bf16: the statistics of the fp32 shift x - K by runs, shifted a chunk at a
+        # time (centred sums for channels-first data); y from the data as they are where
+        # that is exact enough, else from the whole shift.
+        runs = _run_statistics(view, m, eps, centred=not view.channels_last, pivot=pivot)
         if runs is not None:
             mean_shifted, variance, rstd, var_unbiased = runs
             mean = pivot + mean_shifted
             if _scaled_within(mean, rstd, _half_shift_stds(x.dtype, acc)):
                 y = _normalized(m, weight, bias, mean, variance, eps, acc)
             else:
-                y = _normalized(shifted, weight, bias, mean_shifted, variance, eps, acc)
+                y = _normalized(_minus_pivot(view, pivot, acc), weight, bias, mean_shifted, variance, eps, acc)
             stats = BatchStats(mean_shifted, rstd, None, None, mean, var_unbiased, pivot)
             return _unmatrix(view, y, x.dtype), stats
+    # x - K in the accumulator dtype: exact for values near the pivot, whatever the offset.
+    shifted = _minus_pivot(view, pivot, acc)
     # Statistics by runs (_runs) where torch's would be long sequential sums in the
     # accumulator: fp32 / fp64 channels-last and fp64 channels-first data of more than
     # _RUN rows (_long_sums), and the fp32 shift of fp16 / bf16 channels-last data.
@@ -289,27 +290,94 @@ def _runs(view: ChannelView, m: torch.Tensor, run: int = _RUN):
     samples, _, spatial = m.shape
     if m.stride() != (channels * spatial, spatial, 1):
         return None
-    lanes = _VECTOR_BYTES * 8 // torch.finfo(accumulator_dtype(m.dtype)).bits
-    least = -(-spatial // (lanes * run))
-    cuts = next((k for k in range(least, 2 * least + 1) if spatial % k == 0), None)
+    cuts = _cuts(spatial, accumulator_dtype(m.dtype), run)
     if cuts is None:
         return None
     planes = index.view(1, -1, 1).expand(samples, channels, cuts).reshape(-1)
     return [(m.reshape(1, samples * channels * cuts, spatial // cuts), planes, (samples, channels, cuts), (0, 2))]
 
 
+def _cuts(spatial: int, acc: torch.dtype, run: int):
+    """Into how many runs of consecutive values a channels-first plane of ``spatial``
+    values is cut so that one lane of torch's vector registers adds at most ``run`` of a
+    run's values (a divisor of ``spatial``), or None where no divisor fits."""
+    lanes = _VECTOR_BYTES * 8 // torch.finfo(acc).bits
+    least = -(-spatial // (lanes * run))
+    return next((k for k in range(least, 2 * least + 1) if spatial % k == 0), None)
+
+
+def _shifted_runs(view: ChannelView, m: torch.Tensor, pivot: torch.Tensor, run: int):
+    """:func:`_runs` of ``m - pivot`` in the accumulator dtype, made lazily a chunk of
+    about ``_CHUNK_BYTES`` at a time in one reused buffer (each piece is valid until the
+    next is made); None where the view cannot be cut into runs.  The whole shift of a
+    large tensor costs a fresh fp32 buffer twice its fp16 / bf16 size, whose first touch
+    (page faults) cost more than the subtraction itself: 9-16 ms of a (32, 64, 56, 56)
+    bf16 training step whose torch time is 8-11 ms."""
+    acc = accumulator_dtype(m.dtype)
+    itemsize = torch.finfo(acc).bits // 8
+    channels = view.channels
+    index = torch.arange(channels)
+    if view.channels_last:
+        rows = view.rows
+        run = min(rows, run)
+        chunk_rows = max(1, _CHUNK_BYTES // (run * channels * itemsize)) * run
+        buffer = torch.empty(min(rows, chunk_rows), channels, dtype=acc)
+
+        repeated = index.repeat(chunk_rows // run)
+
+        def pieces():
+            for start in range(0, rows, chunk_rows):
+                out = buffer[: min(rows, start + chunk_rows) - start]
+                torch.sub(m[start:start + len(out)], pivot, out=out)
+                groups = len(out) // run
+                if groups:
+                    yield (out[: groups * run].reshape(run, groups * channels), repeated[: groups * channels],
+                           (groups, channels), (0,))
+                if groups * run < len(out):
+                    yield out[groups * run:], index, (1, channels), (0,)
+
+        return pieces()
+    samples, _, spatial = m.shape
+    if m.stride() != (channels * spatial, spatial, 1):
+        return None
+    cuts = _cuts(spatial, acc, run)
+    if cuts is None:
+        return None
+    chunk = max(1, _CHUNK_BYTES // (channels * spatial * itemsize))
+    buffer = torch.empty(min(samples, chunk), channels, spatial, dtype=acc)
+    per_channel = pivot.view(1, -1, 1)
+
+    def pieces():
+        for start in range(0, samples, chunk):
+            out = buffer[: min(samples, start + chunk) - start]
+            torch.sub(m[start:start + len(out)], per_channel, out=out)
+            n = len(out)
+            planes = index.view(1, -1, 1).expand(n, channels, cuts).reshape(-1)
+            yield out.reshape(1, n * channels * cuts, spatial // cuts), planes, (n, channels, cuts), (0, 2)
+
+    return pieces()
+
+
+# The shifted runs' chunk (_shifted_runs): a few MiB, a few dozen chunks of a large tensor
+# (two small ops each), each read back from cache.
+_CHUNK_BYTES = 2 << 20
+
+
+def _stacked(pieces, values) -> torch.Tensor:
+    """``values`` (one per piece, per run) in fp64, each in its piece's shape and stacked
+    along the first dim: (runs, C) for channels-last pieces, (samples, C, cuts) for
+    channels-first ones, channel c at index c of dim 1 either way."""
+    return torch.cat([v.reshape(shape) for (_, _, shape, _), v in zip(pieces, values)]).to(torch.float64)
+
+
 def _merged(pieces, values) -> torch.Tensor:
     """Per-channel fp64 sums of ``values`` (one per piece, per run) over the runs: torch's
     sum over the runs of each channel, which adds them pairwise (cascade), so that fp64
     runs (fp64 input) merge with an error of ``O(log(runs))`` fp64 ulps, not ``runs``."""
-    total = None
-    for (_, _, shape, dims), v in zip(pieces, values):
-        part = v.to(torch.float64).reshape(shape).sum(dims)
-        total = part if total is None else total + part
-    return total
+    return _stacked(pieces, values).sum(pieces[0][3])
 
 
-def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: bool = False):
+def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: bool = False, pivot=None):
     """``(mean, biased variance, rstd, unbiased variance)`` (in the accumulator dtype) of
     the matrix form ``m``, from torch's statistics of short runs (:func:`_runs`) merged in
     fp64 by Chan's formula; None where the view cannot be cut into runs.
@@ -325,39 +393,49 @@ def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: boo
     hence runs of ``_CENTRED_RUN`` values per accumulator, not ``_RUN``: measured on
     (32, 64, 56, 56) fp16 data 10 and 32 stds from zero, the running variance came to
     0.82 of its bound at 392 values per lane, 0.15 at 56 and 0.03 at 14 (for no
-    measurable time: the runs' count hardly matters to torch's kernel)."""
-    pieces = _runs(view, m, _CENTRED_RUN if centred else _RUN)
+    measurable time: the runs' count hardly matters to torch's kernel).
+
+    ``pivot``: the statistics of ``m - pivot`` in the accumulator dtype, shifted a chunk
+    at a time (:func:`_shifted_runs`)."""
+    run = _CENTRED_RUN if centred else _RUN
+    pieces = _runs(view, m, run) if pivot is None else _shifted_runs(view, m, pivot, run)
     if pieces is None:
         return None
     acc = accumulator_dtype(m.dtype)
     count = view.rows
+    # Each piece's results, taken before the next piece is made (a shifted piece lives in a
+    # buffer the next one reuses); the merges read only the pieces' shapes.
+    results, shapes = [], []
+    for x, i, shape, dims in pieces:
+        channels = len(i)
+        if centred:
+            results.append(torch.ops.aten.native_batch_norm_backward(
+                x, x, torch.ones(channels, dtype=acc), None, None, torch.zeros(channels, dtype=acc),
+                torch.ones(channels, dtype=acc), True, 0.0, [False, True, True],
+            )[1:])
+        else:
+            # Buffers in the accumulator dtype (fp32 for fp16 / bf16 data make torch take
+            # its mixed-precision kernel: fp32 results); the statistics come back as (run
+            # means, biased run variances).
+            results.append(torch.ops.aten.batch_norm_update_stats(
+                x, torch.zeros(channels, dtype=acc), torch.zeros(channels, dtype=acc), 1.0))
+        shapes.append((x.numel() // channels, i, shape, dims))
+    pieces = shapes
     if centred:
-        sums = [
-            torch.ops.aten.native_batch_norm_backward(
-                x, x, torch.ones(len(i), dtype=acc), None, None, torch.zeros(len(i), dtype=acc),
-                torch.ones(len(i), dtype=acc), True, 0.0, [False, True, True],
-            )
-            for x, i, _, _ in pieces
-        ]
-        total = _merged(pieces, [s[2] for s in sums])
+        total = _merged(pieces, [squares_and_sum[1] for squares_and_sum in results])
         mean = total / count
-        m2 = (_merged(pieces, [s[1] for s in sums]) - total * mean).clamp_min(0.0)
+        m2 = (_merged(pieces, [squares_and_sum[0] for squares_and_sum in results]) - total * mean).clamp_min(0.0)
     else:
-        # Buffers in the accumulator dtype (fp32 for fp16 / bf16 data make torch take its
-        # mixed-precision kernel: fp32 results); the statistics come back as (run means,
-        # biased run variances).
-        stats = [
-            torch.ops.aten.batch_norm_update_stats(x, torch.zeros(len(i), dtype=acc), torch.zeros(len(i), dtype=acc), 1.0)
-            for x, i, _, _ in pieces
-        ]
-        sizes = [x.numel() // len(i) for x, i, _, _ in pieces]
-        mean = _merged(pieces, [n * run_mean.double() for n, (run_mean, _) in zip(sizes, stats)]) / count
-        # Chan: the runs' sums of squared deviations plus their counts times their means'
-        # squared deviations from the mean, all in fp64.
-        m2 = _merged(pieces, [
-            n * (run_var.double() + (run_mean.double() - mean[i]).square())
-            for n, (run_mean, run_var), (_, i, _, _) in zip(sizes, stats, pieces)
-        ])
+        # Chan, in fp64 over all runs at once: the runs' sums of squared deviations plus
+        # their counts times their means' squared deviations from the mean.
+        dims = pieces[0][3]
+        run_means = _stacked(pieces, [run_mean for run_mean, _ in results])
+        run_vars = _stacked(pieces, [run_var for _, run_var in results])
+        sizes = torch.cat([torch.full(shape[:1], float(n), dtype=torch.float64) for n, _, shape, _ in pieces])
+        sizes = sizes.view((-1,) + (1,) * (run_means.dim() - 1))
+        mean = (run_means * sizes).sum(dims) / count
+        centred_means = run_means - mean.view((1, -1) + (1,) * (run_means.dim() - 2))
+        m2 = (sizes * (run_vars + centred_means.square())).sum(dims)
     variance = m2 / count
     rstd = (variance + eps).rsqrt()
     var_unbiased = m2 / (count - 1)
