@@ -328,7 +328,7 @@ def _shifted_runs(view: ChannelView, m: torch.Tensor, pivot: torch.Tensor, run: 
         def pieces():
             for start in range(0, rows, chunk_rows):
                 out = buffer[: min(rows, start + chunk_rows) - start]
-                torch.sub(m[start:start + len(out)], pivot, out=out)
+                out.copy_(m[start:start + len(out)]).sub_(pivot)  # exact conversion, then x - K
                 groups = len(out) // run
                 if groups:
                     yield (out[: groups * run].reshape(run, groups * channels), repeated[: groups * channels],
@@ -350,7 +350,7 @@ def _shifted_runs(view: ChannelView, m: torch.Tensor, pivot: torch.Tensor, run: 
     def pieces():
         for start in range(0, samples, chunk):
             out = buffer[: min(samples, start + chunk) - start]
-            torch.sub(m[start:start + len(out)], per_channel, out=out)
+            out.copy_(m[start:start + len(out)]).sub_(per_channel)
             n = len(out)
             planes = index.view(1, -1, 1).expand(n, channels, cuts).reshape(-1)
             yield out.reshape(1, n * channels * cuts, spatial // cuts), planes, (n, channels, cuts), (0, 2)
