@@ -8,8 +8,9 @@ used for CPU tensors unless ``bntriton.cpu_backend("interpreter")`` /
 
 The numerics are the kernels': every value is first shifted by the per-channel pivot
 ``K`` (in training the kernels' pivot, from the first rows; the running mean in eval), in the
-accumulator dtype, so that ``x - K`` is exact for offset data (data within two stds of zero
-skip the shift: :func:`_fold_is_exact_enough`); torch's native CPU batch
+accumulator dtype, so that ``x - K`` is exact for offset data (training data within two
+stds of zero skip the shift, and eval data within :func:`_fold_stds` running stds:
+:func:`_fold_is_exact_enough`); torch's native CPU batch
 norm then takes the statistics of the shifted problem (its CPU reductions accumulate fp32
 in fp64), normalizes ``(x - K) - mean_shifted`` and takes the gradients.  Its saved mean
 *is* ``mean_shifted`` and its saved inverse std is ``rstd``; the unbiased variance comes
@@ -322,7 +323,6 @@ def _shifted_runs(view: ChannelView, m: torch.Tensor, pivot: torch.Tensor, run: 
         run = min(rows, run)
         chunk_rows = max(1, _CHUNK_BYTES // (run * channels * itemsize)) * run
         buffer = torch.empty(min(rows, chunk_rows), channels, dtype=acc)
-
         repeated = index.repeat(chunk_rows // run)
 
         def pieces():
