@@ -347,13 +347,15 @@ def _shifted_runs(view: ChannelView, m: torch.Tensor, pivot: torch.Tensor, run: 
     buffer = torch.empty(min(samples, chunk), channels, spatial, dtype=acc)
     per_channel = pivot.view(1, -1, 1)
 
+    planes = index.view(1, -1, 1).expand(len(buffer), channels, cuts).reshape(-1)
+
     def pieces():
         for start in range(0, samples, chunk):
             out = buffer[: min(samples, start + chunk) - start]
             out.copy_(m[start:start + len(out)]).sub_(per_channel)
             n = len(out)
-            planes = index.view(1, -1, 1).expand(n, channels, cuts).reshape(-1)
-            yield out.reshape(1, n * channels * cuts, spatial // cuts), planes, (n, channels, cuts), (0, 2)
+            yield (out.reshape(1, n * channels * cuts, spatial // cuts), planes[: n * channels * cuts],
+                   (n, channels, cuts), (0, 2))
 
     return pieces()
 
@@ -405,20 +407,23 @@ def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: boo
     count = view.rows
     # Each piece's results, taken before the next piece is made (a shifted piece lives in a
     # buffer the next one reuses); the merges read only the pieces' shapes.
-    results, shapes = [], []
+    results, shapes, constants = [], [], {}
     for x, i, shape, dims in pieces:
         channels = len(i)
+        if channels not in constants:  # the pieces of a chunked shift share their sizes
+            constants[channels] = (torch.ones(channels, dtype=acc), torch.zeros(channels, dtype=acc),
+                                   torch.zeros(channels, dtype=acc))
+        ones, zeros, other_zeros = constants[channels]
         if centred:
             results.append(torch.ops.aten.native_batch_norm_backward(
-                x, x, torch.ones(channels, dtype=acc), None, None, torch.zeros(channels, dtype=acc),
-                torch.ones(channels, dtype=acc), True, 0.0, [False, True, True],
+                x, x, ones, None, None, zeros, ones, True, 0.0, [False, True, True],
             )[1:])
         else:
             # Buffers in the accumulator dtype (fp32 for fp16 / bf16 data make torch take
             # its mixed-precision kernel: fp32 results); the statistics come back as (run
-            # means, biased run variances).
-            results.append(torch.ops.aten.batch_norm_update_stats(
-                x, torch.zeros(channels, dtype=acc), torch.zeros(channels, dtype=acc), 1.0))
+            # means, biased run variances).  With momentum 1 the buffers' old contents count
+            # for nothing (and the results are not read from them): reused across pieces.
+            results.append(torch.ops.aten.batch_norm_update_stats(x, zeros, other_zeros, 1.0))
         shapes.append((x.numel() // channels, i, shape, dims))
     pieces = shapes
     if centred:
