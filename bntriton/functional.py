@@ -54,7 +54,8 @@ def _dtype_error(name: str, t: Tensor, expected: torch.dtype, input: Tensor) -> 
     )
 
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+# Plain tensors (not fake, functional or subclassed): the types the eager route takes.
+_PLAIN_TYPES = ops._PLAIN_TYPES
 
 
 def _common_valid_case(input, running_mean, running_var, weight, bias, training, momentum, eps) -> bool:

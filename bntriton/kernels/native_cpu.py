@@ -86,11 +86,6 @@ def _pivot_of(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     return torch.where(mean * mean <= 4.0 * variance, torch.zeros_like(mean), mean)
 
 
-def _pivot(view: ChannelView, acc: torch.dtype) -> torch.Tensor:
-    """K (:func:`_pivot_of`) of the view's first rows."""
-    return _pivot_of(*_first_rows(view, acc))
-
-
 def _within(mean: torch.Tensor, variance: torch.Tensor, stds: float, eps: float = 0.0) -> bool:
     """Whether every ``|mean| <= stds * sqrt(variance + eps)`` (False for a NaN): one small
     op and a min, as torch's boolean all() costs ~10x as much on C values."""
@@ -133,8 +128,8 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     are shifted by the kernels' pivot.  For large tensors (:data:`_GATE_VALUES`) the first
     rows decide whether the try is worth a pass: not where they put some mean beyond four
     of their stds.  fp16 / bf16 data are read as they are on the unshifted path
-    (:func:`_run_statistics`); the statistics of long fp32 / fp64 channels are taken by
-    runs too (:func:`_long_sums`).
+    (:func:`_run_statistics`), and for y when shifted (:func:`_half_shift_stds`); the
+    statistics of long fp32 / fp64 channels are taken by runs too (:func:`_long_sums`).
     """
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
@@ -182,8 +177,9 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     shifted = _minus_pivot(view, pivot, acc)
     # Statistics by runs (_runs) where torch's would be long sequential sums in the
     # accumulator: fp32 / fp64 channels-last and fp64 channels-first data of more than
-    # _RUN rows (_long_sums), and the fp32 shift of fp16 / bf16 channels-last data.
-    runs = _run_statistics(view, shifted, eps) if long or (view.channels_last and x.dtype != acc) else None
+    # _RUN rows (_long_sums).  (fp16 / bf16 data reach here only as channels-first planes
+    # that cannot be cut into runs.)
+    runs = _run_statistics(view, shifted, eps) if long else None
     if runs is not None:
         mean_shifted, variance, rstd, var_unbiased = runs
         y = _normalized(shifted, weight, bias, mean_shifted, variance, eps, acc)
