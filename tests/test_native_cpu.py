@@ -324,23 +324,49 @@ def test_native_path_passes_forward_ad_and_batched_checks(training):
                                         check_batched_grad=True, check_batched_forward_grad=True)
 
 
-@pytest.mark.parametrize("offset_in_stds", [0.0, 1.5, 32.0, 1e4])
+def _training_errors(x, dy, weight, bias, before, running, y, dx) -> dict:
+    """Each training output's error (fp16 / bf16 input, fp32 parameters and running
+    statistics updated with momentum 0.5 from ``before``) against the float64 oracle,
+    asserted within its bound: ``({quantity: error}, the oracle's forward result)``,
+    errors in eps of their stored dtype."""
+    from bntriton.verification import oracle
+    from bntriton.verification.bounds import reduction_error
+
+    xn, w64, b64 = x.double().numpy(), weight.detach().double().numpy(), bias.detach().double().numpy()
+    ref = oracle.forward(xn, before[0].double().numpy(), before[1].double().numpy(), w64, b64, True, 0.5, 1e-5)
+    grad = oracle.backward(dy.double().numpy(), xn, ref.mean, ref.var, w64, True, 1e-5)
+    count = x.numel() // x.shape[1]
+    errors = {
+        "y": normwise_error(y, ref.y, x.dtype),
+        "dx": normwise_error(dx, grad.dx, x.dtype, grad.dx_scale),
+        "running_mean": normwise_error(running[0], ref.running_mean, torch.float32, ref.running_mean_magnitude),
+        "running_var": normwise_error(running[1], ref.running_var, torch.float32),
+        "dweight": reduction_error(weight.grad, grad.dweight, grad.dweight_scale, torch.float32),
+        "dbias": reduction_error(bias.grad, grad.dbias, grad.dbias_scale, torch.float32),
+    }
+    stored = {"y": x.dtype, "dx": x.dtype}
+    for name, error in errors.items():
+        assert error <= bound_units(name, stored.get(name, torch.float32), count), (name, error)
+    return errors, ref
+
+
+@pytest.mark.parametrize("offset_in_stds", [0.0, 1.5, 8.0, 32.0, 1e4])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dtype, layout, offset_in_stds, monkeypatch):
     """fp16 / bf16 training with fp32 parameters and running statistics (autocast's mix):
     data whose means lie within two stds of zero go to torch's mixed-precision kernels
-    without a conversion (statistics by runs, native_cpu._runs); data further out take
-    their statistics from the exact fp32 shift, and y and the gradients from the data as
-    they are (sums centred on the pivot) out to native_cpu._half_shift_stds (1024 stds
-    for fp16, 8192 for bf16), from the fp32 shift beyond; either way y, dx, dweight,
-    dbias and the running statistics are within the bound table against the float64
-    oracle, at a count (50176) where torch's whole-channel fp32 sums leave its running
-    variance outside it."""
+    without a conversion (statistics by runs, native_cpu._runs, unshifted); data a few
+    stds out keep those statistics while native_cpu._offset_runs_fit says so (8 stds
+    here) and are shifted by the pivot for the backward; data further out take their
+    statistics from the exact fp32 shift; y and the gradients come from the data as they
+    are (sums centred on the pivot) out to native_cpu._half_shift_stds (1024 stds for
+    fp16, 8192 for bf16), from the fp32 shift beyond.  Either way y, dx, dweight, dbias
+    and the running statistics are within the bound table against the float64 oracle,
+    at a count (50176) where torch's whole-channel fp32 sums leave its running variance
+    outside it."""
     from bntriton.kernels import native_cpu
     from bntriton.kernels.layout import channel_view
-    from bntriton.verification import oracle
-    from bntriton.verification.bounds import reduction_error
 
     gen = torch.Generator().manual_seed(int(offset_in_stds) * 7 + (layout == "nchw") + 3 * (dtype == torch.float16))
     channels, shape = 32, (16, 32, 56, 56)
@@ -363,6 +389,10 @@ def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dt
     original_normalized = native_cpu._normalized
     monkeypatch.setattr(native_cpu, "_normalized",
                         lambda m, *a: normalized.append(m.dtype) or original_normalized(m, *a))
+    shifted_statistics = []  # whether the forward's statistics came from the fp32 shift
+    original_statistics = native_cpu._run_statistics
+    monkeypatch.setattr(native_cpu, "_run_statistics", lambda view, m, eps, **k: shifted_statistics.append(
+        k.get("pivot") is not None) or original_statistics(view, m, eps, **k))
     leaf = x.clone().requires_grad_()
     with bntriton.cpu_backend("native"):
         y = bntriton.batch_norm(leaf, *running, weight, bias, training=True, momentum=0.5)
@@ -371,29 +401,67 @@ def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dt
     near = offset_in_stds <= 2.0
     as_they_are = offset_in_stds <= native_cpu._half_shift_stds(dtype, torch.float32)
     assert bool((stats.pivot == 0).all()) == near and (dtype in read) == as_they_are
+    # Statistics of the runs as they are within a few stds (one try each call), of the
+    # fp32 shift beyond (the first rows say so before any try).
+    assert shifted_statistics == [offset_in_stds > 8.0] * 2
     assert normalized == [dtype if as_they_are else torch.float32] * 2
     assert stats.mean.dtype == stats.rstd.dtype == stats.var_unbiased.dtype == torch.float32
     assert y.dtype == leaf.grad.dtype == dtype and y.stride() == leaf.grad.stride() == x.stride()
 
-    xn, w64, b64 = x.double().numpy(), weight.detach().double().numpy(), bias.detach().double().numpy()
-    ref = oracle.forward(xn, before[0].double().numpy(), before[1].double().numpy(), w64, b64, True, 0.5, 1e-5)
-    grad = oracle.backward(dy.double().numpy(), xn, ref.mean, ref.var, w64, True, 1e-5)
-    count = x.numel() // channels
-    errors = {
-        "y": normwise_error(y, ref.y, dtype),
-        "dx": normwise_error(leaf.grad, grad.dx, dtype, grad.dx_scale),
-        "running_mean": normwise_error(running[0], ref.running_mean, torch.float32, ref.running_mean_magnitude),
-        "running_var": normwise_error(running[1], ref.running_var, torch.float32),
-        "dweight": reduction_error(weight.grad, grad.dweight, grad.dweight_scale, torch.float32),
-        "dbias": reduction_error(bias.grad, grad.dbias, grad.dbias_scale, torch.float32),
-    }
-    stored = {"y": dtype, "dx": dtype}
-    for name, error in errors.items():
-        assert error <= bound_units(name, stored.get(name, torch.float32), count), (name, error)
+    errors, ref = _training_errors(x, dy, weight, bias, before, running, y, leaf.grad)
     # torch's own result on the same inputs is no more accurate.
     theirs = [t.clone() for t in before]
     torch.nn.functional.batch_norm(x, *theirs, weight.detach(), bias.detach(), True, 0.5, 1e-5)
     assert errors["running_var"] <= normwise_error(theirs[1], ref.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_offset_half_statistics_hold_when_every_runs_rounding_aligns(dtype, layout, monkeypatch):
+    """The statistics of fp16 / bf16 data a few stds out from runs as they are
+    (native_cpu._offset_run_errors) are within the bounds for a batch of identical
+    samples, whose runs are identical too: their roundings add up instead of averaging
+    out, the case the runs' length (native_cpu._OFFSET_RUN) and the estimate are for.
+    Also a constant dy, which carries the mean's error into dweight undiluted.  At 6 and
+    10 stds the estimate keeps these statistics (channels-first), whose running variance
+    and dweight then stay within the quarter of their bounds it budgets; at 16 they are not kept
+    (the limit on x_hat's error is 11.96 fp32 eps at this count:
+    native_cpu._offset_runs_limits) and the fp32 shift runs.  Within the bounds either way."""
+    from bntriton.kernels import native_cpu
+
+    estimates = []
+    original = native_cpu._offset_run_errors
+    monkeypatch.setattr(native_cpu, "_offset_run_errors", lambda *a: estimates.append(original(*a)) or estimates[-1])
+    for offset_in_stds, kept in ((6.0, True), (10.0, True), (16.0, False)):
+        estimates.clear()
+        gen = torch.Generator().manual_seed(11 + (layout == "nchw") + 2 * (dtype == torch.float16))
+        channels = 32
+        sigma = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+        sample = (torch.randn(1, channels, 56, 56, generator=gen, dtype=torch.float64) + offset_in_stds) * sigma.view(
+            1, -1, 1, 1)
+        x = sample.expand(16, -1, -1, -1).to(dtype).contiguous()
+        dy = torch.ones_like(x)
+        if layout == "channels_last":
+            x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+        weight = (torch.rand(channels, generator=gen) + 0.5).requires_grad_()
+        bias = (torch.rand(channels, generator=gen) - 0.5).requires_grad_()
+        running = [torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.5]
+        before = [t.clone() for t in running]
+        leaf = x.clone().requires_grad_()
+        with bntriton.cpu_backend("native"):
+            y = bntriton.batch_norm(leaf, *running, weight, bias, training=True, momentum=0.5)
+            y.backward(dy)
+        # Kept: estimated and within the limits; else not tried (the first rows' gate) or not
+        # kept.  (Channels-last runs take rows a quarter of a sample apart, four values of
+        # each identical sample: their means spread, and the estimate keeps them at 6 stds
+        # but not at 10; their bounds are checked all the same.)
+        tried_and_kept = len(estimates) == 1 and native_cpu._offset_runs_fit(estimates[0], x.numel() // channels)
+        assert tried_and_kept == kept or layout == "channels_last"
+        errors, _ = _training_errors(x, dy, weight, bias, before, running, y, leaf.grad)
+        if tried_and_kept:  # what the estimate budgets: a quarter of the bound
+            count = x.numel() // channels
+            for name in ("running_var", "dweight"):
+                assert errors[name] <= bound_units(name, torch.float32, count) / 4, (name, errors[name])
 
 
 LONG_CASES = {

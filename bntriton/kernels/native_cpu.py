@@ -9,8 +9,9 @@ used for CPU tensors unless ``bntriton.cpu_backend("interpreter")`` /
 The numerics are the kernels': every value is first shifted by the per-channel pivot
 ``K`` (in training the kernels' pivot, from the first rows; the running mean in eval), in the
 accumulator dtype, so that ``x - K`` is exact for offset data (training data within two
-stds of zero skip the shift, and eval data within :func:`_fold_stds` running stds:
-:func:`_fold_is_exact_enough`); torch's native CPU batch
+stds of zero skip the shift, fp16 / bf16 training data a few stds out take their
+statistics from short runs as they are, :func:`_offset_run_errors`, and eval data within
+:func:`_fold_stds` running stds skip it: :func:`_fold_is_exact_enough`); torch's native CPU batch
 norm then takes the statistics of the shifted problem (its CPU reductions accumulate fp32
 in fp64), normalizes ``(x - K) - mean_shifted`` and takes the gradients.  Its saved mean
 *is* ``mean_shifted`` and its saved inverse std is ``rstd``; the unbiased variance comes
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 import struct
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -70,9 +72,10 @@ def _first_rows(view: ChannelView, acc: torch.dtype) -> tuple[torch.Tensor, torc
     count = min(16, view.rows)
     if view.channels_last:
         first_rows = m[:count]
-    else:  # rows run over (sample, position): enough samples for `count` rows
+    else:  # rows run over (sample, position): enough samples for `count` rows, and of
+        # each only the first `count` positions (the transposed copy is of those alone)
         samples = -(-count // view.spatial)
-        first_rows = m[:samples].transpose(1, 2).reshape(-1, view.channels)[:count]
+        first_rows = m[:samples, :, :count].transpose(1, 2).reshape(-1, view.channels)[:count]
     first_rows = first_rows.to(acc)
     deviation = first_rows - first_rows[0]
     mean_deviation = deviation.sum(0) / count
@@ -128,24 +131,31 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     are shifted by the kernels' pivot.  For large tensors (:data:`_GATE_VALUES`) the first
     rows decide whether the try is worth a pass: not where they put some mean beyond four
     of their stds.  fp16 / bf16 data are read as they are on the unshifted path
-    (:func:`_run_statistics`), and for y when shifted (:func:`_half_shift_stds`); the
-    statistics of long fp32 / fp64 channels are taken by runs too (:func:`_long_sums`).
+    (:func:`_run_statistics`), and for y when shifted (:func:`_half_shift_stds`); a few
+    stds out their statistics still come from runs of the data as they are, as long as
+    :func:`_offset_run_errors` bounds what that costs within a quarter of the bounds
+    (the first rows decide whether to try, the runs' own statistics whether to keep);
+    the statistics of long fp32 / fp64 channels are taken by runs too (:func:`_long_sums`).
     """
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     m = _matrix(view, x)
     long = _long_sums(view, acc)
     native = m.dtype == acc and not long
+    half = x.dtype != acc
     first = None if native and x.numel() < _GATE_VALUES else _first_rows(view, acc)
-    if first is None or _within(*first, 4.0):
+    runs = None
+    if first is None or _within(*first, _offset_runs_stds(view.rows) if half else 4.0):
         if native:
             y, mean, rstd, var_unbiased = _native_forward(m, weight, bias, eps, acc)
             # rstd**-2 is variance + eps: |mean| * rstd <= 2 is _within's test.
             kept = _scaled_within(mean, rstd, 2.0)
         else:
             y = None
-            runs = _run_statistics(view, m, eps)
-            mean, variance, rstd, var_unbiased = runs if runs is not None else (None,) * 4
+            # Data the first rows put a few stds from zero take shorter runs (_OFFSET_RUN).
+            run = _OFFSET_RUN if half and first is not None and not _within(*first, 2.0) else _RUN
+            runs = _run_statistics(view, m, eps, offset_errors=half, run=run)
+            mean, variance, rstd, var_unbiased = runs[:4] if runs is not None else (None,) * 4
             kept = mean is not None and _within(mean, variance, 2.0)
         if mean is not None and not kept:
             if first is None:
@@ -159,13 +169,22 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     if first is None:
         first = _first_rows(view, acc)
     pivot = _pivot_of(*first)
-    if x.dtype != acc:
-        # fp16 / bf16: the statistics of the fp32 shift x - K by runs, shifted a chunk at a
+    if half:
+        if runs is not None and _offset_runs_fit(runs.offset_errors, view.rows):
+            # fp16 / bf16 a few stds from zero: the unshifted runs' statistics hold (their
+            # x_hat error is at most a quarter of the bound's, so the means lie well within
+            # _half_shift_stds: y from the data as they are).  The backward's sums are
+            # centred on K, with the mean's offset from K taken before its rounding.
+            mean_shifted = (runs.mean64 - pivot).to(acc)
+            y = _normalized(m, weight, bias, runs.mean, runs.variance, eps, acc)
+            stats = BatchStats(mean_shifted, runs.rstd, None, None, runs.mean, runs.var_unbiased, pivot)
+            return _unmatrix(view, y, x.dtype), stats
+        # Further out: the statistics of the fp32 shift x - K by runs, shifted a chunk at a
         # time (centred sums for channels-first data); y from the data as they are where
         # that is exact enough, else from the whole shift.
         runs = _run_statistics(view, m, eps, centred=not view.channels_last, pivot=pivot)
         if runs is not None:
-            mean_shifted, variance, rstd, var_unbiased = runs
+            mean_shifted, variance, rstd, var_unbiased = runs[:4]
             mean = pivot + mean_shifted
             if _scaled_within(mean, rstd, _half_shift_stds(x.dtype, acc)):
                 y = _normalized(m, weight, bias, mean, variance, eps, acc)
@@ -181,7 +200,7 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     # that cannot be cut into runs.)
     runs = _run_statistics(view, shifted, eps) if long else None
     if runs is not None:
-        mean_shifted, variance, rstd, var_unbiased = runs
+        mean_shifted, variance, rstd, var_unbiased = runs[:4]
         y = _normalized(shifted, weight, bias, mean_shifted, variance, eps, acc)
     else:
         y, mean_shifted, rstd, var_unbiased = _native_forward(shifted, weight, bias, eps, acc)
@@ -202,6 +221,34 @@ def _half_shift_stds(dtype: torch.dtype, acc: torch.dtype) -> float:
     scale.  Further out the data resolve their own spread only coarsely (a bf16 value
     8192 stds from zero is rounded to 32 stds) and the fp32 shift runs throughout."""
     return torch.finfo(dtype).eps / torch.finfo(acc).eps / 8
+
+
+def _offset_runs_stds(count: int) -> float:
+    """How far from zero, in first-rows stds, fp16 / bf16 training data try the statistics
+    of their runs as they are (:func:`_offset_runs_fit`): where the first rows' mean is
+    within twice the offset those statistics can take (``x_hat``'s error is at least
+    the offset in fp32 eps), a gate for the try, not its decision."""
+    return 2.0 * _offset_runs_limits(count)[0]
+
+
+def _offset_runs_limits(count: int) -> tuple[float, float]:
+    """The largest ``(x_hat error, variance error)`` (:func:`_offset_run_errors`, fp32 eps)
+    that statistics from runs of unshifted fp16 / bf16 data may carry: a quarter of the
+    bound table's fp32 ``dweight`` bound (``1 + 3 log2(count)``: sum(dy * x_hat) moves
+    with x_hat) and of its ``running_var`` bound (``2 + 2 log2(count)``); both are
+    verification/bounds.py's, for ``count`` values per channel."""
+    depth = math.log2(max(count, 2))
+    return (1.0 + 3.0 * depth) / 4.0, (2.0 + 2.0 * depth) / 4.0
+
+
+def _offset_runs_fit(errors, count: int) -> bool:
+    """Whether the unshifted runs' statistics of fp16 / bf16 data away from zero are
+    within :func:`_offset_runs_limits` (no estimate: False).  At (32, 64, 56, 56) that
+    holds out to about 12 stds; beyond, the exact fp32 shift runs."""
+    if errors is None:
+        return False
+    x_hat_limit, var_limit = _offset_runs_limits(count)
+    return errors[0] <= x_hat_limit and errors[1] <= var_limit
 
 
 # From this many values on, the training forward asks the first rows (a dozen small ops
@@ -225,6 +272,12 @@ _RUN = 512
 # The same for the centred sums of squares (_run_statistics), whose rounding reaches the
 # variance undiluted.
 _CENTRED_RUN = 16
+# The same for the statistics of fp16 / bf16 data a few stds from zero taken as they are
+# (:func:`_offset_run_errors`): with few distinct values around such a mean, the
+# roundings of a run's sum of squared deviations align, and its error grows with the
+# run, not its square root; measured up to 8.5 fp32 eps for 64 values per lane at 2-100
+# stds (fp16 and bf16, 256 runs each), 65 for 512.
+_OFFSET_RUN = 64
 # Bytes of the vector registers over which torch's channels-first kernels spread a
 # channel's values (its Vectorized<float>: 8 fp32 lanes, 4 fp64; twice that with AVX-512).
 _VECTOR_BYTES = 32
@@ -375,10 +428,25 @@ def _merged(pieces, values) -> torch.Tensor:
     return _stacked(pieces, values).sum(pieces[0][3])
 
 
-def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: bool = False, pivot=None):
-    """``(mean, biased variance, rstd, unbiased variance)`` (in the accumulator dtype) of
-    the matrix form ``m``, from torch's statistics of short runs (:func:`_runs`) merged in
-    fp64 by Chan's formula; None where the view cannot be cut into runs.
+class _RunStatistics(NamedTuple):
+    """:func:`_run_statistics`' result: the first four in the accumulator dtype."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor  # biased
+    rstd: torch.Tensor
+    var_unbiased: torch.Tensor
+    mean64: torch.Tensor  # the mean before its rounding, fp64
+    # (x_hat error, variance error) of runs of data far from zero: _offset_run_errors.
+    offset_errors: tuple[float, float] | None
+
+
+def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: bool = False, pivot=None,
+                    offset_errors: bool = False, run: int | None = None):
+    """:class:`_RunStatistics` of the matrix form ``m``, from torch's statistics of short
+    runs (:func:`_runs`) merged in fp64 by Chan's formula; None where the view cannot be
+    cut into runs.  ``offset_errors`` (runs of the data as they are): with the estimate
+    of :func:`_offset_run_errors`.  ``run``: the values per accumulator, if not the
+    default (:data:`_RUN`, or :data:`_CENTRED_RUN` for centred sums).
 
     ``centred``: ``m`` is fp32 data shifted by a pivot near their mean (within a fraction
     of a std), whose runs' sums of values and of squares then come from torch's backward
@@ -395,7 +463,8 @@ def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: boo
 
     ``pivot``: the statistics of ``m - pivot`` in the accumulator dtype, shifted a chunk
     at a time (:func:`_shifted_runs`)."""
-    run = _CENTRED_RUN if centred else _RUN
+    if run is None:
+        run = _CENTRED_RUN if centred else _RUN
     pieces = _runs(view, m, run) if pivot is None else _shifted_runs(view, m, pivot, run)
     if pieces is None:
         return None
@@ -440,7 +509,39 @@ def _run_statistics(view: ChannelView, m: torch.Tensor, eps: float, centred: boo
     variance = m2 / count
     rstd = (variance + eps).rsqrt()
     var_unbiased = m2 / (count - 1)
-    return mean.to(acc), variance.to(acc), rstd.to(acc), var_unbiased.to(acc)
+    errors = None
+    if offset_errors and not centred:
+        errors = _offset_run_errors(run_means.abs().amax(dims), (sizes * centred_means.abs()).sum(dims) / count,
+                                    variance, rstd)
+    return _RunStatistics(mean.to(acc), variance.to(acc), rstd.to(acc), var_unbiased.to(acc), mean, errors)
+
+
+def _offset_run_errors(reach: torch.Tensor, spread: torch.Tensor, variance: torch.Tensor,
+                       rstd: torch.Tensor) -> tuple[float, float]:
+    """Bounds, in fp32 eps, on what runs of unshifted data far from zero cost the
+    statistics merged from them by Chan's formula: ``(x_hat error, variance error)``, the
+    largest over channels, from each channel's largest run mean ``reach``, the runs' mean
+    distance from the merged mean ``spread`` (weighted by their sizes) and the variance.
+
+    torch returns each run's mean rounded, ``m_r + d_r``, and its squared deviations
+    about that rounded mean.  The merged mean then errs by at most ``max |d_r|`` (a
+    weighted average of the ``d_r``), which moves ``x_hat`` by ``max |d_r| * rstd``; and
+    ``sum (x - mean)^2 = sum (x - m_r - d_r)^2 + 2 (m_r + d_r - mean) sum (x - m_r - d_r)
+    + n_r (m_r + d_r - mean)^2`` has a middle term, ``-2 n_r d_r (m_r + d_r - mean)``,
+    that the merge leaves out: relative to the variance at most ``2 max |d_r| * spread /
+    variance``.  ``|d_r| <= gamma |m_r|`` with ``gamma`` one fp32 eps (two roundings): an
+    fp32 sum of fp16 / bf16 values (8 to 11 significant bits) is exact while they span a
+    few binades, as data beyond a few stds from zero do, which leaves the division's
+    rounding; measured, at most 0.4 fp32 eps of ``|m_r|`` from 5 stds out (1.4 at 3 stds,
+    where values near zero make the sums round), so the estimate is a worst case (the
+    roundings rarely align).  Both grow with the offset, ``|mean| * rstd``; the first
+    one reaches ``dweight`` (through ``sum(dy * x_hat)``) and y, the second the running
+    and saved variances.  A zero variance (a constant channel) gives inf: no estimate."""
+    reach = reach.to(variance.dtype)
+    x_hat = float((reach * rstd).amax())
+    # amax propagates a NaN, and float comparisons with it are False: no estimate.
+    var = float((2.0 * reach * spread / variance).amax())
+    return x_hat, var
 
 
 def _normalized(m: torch.Tensor, weight, bias, mean, variance, eps: float, acc: torch.dtype) -> torch.Tensor:
