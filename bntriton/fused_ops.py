@@ -296,8 +296,22 @@ def train(x, weight, bias, residual, eps, activation, slope, running: Optional[R
 def evaluate(x, weight, bias, running_mean, running_var, residual, eps, activation, slope):
     args = (x, weight, bias, running_mean, running_var, residual, eps, activation, slope)
     if ops._plain(x, weight, bias, running_mean, running_var, residual):
+        if not ops._records_graph(x, weight, bias, residual):
+            return _inference(*args)
         return _eager_act_eval_apply(*args)
     return batch_norm_act_eval(*args)
+
+
+def _inference(x, weight, bias, running_mean, running_var, residual, eps, activation, slope):
+    """Eager eval that autograd does not record (inference, frozen layers): no mask, which
+    only a backward reads, and the native path's own composition for it
+    (native_act.forward_eval)."""
+    view = channel_view(x)
+    no_mask = _mask_like(view.tensor, False)
+    if view.rows == 0:
+        return view.empty_like(), no_mask
+    epilogue = _forward_epilogue(view, residual, activation, slope, no_mask)
+    return dispatch.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue, inference=True), no_mask
 
 
 def _backward(*args):

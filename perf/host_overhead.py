@@ -12,9 +12,10 @@ its time is its host path plus a kernel of a few thousand elements: the bar to m
 
 Prints one row per call kind (training forward, forward + backward, eval forward with
 the module's parameters requiring grad, and eval forward under ``torch.no_grad()``):
-bntriton's microseconds, torch's, and their ratio.  Timings are the best of five rounds
-(other processes on the machine only ever add time), counted in the calling thread's
-CPU time with one intra-op thread, so that a busy machine does not inflate them.
+bntriton's microseconds, torch's, and their ratio.  Timings are the best of seven rounds
+(other processes on the machine only ever add time), bntriton's and torch's rounds
+interleaved, counted in the calling thread's CPU time with one intra-op thread, so that
+a busy machine does not inflate them.
 """
 from __future__ import annotations
 
@@ -32,18 +33,13 @@ import bntriton  # noqa: E402
 from bntriton.kernels import runtime  # noqa: E402
 
 
-def per_call_us(fn, calls: int, rounds: int = 5) -> float:
-    """Best of ``rounds`` averages over ``calls`` calls, after a warm-up, in this thread's
-    CPU time: on a shared machine, time spent waiting for a core is not host time."""
-    for _ in range(min(calls, 200)):  # warm caches (plans, layouts)
+def _round_us(fn, calls: int) -> float:
+    """Average over ``calls`` calls of ``fn``, in this thread's CPU time (on a shared
+    machine, time spent waiting for a core is not host time)."""
+    start = time.thread_time()
+    for _ in range(calls):
         fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.thread_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.thread_time() - start) / calls)
-    return best * 1e6
+    return (time.thread_time() - start) / calls * 1e6
 
 
 def _calls(module, x, x_grad):
@@ -75,26 +71,39 @@ def _calls(module, x, x_grad):
     ]
 
 
-def measure(calls: int = 3000, channels: int = 2048) -> list[tuple[str, float, float]]:
-    """``[(name, bntriton_us, torch_us)]``; bntriton's launches are stubbed meanwhile.
+def measure(calls: int = 3000, channels: int = 2048, rounds: int = 7) -> list[tuple[str, float, float]]:
+    """``[(name, bntriton_us, torch_us)]``: for each call kind the best of ``rounds``
+    rounds of ``calls`` calls, bntriton's (launches stubbed) and torch's interleaved round
+    by round, so that a change in the machine's load falls on both alike.
 
     One intra-op thread: torch's CPU kernels would otherwise start a thread team per
     call, which measures the machine's load rather than the host path."""
     torch.set_num_threads(1)
     x = torch.randn(4, channels, 7, 7)  # small_batch's 4x2048x7x7; sizes do not matter here
-    ours = bntriton.BatchNorm2d(channels)
+    ours = _calls(bntriton.BatchNorm2d(channels), x, x.clone().requires_grad_())
     tiny = torch.randn(2, channels, 1, 1)
-    theirs = torch.nn.BatchNorm2d(channels)
+    theirs = _calls(torch.nn.BatchNorm2d(channels), tiny, tiny.clone().requires_grad_())
     original = runtime.DualKernel.__getitem__
-    runtime.DualKernel.__getitem__ = lambda self, grid: (lambda *a, **k: None)
-    try:
-        with bntriton.cpu_backend("interpreter"):
-            ours_us = [per_call_us(fn, calls) for _, fn in _calls(ours, x, x.clone().requires_grad_())]
-    finally:
-        runtime.DualKernel.__getitem__ = original
-    theirs_us = [per_call_us(fn, calls) for _, fn in _calls(theirs, tiny, tiny.clone().requires_grad_())]
-    names = [name for name, _ in _calls(ours, x, x)]
-    return list(zip(names, ours_us, theirs_us))
+    stub = lambda self, grid: (lambda *a, **k: None)  # noqa: E731
+
+    def ours_round(fn, n):
+        runtime.DualKernel.__getitem__ = stub
+        try:
+            with bntriton.cpu_backend("interpreter"):
+                return _round_us(fn, n)
+        finally:
+            runtime.DualKernel.__getitem__ = original
+
+    results = []
+    for (name, our_fn), (_, their_fn) in zip(ours, theirs):
+        ours_round(our_fn, min(calls, 200))  # warm caches (plans, layouts)
+        _round_us(their_fn, min(calls, 200))
+        best_ours = best_theirs = float("inf")
+        for _ in range(rounds):
+            best_ours = min(best_ours, ours_round(our_fn, calls))
+            best_theirs = min(best_theirs, _round_us(their_fn, calls))
+        results.append((name, best_ours, best_theirs))
+    return results
 
 
 def main(argv=None) -> None:

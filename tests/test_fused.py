@@ -464,3 +464,44 @@ def test_fused_training_forward_updates_running_stats_in_its_own_launches(path, 
     assert momentum is None or "_running_update_kernel" not in counts[1], counts
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(plain, name), getattr(fused, name)), name
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the native path is for CPU tensors")
+@pytest.mark.parametrize("act,res,dtype", [
+    ("relu", True, torch.float32), ("leaky_relu", False, torch.float64), ("silu", True, torch.float32),
+    ("gelu", True, torch.float64), (None, True, torch.float32), ("relu", True, torch.bfloat16),
+])
+def test_native_cpu_inference_composes_torchs_eval_in_place(act, res, dtype, monkeypatch):
+    """Eval that autograd does not record runs fp32 / fp64 as torch's eval plus the
+    residual and activation in place (native_act._eval_in_place), within the y_act bound
+    at an offset where torch's eval folds (4 running stds) and where the exact shift runs
+    (1e4); with a gradient to take, or for fp16 / bf16, the exact composition runs."""
+    from bntriton.kernels import native_act
+
+    calls = []
+    original = native_act._eval_in_place
+    monkeypatch.setattr(native_act, "_eval_in_place", lambda *a: calls.append(1) or original(*a))
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((act, res, dtype)).encode()))
+    shape, c = (4, 6, 5, 7), 6
+    for offset in (4.0, 1e4):
+        rv = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+        rm = offset * rv.sqrt() * torch.where(torch.rand(c, generator=gen) < 0.5, -1.0, 1.0).double()
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * rv.sqrt().view(1, -1, 1, 1)
+             + rm.view(1, -1, 1, 1)).to(dtype)
+        r = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) if res else None
+        pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        w = torch.randn(c, generator=gen, dtype=pdtype)
+        b = torch.randn(c, generator=gen, dtype=pdtype)
+        stats = rm.to(pdtype), rv.to(pdtype)
+        for needs_grad in (False, True):
+            calls.clear()
+            with bntriton.cpu_backend("native"):
+                y = bntriton.batch_norm(x, *stats, w.clone().requires_grad_(needs_grad), b, False, 0.1, 1e-5,
+                                        activation=act, residual=r, negative_slope=SLOPE)
+            assert len(calls) == (not needs_grad and dtype != torch.bfloat16)
+            f64 = lambda t: None if t is None else t.detach().double().numpy()  # noqa: E731
+            ref = act_oracle.forward_backward(f64(x), f64(stats[0]), f64(stats[1]), f64(w), f64(b), False, 0.1,
+                                              1e-5, act, f64(r), SLOPE, f64(torch.ones_like(x)))
+            assert y.dtype == dtype and y.stride() == x.stride()
+            error = normwise_error(y, ref.y, dtype, magnitude=ref.z)
+            assert error <= bound_units("y_act", dtype, x.numel() // c), (offset, needs_grad, error)

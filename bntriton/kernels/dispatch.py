@@ -96,12 +96,15 @@ def backward(
 
 def forward_eval(
     view: ChannelView, weight, bias, running_mean, running_var, eps: float, epilogue: Epilogue = NO_EPILOGUE,
+    inference: bool = False,
 ) -> torch.Tensor:
-    """``y`` normalized with the running statistics (``view.rows >= 1``)."""
+    """``y`` normalized with the running statistics (``view.rows >= 1``).  ``inference``:
+    no backward will follow (autograd records nothing), which lets the native path
+    compose a fused epilogue from torch's own eval (native_act.forward_eval)."""
     if native(view.tensor):
         if epilogue is NO_EPILOGUE:
             return native_cpu.forward_eval(view, weight, bias, running_mean, running_var, eps)
-        return native_act.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue)
+        return native_act.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue, inference)
     # Pivot = running mean: y = (x - running_mean) * scale + bias, the coefficients folded
     # in the same launch.
     return eval_affine(view, plan(view), running_mean, running_var, weight, bias, eps, epilogue=epilogue)

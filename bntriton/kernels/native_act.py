@@ -105,14 +105,42 @@ def forward_train(view: ChannelView, weight, bias, eps: float, epilogue: Epilogu
     return _finish(view, z, epilogue, x.dtype), stats
 
 
-def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps: float, epilogue: Epilogue):
+def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps: float, epilogue: Epilogue,
+                 inference: bool = False):
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
+    if inference and x.dtype == acc and epilogue.mask is None and epilogue.out is None and not epilogue.invert:
+        return _eval_in_place(view, weight, bias, running_mean, running_var, eps, epilogue)
     rstd = torch.rsqrt(running_var.to(acc) + eps)
     scale = rstd if weight is None else rstd * weight.to(acc)
     shift = torch.zeros_like(scale) if bias is None else bias.to(acc)
     z = (x.to(acc) - _bcast(view, running_mean.to(acc))) * _bcast(view, scale) + _bcast(view, shift)
     return _finish(view, z, epilogue, x.dtype)
+
+
+def _eval_in_place(view: ChannelView, weight, bias, running_mean, running_var, eps: float, epilogue: Epilogue):
+    """fp32 / fp64 eval that no backward follows: native_cpu's eval (torch's single pass
+    where its fold is within the bound, :func:`native_cpu._fold_stds`), then the residual
+    and the activation in place on its fresh output, three passes as torch's own
+    ``act(bn(x) + residual)`` takes, where composing z from the exact shift takes six.
+    z is then rounded once more (before the residual and the activation) than the kernels
+    round it, half an ulp of the accumulator's own dtype, within the y_act bound's
+    rounding term.  Only without a backward: the backward recomputes z from the exact
+    shift, and a fold's z could disagree with it in the sign of values within an ulp of
+    zero, where ReLU's mask must not differ between the forward and the backward."""
+    y = native_cpu.forward_eval(view, weight, bias, running_mean, running_var, eps)
+    if epilogue.residual is not None:
+        y.add_(epilogue.residual)
+    code = epilogue.activation
+    if code == 1:
+        torch.relu_(y)
+    elif code == 2:
+        torch.nn.functional.leaky_relu_(y, epilogue.slope)
+    elif code == 3:
+        torch.nn.functional.silu(y, inplace=True)
+    elif code == 4:
+        torch.ops.aten.gelu_(y)
+    return y
 
 
 def affine(view: ChannelView, pivot, pivot_stride: int, scale, shift, out_dtype, epilogue: Epilogue):
