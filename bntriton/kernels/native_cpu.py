@@ -132,9 +132,10 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
     rows decide whether the try is worth a pass: not where they put some mean beyond four
     of their stds.  fp16 / bf16 data are read as they are on the unshifted path
     (:func:`_run_statistics`), and for y when shifted (:func:`_half_shift_stds`); a few
-    stds out their statistics still come from runs of the data as they are, as long as
-    :func:`_offset_run_errors` bounds what that costs within a quarter of the bounds
-    (the first rows decide whether to try, the runs' own statistics whether to keep);
+    stds out their statistics still come from runs of the data as they are, shorter ones
+    (:data:`_OFFSET_RUN`), as long as :func:`_offset_run_errors` bounds what that costs
+    within a quarter of the bounds (the first rows decide whether to try: beyond four of
+    their stds and within :func:`_offset_runs_stds`; the runs' statistics whether to keep);
     the statistics of long fp32 / fp64 channels are taken by runs too (:func:`_long_sums`).
     """
     x = view.tensor
@@ -152,9 +153,10 @@ def forward_train(view: ChannelView, weight, bias, eps: float) -> tuple[torch.Te
             kept = _scaled_within(mean, rstd, 2.0)
         else:
             y = None
-            # Data the first rows put a few stds from zero take shorter runs (_OFFSET_RUN).
-            run = _OFFSET_RUN if half and first is not None and not _within(*first, 2.0) else _RUN
-            runs = _run_statistics(view, m, eps, offset_errors=half, run=run)
+            # Data the first rows put beyond four stds from zero take shorter runs
+            # (_OFFSET_RUN), whose statistics may be kept though the means lie that far out.
+            offset = half and first is not None and not _within(*first, 4.0)
+            runs = _run_statistics(view, m, eps, offset_errors=offset, run=_OFFSET_RUN if offset else _RUN)
             mean, variance, rstd, var_unbiased = runs[:4] if runs is not None else (None,) * 4
             kept = mean is not None and _within(mean, variance, 2.0)
         if mean is not None and not kept:
@@ -275,9 +277,14 @@ _CENTRED_RUN = 16
 # The same for the statistics of fp16 / bf16 data a few stds from zero taken as they are
 # (:func:`_offset_run_errors`): with few distinct values around such a mean, the
 # roundings of a run's sum of squared deviations align, and its error grows with the
-# run, not its square root; measured up to 8.5 fp32 eps for 64 values per lane at 2-100
-# stds (fp16 and bf16, 256 runs each), 65 for 512.
-_OFFSET_RUN = 64
+# run, not its square root; measured (fp16 and bf16 at 2-300 stds, 256 runs each), a
+# run's variance errs by up to 8.5 fp32 eps at 64 values per lane, 16.5 at 128 and 65 at
+# 512.  At 128, even runs that all err alike (identical runs) and the estimate's quarter
+# keep the running variance within its bound from 4096 values per channel on (below,
+# the channels' planes make shorter runs); measured on identical samples 10 stds out,
+# 1.2 eps against 33.  Twice the runs, at 64, cost a quarter more time (~0.5 ms at
+# (32, 64, 56, 56)) for no error that shows.
+_OFFSET_RUN = 128
 # Bytes of the vector registers over which torch's channels-first kernels spread a
 # channel's values (its Vectorized<float>: 8 fp32 lanes, 4 fp64; twice that with AVX-512).
 _VECTOR_BYTES = 32
