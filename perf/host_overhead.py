@@ -8,14 +8,14 @@ launches with no-ops; what it leaves out is Triton's own launch cost, which only
 run shows (perf/sweep.py).  torch's module runs on a tiny CPU tensor (2 x C x 1 x 1), so
 its time is its host path plus a kernel of a few thousand elements: the bar to meet.
 
-    python perf/host_overhead.py [--calls 3000] [--channels 2048]
+    python perf/host_overhead.py [--calls 300] [--rounds 25] [--channels 2048]
 
 Prints one row per call kind (training forward, forward + backward, eval forward with
 the module's parameters requiring grad, and eval forward under ``torch.no_grad()``):
-bntriton's microseconds, torch's, and their ratio.  Timings are the best of seven rounds
-(other processes on the machine only ever add time), bntriton's and torch's rounds
-interleaved, counted in the calling thread's CPU time with one intra-op thread, so that
-a busy machine does not inflate them.
+bntriton's microseconds, torch's, and their ratio.  Timings are the best of 25 short
+rounds (other processes on the machine only ever add time), bntriton's and torch's
+rounds interleaved so that a slow stretch of the machine falls on both, counted in the
+calling thread's CPU time with one intra-op thread.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _calls(module, x, x_grad):
     ]
 
 
-def measure(calls: int = 3000, channels: int = 2048, rounds: int = 7) -> list[tuple[str, float, float]]:
+def measure(calls: int = 300, channels: int = 2048, rounds: int = 25) -> list[tuple[str, float, float]]:
     """``[(name, bntriton_us, torch_us)]``: for each call kind the best of ``rounds``
     rounds of ``calls`` calls, bntriton's (launches stubbed) and torch's interleaved round
     by round, so that a change in the machine's load falls on both alike.
@@ -108,11 +108,12 @@ def measure(calls: int = 3000, channels: int = 2048, rounds: int = 7) -> list[tu
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--calls", type=int, default=300, help="calls per round (default 300)")
+    parser.add_argument("--rounds", type=int, default=25, help="rounds per provider; the best counts (default 25)")
     parser.add_argument("--channels", type=int, default=2048)
     args = parser.parse_args(argv)
     print(f"{'host time per call (us)':42s} {'bntriton':>9s} {'torch':>9s} {'ratio':>6s}")
-    for name, ours, theirs in measure(args.calls, args.channels):
+    for name, ours, theirs in measure(args.calls, args.channels, args.rounds):
         print(f"{name:42s} {ours:9.1f} {theirs:9.1f} {ours / theirs:6.2f}")
     print(f"(bntriton: launches stubbed; torch: nn.BatchNorm2d on a 2x{args.channels}x1x1 CPU tensor; "
           f"torch {torch.__version__}, Python on this CPU)")
