@@ -107,3 +107,14 @@ def backward_rule(backward: Callable, info, in_dims, grad_out, x, weight, runnin
         fold_channels(rstd, r_dim, size), fold_channels(pivot, p_dim, size),
     )
     return (unfold_output(dx, size), unfold_channels(dweight, size), unfold_channels(dbias, size)), (1, 0, 0)
+
+
+def eval_backward_rule(backward: Callable, info, in_dims, grad_out, x, weight, running_mean, running_var, eps):
+    """``(dx, dweight, dbias)`` of the eval forward for the folded problem, unfolded."""
+    size = info.batch_size
+    g_dim, x_dim, w_dim, m_dim, v_dim, _ = in_dims
+    dx, dweight, dbias = backward(
+        fold_input(grad_out, g_dim, size), fold_input(x, x_dim, size), fold_channels(weight, w_dim, size),
+        fold_channels(running_mean, m_dim, size), fold_channels(running_var, v_dim, size), eps,
+    )
+    return (unfold_output(dx, size), unfold_channels(dweight, size), unfold_channels(dbias, size)), (1, 0, 0)

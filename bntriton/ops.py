@@ -1,6 +1,6 @@
 """The batch-norm operators, registered with ``torch.library``.
 
-Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so that
+Five custom ops (``torch.ops.bntriton.*``), each with a fake implementation so that
 ``torch.compile`` and ``torch.export`` can trace through them, and autograd formulas:
 
 * ``batch_norm_train``: normalizes with the batch's statistics and returns
@@ -10,7 +10,9 @@ Four custom ops (``torch.ops.bntriton.*``), each with a fake implementation so t
   (declared as mutated; kept apart so that the statistics op stays functional, which autograd
   registration requires).
 * ``batch_norm_eval``: normalizes with the running statistics; mutates nothing.
-* ``batch_norm_backward``: ``(dx, dweight, dbias)`` for either forward.
+* ``batch_norm_backward``: ``(dx, dweight, dbias)`` for either forward, given rstd;
+* ``batch_norm_eval_backward``: the same for the eval forward, rstd taken from the
+  running variance inside the kernels (what ``batch_norm_eval``'s autograd formula calls).
 
 Eager calls on plain tensors run the same implementations and autograd formulas through
 a bare ``autograd.Function`` instead (:func:`train`, :func:`update`, :func:`evaluate`, at
@@ -163,6 +165,32 @@ def _(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
     return channel_view(x).empty_like(), x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
 
 
+def _eval_backward_impl(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``batch_norm_eval``: rstd from the running variance inside the
+    kernels, so that no launch computes it (``batch_norm_backward`` takes it computed)."""
+    view = channel_view(x)
+    return dispatch.backward_running(view, view.same_layout(grad_out), weight, running_mean, running_var, eps,
+                                     param_dtype=_param_dtype(x, weight))
+
+
+batch_norm_eval_backward = torch.library.custom_op(
+    "bntriton::batch_norm_eval_backward", _eval_backward_impl, mutates_args=())
+
+
+@batch_norm_eval_backward.register_fake
+def _(grad_out, x, weight, running_mean, running_var, eps):
+    dtype = _param_dtype(x, weight)
+    channels = x.shape[1]
+    return channel_view(x).empty_like(), x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
+
+
 # ---------------------------------------------------------------------------- autograd
 #
 # First-order backward: the kernels.  When the backward must itself be differentiable
@@ -233,10 +261,9 @@ def _eval_backward(ctx, grad_y):
     if _composite_backward(grad_y, x, weight):
         dx, dweight, dbias = autograd.eval_backward(grad_y, x, weight, running_mean, running_var, ctx.eps)
     else:
-        # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
-        rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + ctx.eps)
-        dx, dweight, dbias = _backward(grad_y, x, weight, running_mean, torch.zeros_like(rstd), rstd,
-                                       running_mean)
+        tensors = (grad_y, x, weight, running_mean, running_var)
+        op = _eval_backward_impl if _plain(*tensors) else batch_norm_eval_backward
+        dx, dweight, dbias = op(*tensors, ctx.eps)
     return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None, None, None
 
 
@@ -499,6 +526,11 @@ def _backward_vmap(info, in_dims, grad_out, x, weight, running_mean, mean_shifte
                                   mean_shifted, rstd, pivot)
 
 
+def _eval_backward_vmap(info, in_dims, grad_out, x, weight, running_mean, running_var, eps):
+    return batching.eval_backward_rule(batch_norm_eval_backward, info, in_dims, grad_out, x, weight, running_mean,
+                                       running_var, eps)
+
+
 def _update_vmap(info, in_dims, running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
     return batching.update_rule(update, info, in_dims, running_mean, running_var, num_batches_tracked,
                                 mean, var_unbiased, momentum)
@@ -507,4 +539,5 @@ def _update_vmap(info, in_dims, running_mean, running_var, num_batches_tracked, 
 batch_norm_train.register_vmap(_train_vmap)
 batch_norm_eval.register_vmap(_eval_vmap)
 batch_norm_backward.register_vmap(_backward_vmap)
+batch_norm_eval_backward.register_vmap(_eval_backward_vmap)
 update_running_stats.register_vmap(_update_vmap)

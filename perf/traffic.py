@@ -11,7 +11,8 @@ Launches are the Triton kernels started plus any torch operation that would star
 kernel on a GPU (allocations and views start none).
 
 The floor is the large tensors once (B = the input's bytes): ``fwd_train`` 2B (read x,
-write y), ``bwd_train`` 3B (read x and dy, write dx), ``fwd_eval`` 2B.  ``moved / floor``
+write y), ``bwd_train`` 3B (read x and dy, write dx), ``fwd_eval`` 2B, ``bwd_eval`` 3B
+(the backward of an eval forward: layers frozen in eval mode while the rest trains).  ``moved / floor``
 above 1 is what a pass spends beyond one read of each input and one write of each output:
 the split path's second read of x (1.5 / 1.67), partial sums, per-channel vectors.  The
 counts are deterministic; tests/test_traffic.py pins them.
@@ -40,8 +41,8 @@ if __package__ in (None, ""):
 import bntriton  # noqa: E402
 from bntriton.kernels import plans, runtime  # noqa: E402
 
-PASSES = ("fwd_train", "bwd_train", "fwd_eval")
-FLOOR_TENSORS = {"fwd_train": 2, "bwd_train": 3, "fwd_eval": 2}
+PASSES = ("fwd_train", "bwd_train", "fwd_eval", "bwd_eval")
+FLOOR_TENSORS = {"fwd_train": 2, "bwd_train": 3, "fwd_eval": 2, "bwd_eval": 3}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 LAYOUTS = ("nchw", "nhwc")
 H100_SMS = 132
@@ -213,6 +214,13 @@ def measure(shape, layout: str = "nchw", dtype: str = "fp32", sm_count: int = H1
             results["fwd_eval"] = traffic = Traffic(floor=FLOOR_TENSORS["fwd_eval"] * floor_unit)
             with torch.no_grad(), counting(traffic):
                 module(x)
+        if "bwd_eval" in passes:
+            module.eval()
+            module.zero_grad(set_to_none=True)  # autograd would add into the training pass's gradients
+            y = module(x.clone().requires_grad_())
+            results["bwd_eval"] = traffic = Traffic(floor=FLOOR_TENSORS["bwd_eval"] * floor_unit)
+            with counting(traffic):
+                y.backward(dy)
     return {p: results[p] for p in passes}
 
 

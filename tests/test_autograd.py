@@ -335,3 +335,5 @@ def test_registered_ops_vmap_like_a_loop():
     _, mean_shifted, rstd, _, _, pivot = loop(lambda x, w, b: ops.batch_norm_train(x, w, b, 1e-5), x, weight, bias)
     check(lambda g, x, w, m, r, k: ops.batch_norm_backward(g, x, w, None, m, r, k), grad_out, x, weight,
           mean_shifted, rstd, pivot)
+    check(lambda g, x, w, m, v: ops.batch_norm_eval_backward(g, x, w, m, v, 1e-5), grad_out, x, weight,
+          running_mean, running_var)

@@ -124,8 +124,11 @@ def _forward_sample(variant, dtype, param_dtype, layout):
     grad = torch.randn(x.shape, dtype=dtype, device=DEVICE)
     if variant == "backward-train":
         return ops.batch_norm_backward, (grad, x.detach(), w.detach(), None, mean_shifted, rstd, pivot)
-    assert variant == "backward-eval"
-    return ops.batch_norm_backward, (grad, x.detach(), None, running_mean, torch.zeros_like(rstd), rstd, running_mean)
+    if variant == "backward-eval":
+        return ops.batch_norm_backward, (grad, x.detach(), None, running_mean, torch.zeros_like(rstd), rstd,
+                                         running_mean)
+    assert variant == "eval-backward"  # the eval forward's own backward: rstd from the variance
+    return ops.batch_norm_eval_backward, (grad, x.detach(), w.detach(), running_mean, running_var, 1e-5)
 
 
 def _other_sample(variant):
@@ -155,7 +158,7 @@ def _other_sample(variant):
 _DTYPES = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.float32),
            "float16": (torch.float16, torch.float16)}
 _VARIANTS = ("train-affine", "train-plain", "eval-affine", "eval-bias-only",
-             "backward-train", "backward-eval")
+             "backward-train", "backward-eval", "eval-backward")
 _OTHERS = ("update-momentum-float32", "update-cumulative-float32", "update-momentum-float16",
            "update-cumulative-float16", "train-sliced", "train-2d-float64", "train-empty", "eval-empty")
 

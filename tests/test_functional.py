@@ -198,6 +198,49 @@ def test_eager_running_update_matches_the_registered_ops_bitwise(path, momentum)
     assert results[0][3].item() == 5
 
 
+@pytest.mark.parametrize("path", ["split", "fused"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_eval_backward_takes_rstd_in_the_kernels_and_matches_the_registered_op_bitwise(path, layout):
+    """The backward of an eval forward computes rstd from the running variance inside its
+    launches (two on the split path, one on the single-read path), the same whether the
+    eager autograd.Function or the registered op's autograd formula asks; within the
+    bounds against float64 either way."""
+    from bntriton.kernels import forced_plan
+    from bntriton.verification.bounds import reduction_error
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 5, 6, generator=gen) * 3 + 2
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x, dy = x.to(DEVICE), torch.randn(x.shape, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last
+                                                                                     if layout == "channels_last"
+                                                                                     else torch.contiguous_format)
+    w, b = (torch.rand(3, generator=gen) + 0.5).to(DEVICE), torch.randn(3, generator=gen).to(DEVICE)
+    rm, rv = (torch.randn(3, generator=gen) + 2).to(DEVICE), (torch.rand(3, generator=gen) + 0.5).to(DEVICE)
+    forced = dict(path="split", block_rows=4, num_splits=3) if path == "split" else dict(path="fused")
+    results = []
+    for traced in (False, True):
+        leaf, weight, bias = (t.clone().requires_grad_() for t in (x, w, b))
+        with forced_plan(**forced):
+            if traced:  # what a trace records: the registered op and its autograd formula
+                y = torch.ops.bntriton.batch_norm_eval(leaf, weight, bias, rm, rv, 1e-5)
+            else:
+                y = bntriton.batch_norm(leaf, rm, rv, weight, bias, training=False)
+            y.backward(dy)
+        results.append((leaf.grad, weight.grad, bias.grad))
+    for name, eager, registered in zip(("dx", "dweight", "dbias"), *results):
+        assert torch.equal(eager, registered), name
+    f64 = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+    grad = reference.backward(f64(dy), f64(x), f64(rm), f64(rv), f64(w), False, 1e-5)
+    count = x.numel() // 3
+    dx, dweight, dbias = results[0]
+    assert normwise_error(dx, grad.dx, torch.float32, grad.dx_scale) <= bound_units("dx", torch.float32, count)
+    assert reduction_error(dweight, grad.dweight, grad.dweight_scale, torch.float32) <= bound_units(
+        "dweight", torch.float32, count)
+    assert reduction_error(dbias, grad.dbias, grad.dbias_scale, torch.float32) <= bound_units(
+        "dbias", torch.float32, count)
+
+
 def test_common_case_shortcut_accepts_only_what_the_full_checks_accept(monkeypatch):
     # check_arguments recognizes the common valid call in one pass and otherwise runs the
     # full checks: the shortcut must never accept a call those would refuse.  Every

@@ -9,7 +9,8 @@ With ``x_hat = ((x - K) - mean_shifted) * rstd`` and ``g`` the weight (1 without
 
 Three launches: a split partial reduction (same grid as the statistics), a combine in a
 fixed order (deterministic) that also folds dx into ``dx = dy * A + (x - K) * B + C``,
-and the shared per-channel affine epilogue (normalize.py).
+and the shared per-channel affine epilogue (normalize.py).  Under running statistics dx
+needs no sum: two (:func:`running_grads`), the partial pass writing dx.
 
 SyncBatchNorm needs the two halves apart, with an all-reduce of the sums in between
 (``M`` is then the global count): :func:`grad_sums` is the reduction (with the local
@@ -26,10 +27,10 @@ import triton.language as tl
 
 from .activations import NO_EPILOGUE, Epilogue, through_activation
 from .plans import Plan, cdiv, channel_block, splits_block
-from .runtime import accumulator_dtype, kernel, tl_accumulator
+from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine
-from .numerics import dx_coefficients, two_sum
+from .numerics import dx_coefficients, inverse_std, two_sum
 from .tiles import channel_offsets, channel_tile_offsets
 
 
@@ -38,21 +39,31 @@ def _grad_partial_kernel(
     x_ptr, dy_ptr, pivot_ptr, mean_s_ptr, part_dy_ptr, part_dyc_ptr,
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, rows_per_split,
+    dx_ptr, var_ptr, weight_ptr, eps_hi, eps_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, MASK: tl.constexpr = False,
-    INVERT: tl.constexpr = False,
+    INVERT: tl.constexpr = False, RUNNING: tl.constexpr = False, HAS_WEIGHT: tl.constexpr = False,
 ):
     # With an activation the sums are over dz = dy * act'(z), z recomputed (or read from
     # the mask, or recovered from the output when INVERT) exactly as normalize.py's
-    # backward epilogue does; ``res_ptr`` is unused here (HAS_RESIDUAL only matters there).
+    # backward epilogue does.  RUNNING (the running statistics normalized the forward:
+    # K is the running mean, the shifted mean 0): dx = dz * weight * rstd needs no sum,
+    # so the same pass writes it (and dz to ``res_ptr`` when HAS_RESIDUAL), with rstd
+    # from the running variance at ``var_ptr``; otherwise those pointers are unused.
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
     # Python floats arrive as fp32: two parts keep an fp64 slope exact (runtime.split_float).
     slope = (tl.zeros([BLOCK_C], dtype=ACC) + slope_hi) + slope_lo
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
-    mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+    if RUNNING:
+        mean_s = tl.zeros([BLOCK_C], dtype=ACC)
+        dx_scale = inverse_std(tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC), eps_hi, eps_lo, BLOCK_C, ACC)
+        if HAS_WEIGHT:
+            dx_scale = dx_scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    else:
+        mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
     # z = (x - K) * act_scale + act_shift, read only when an activation needs z.
     act_scale = tl.full([BLOCK_C], 1.0, ACC)
     act_shift = tl.zeros([BLOCK_C], dtype=ACC)
@@ -76,6 +87,10 @@ def _grad_partial_kernel(
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x_k, dy = through_activation(x, dy, pivot, act_scale, act_shift, slope, mask_ptr, r, c, mask, channels,
                                      ACTIVATION, MASK, INVERT)
+        if RUNNING:
+            tl.store(dx_ptr + offs, (dy * dx_scale[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+            if HAS_RESIDUAL:
+                tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
         # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.
         centred = tl.where(mask, x_k - mean_s[:, None], 0.0)
         dy_hi, carry = two_sum(dy_hi, tl.sum(dy, axis=1))
@@ -109,33 +124,38 @@ def _sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr
 def _grad_combine_kernel(
     part_dy_ptr, part_dyc_ptr, mean_s_ptr, rstd_ptr, weight_ptr,
     dweight_ptr, dbias_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr,
-    rows, channels, num_splits,
+    rows, channels, num_splits, eps_hi, eps_lo,
     BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, RUNNING: tl.constexpr = False,
 ):
+    # RUNNING: ``rstd_ptr`` holds the running variance, and dx was written with the
+    # partial sums (_grad_partial_kernel): only dweight and dbias are left.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
     sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
     sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    if RUNNING:
+        rstd = inverse_std(tl.load(rstd_ptr + c, mask=c_mask, other=1.0).to(ACC), eps_hi, eps_lo, BLOCK_C, ACC)
+    else:
+        rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
     dgamma = sum_dyc * rstd
     tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
     tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
-
-    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
-    if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    if BATCH_STATS:
-        m = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
-        coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
-    else:
-        coef_a = rstd * weight
-        coef_b = tl.zeros([BLOCK_C], dtype=ACC)
-        coef_c = tl.zeros([BLOCK_C], dtype=ACC)
-    tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
-    tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
-    tl.store(coef_c_ptr + c, coef_c, mask=c_mask)
+    if not RUNNING:
+        weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
+        if HAS_WEIGHT:
+            weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        if BATCH_STATS:
+            m = rows + tl.zeros([BLOCK_C], dtype=ACC)
+            mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+            coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
+        else:
+            coef_a = rstd * weight
+            coef_b = tl.zeros([BLOCK_C], dtype=ACC)
+            coef_c = tl.zeros([BLOCK_C], dtype=ACC)
+        tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
+        tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
+        tl.store(coef_c_ptr + c, coef_c, mask=c_mask)
 
 
 @kernel
@@ -179,20 +199,27 @@ def _input_grad_coef_kernel(
 
 def _partial_sums(
     view: ChannelView, plan: Plan, dy: torch.Tensor, pivot: torch.Tensor, pivot_stride: int,
-    mean_shifted: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE,
+    mean_shifted: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE, running: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the split reduction: ``(num_splits, C)`` partial sum(dy), sum(dy * centred)."""
+    """Launch the split reduction: ``(num_splits, C)`` partial sum(dy), sum(dy * centred).
+    ``running = (dx, running_var, weight, eps)``: the forward normalized with the running
+    statistics (``pivot`` their mean, ``mean_shifted`` unused), and the same pass writes
+    dx (and the residual's gradient)."""
     x = view.tensor
     channels = view.channels
     part_dy = x.new_empty((plan.num_splits, channels), dtype=accumulator_dtype(x.dtype))
     part_dyc = torch.empty_like(part_dy)
+    dx, running_var, weight, eps = running if running is not None else (x, part_dy, None, 0.0)
     _grad_partial_kernel[(plan.num_splits, cdiv(channels, plan.block_channels))](
-        x, dy, pivot, mean_shifted, part_dy, part_dyc, *epilogue.pointers(x, mean_shifted),
+        x, dy, pivot, mean_shifted if mean_shifted is not None else part_dy, part_dy, part_dyc,
+        *epilogue.pointers(x, part_dy),
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         pivot_stride, plan.rows_per_split,
+        dx, running_var, weight if weight is not None else running_var, *split_float(eps),
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels,
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
-        **epilogue.constexprs(), num_warps=plan.num_warps,
+        **epilogue.constexprs(), RUNNING=running is not None, HAS_WEIGHT=weight is not None,
+        num_warps=plan.num_warps,
     )
     return part_dy, part_dyc
 
@@ -231,7 +258,7 @@ def batch_norm_grads(
     _grad_combine_kernel[(cdiv(channels, combine_block),)](
         part_dy, part_dyc, mean_shifted, rstd, weight if weight is not None else rstd,
         dweight, dbias, coef_a, coef_b, coef_c,
-        view.rows, channels, plan.num_splits,
+        view.rows, channels, plan.num_splits, *split_float(0.0),
         BLOCK_C=combine_block, SPLITS=splits_block(plan.num_splits, combine_block),
         HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
         ACC=tl_accumulator(x.dtype),
@@ -246,6 +273,40 @@ def batch_norm_grads(
         # Running statistics: dx = dy * A.  Read dy alone (B and C are zero, so B doubles
         # as a zero pivot) rather than paying for a read of x.
         dx = channel_affine(replace(view, tensor=dy), plan, coef_b, 1, coef_a, coef_c, out_dtype=x.dtype)
+    return dx, dweight, dbias
+
+
+def running_grads(
+    view: ChannelView,
+    plan: Plan,
+    dy: torch.Tensor,
+    weight: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    param_dtype: torch.dtype,
+    epilogue: Epilogue = NO_EPILOGUE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) of a forward that normalized with the running statistics, in
+    two launches: dx = dy * weight * rstd needs no sum, so the partial sums' pass writes it
+    (one read of x and dy, one write of dx: the floor), and the combine takes dweight and
+    dbias; both take rstd from the running variance themselves (no launch for it)."""
+    x = view.tensor
+    channels = view.channels
+    dweight = x.new_empty(channels, dtype=param_dtype)
+    dbias = torch.empty_like(dweight)
+    dx = view.empty_like()
+    if view.rows == 0:
+        return dx, dweight.zero_(), dbias.zero_()
+    part_dy, part_dyc = _partial_sums(view, plan, dy, running_mean, 1, None, epilogue,
+                                      running=(dx, running_var, weight, eps))
+    combine_block = channel_block(channels)
+    _grad_combine_kernel[(cdiv(channels, combine_block),)](
+        part_dy, part_dyc, part_dy, running_var, running_var, dweight, dbias, part_dy, part_dy, part_dy,
+        view.rows, channels, plan.num_splits, *split_float(eps),
+        BLOCK_C=combine_block, SPLITS=splits_block(plan.num_splits, combine_block),
+        HAS_WEIGHT=False, BATCH_STATS=False, ACC=tl_accumulator(x.dtype), RUNNING=True,
+    )
     return dx, dweight, dbias
 
 

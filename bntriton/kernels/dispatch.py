@@ -13,12 +13,12 @@ import torch
 
 from . import native_act, native_cpu
 from .activations import NO_EPILOGUE, Epilogue
-from .backward import batch_norm_grads
+from .backward import batch_norm_grads, running_grads
 from .fused import fused_backward, fused_forward
 from .plans import fused_plan, plan
 from .layout import ChannelView
 from .normalize import channel_affine, eval_affine
-from .runtime import current_cpu_backend
+from .runtime import accumulator_dtype, current_cpu_backend
 from .stats import BatchStats, RunningStats, batch_stats
 from .stats import update_running_stats as _update_running_stats_kernel
 
@@ -92,6 +92,22 @@ def backward(
         view, plan(view), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
         batch_stats=batch_stats, param_dtype=param_dtype, epilogue=epilogue,
     )
+
+
+def backward_running(view: ChannelView, dy, weight, running_mean, running_var, eps: float,
+                     param_dtype: torch.dtype):
+    """``(dx, dweight, dbias)`` of a forward that normalized with the running statistics:
+    rstd from the running variance inside the kernels (one launch on the single-read path,
+    two on the split path: :func:`.backward.running_grads`)."""
+    if native(view.tensor):
+        rstd = torch.rsqrt(running_var.to(accumulator_dtype(view.tensor.dtype)) + eps)
+        return native_cpu.backward(view, dy, weight, running_mean, 1, torch.zeros_like(rstd), rstd, False,
+                                   param_dtype)
+    single_read = fused_plan(view)  # None for an empty batch: the split path handles it
+    if single_read is not None:
+        return fused_backward(view, single_read, dy, weight, running_mean, 1, None, running_var, False,
+                              param_dtype, running_eps=eps)
+    return running_grads(view, plan(view), dy, weight, running_mean, running_var, eps, param_dtype)
 
 
 def forward_eval(

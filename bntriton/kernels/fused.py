@@ -25,7 +25,7 @@ from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats, RunningStats, _blend_running, _momentum_factor
-from .numerics import batch_coefficients, dx_coefficients, pivot_of_rows, resolve_mean, tile_moments
+from .numerics import batch_coefficients, dx_coefficients, inverse_std, pivot_of_rows, resolve_mean, tile_moments
 from .tiles import channel_offsets, channel_tile_offsets
 
 
@@ -96,14 +96,15 @@ def _fused_forward_kernel(
 def _fused_backward_kernel(
     x_ptr, dy_ptr, dx_ptr, weight_ptr, pivot_ptr, mean_s_ptr, rstd_ptr, dweight_ptr, dbias_ptr,
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
-    rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride,
+    rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, eps_hi, eps_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BATCH_STATS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
-    MASK: tl.constexpr = False, INVERT: tl.constexpr = False,
+    MASK: tl.constexpr = False, INVERT: tl.constexpr = False, RUNNING: tl.constexpr = False,
 ):
     # dy is first taken through the activation, as in normalize.py's backward epilogue;
-    # dz goes to res_ptr when HAS_RESIDUAL.
+    # dz goes to res_ptr when HAS_RESIDUAL.  RUNNING (running statistics, the shifted
+    # mean 0): ``rstd_ptr`` holds the running variance, rstd is taken from it here.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < channels
@@ -113,8 +114,12 @@ def _fused_backward_kernel(
     mask = c_mask[:, None] & (r < rows)[None, :]
 
     pivot = tl.load(pivot_ptr + channel_offsets(c, pivot_stride, INT64), mask=c_mask, other=0.0).to(ACC)
-    mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    if RUNNING:
+        mean_s = tl.zeros([BLOCK_C], dtype=ACC)
+        rstd = inverse_std(tl.load(rstd_ptr + c, mask=c_mask, other=1.0).to(ACC), eps_hi, eps_lo, BLOCK_C, ACC)
+    else:
+        mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     # z = (x - K) * act_scale + act_shift, read only when an activation needs z.
@@ -189,18 +194,23 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
 def fused_backward(
     view: ChannelView, plan: Plan, dy, weight, pivot, pivot_stride, mean_shifted, rstd,
     batch_stats: bool, param_dtype: torch.dtype, epilogue: Epilogue = NO_EPILOGUE,
+    running_eps: float | None = None,
 ):
-    """``(dx, dweight, dbias)`` in one launch; same contract as ``batch_norm_grads``."""
+    """``(dx, dweight, dbias)`` in one launch; same contract as ``batch_norm_grads``.
+    ``running_eps`` given: the running statistics normalized the forward, ``rstd`` is
+    their variance (rstd taken from it in the kernel) and ``mean_shifted`` is unused."""
     x = view.tensor
     dx = view.empty_like()
     dweight = x.new_empty(view.channels, dtype=param_dtype)
     dbias = torch.empty_like(dweight)
+    running = running_eps is not None
     _fused_backward_kernel[(cdiv(view.channels, plan.block_channels),)](
-        x, dy, dx, weight if weight is not None else rstd, pivot, mean_shifted, rstd, dweight, dbias,
+        x, dy, dx, weight if weight is not None else rstd, pivot, rstd if running else mean_shifted, rstd,
+        dweight, dbias,
         *epilogue.pointers(x, rstd), view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
-        pivot_stride,
+        pivot_stride, *split_float(running_eps if running else 0.0),
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=weight is not None,
-        BATCH_STATS=batch_stats, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
-        ACC=tl_accumulator(x.dtype), **epilogue.constexprs(), num_warps=plan.num_warps,
+        BATCH_STATS=batch_stats and not running, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
+        ACC=tl_accumulator(x.dtype), **epilogue.constexprs(), RUNNING=running, num_warps=plan.num_warps,
     )
     return dx, dweight, dbias

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .tiles import channel_offsets, channel_tile_offsets
+from .tiles import channel_tile_offsets
 
 
 @triton.jit
