@@ -540,7 +540,8 @@ def _offset_run_errors(reach: torch.Tensor, spread: torch.Tensor, variance: torc
     fp32 sum of fp16 / bf16 values (8 to 11 significant bits) is exact while they span a
     few binades, as data beyond a few stds from zero do, which leaves the division's
     rounding; measured, at most 0.4 fp32 eps of ``|m_r|`` from 5 stds out (1.4 at 3 stds,
-    where values near zero make the sums round), so the estimate is a worst case (the
+    where values near zero make the sums round; the estimate is asked for only where the
+    first rows put the data beyond four stds), so the estimate is a worst case (the
     roundings rarely align).  Both grow with the offset, ``|mean| * rstd``; the first
     one reaches ``dweight`` (through ``sum(dy * x_hat)``) and y, the second the running
     and saved variances.  A zero variance (a constant channel) gives inf: no estimate."""
