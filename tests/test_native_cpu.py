@@ -324,6 +324,15 @@ def test_native_path_passes_forward_ad_and_batched_checks(training):
                                         check_batched_grad=True, check_batched_forward_grad=True)
 
 
+def _training_parameters(gen, channels: int):
+    """``(weight, bias, running statistics, their values before)`` for a training call:
+    fp32 parameters that require grad, running statistics to be updated in place."""
+    weight = (torch.rand(channels, generator=gen) + 0.5).requires_grad_()
+    bias = (torch.rand(channels, generator=gen) - 0.5).requires_grad_()
+    running = [torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.5]
+    return weight, bias, running, [t.clone() for t in running]
+
+
 def _training_errors(x, dy, weight, bias, before, running, y, dx) -> dict:
     """Each training output's error (fp16 / bf16 input, fp32 parameters and running
     statistics updated with momentum 0.5 from ``before``) against the float64 oracle,
@@ -377,10 +386,7 @@ def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dt
     dy = (torch.randn(shape, generator=gen) + 3.0).to(dtype)  # one-signed mostly: long sums grow
     if layout == "channels_last":
         x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
-    weight = (torch.rand(channels, generator=gen) + 0.5).requires_grad_()
-    bias = (torch.rand(channels, generator=gen) - 0.5).requires_grad_()
-    running = [torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.5]
-    before = [t.clone() for t in running]
+    weight, bias, running, before = _training_parameters(gen, channels)
 
     read = []  # the dtypes the backward's runs read: the input's own out to _half_shift_stds
     original = native_cpu._run_backward
@@ -443,10 +449,7 @@ def test_offset_half_statistics_hold_when_every_runs_rounding_aligns(dtype, layo
         dy = torch.ones_like(x)
         if layout == "channels_last":
             x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
-        weight = (torch.rand(channels, generator=gen) + 0.5).requires_grad_()
-        bias = (torch.rand(channels, generator=gen) - 0.5).requires_grad_()
-        running = [torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.5]
-        before = [t.clone() for t in running]
+        weight, bias, running, before = _training_parameters(gen, channels)
         leaf = x.clone().requires_grad_()
         with bntriton.cpu_backend("native"):
             y = bntriton.batch_norm(leaf, *running, weight, bias, training=True, momentum=0.5)
