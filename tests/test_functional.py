@@ -209,12 +209,9 @@ def test_eval_backward_takes_rstd_in_the_kernels_and_matches_the_registered_op_b
     from bntriton.verification.bounds import reduction_error
 
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(4, 3, 5, 6, generator=gen) * 3 + 2
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    x, dy = x.to(DEVICE), torch.randn(x.shape, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last
-                                                                                     if layout == "channels_last"
-                                                                                     else torch.contiguous_format)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(4, 3, 5, 6, generator=gen) * 3 + 2).contiguous(memory_format=memory_format).to(DEVICE)
+    dy = torch.randn(x.shape, generator=gen).contiguous(memory_format=memory_format).to(DEVICE)
     w, b = (torch.rand(3, generator=gen) + 0.5).to(DEVICE), torch.randn(3, generator=gen).to(DEVICE)
     rm, rv = (torch.randn(3, generator=gen) + 2).to(DEVICE), (torch.rand(3, generator=gen) + 0.5).to(DEVICE)
     forced = dict(path="split", block_rows=4, num_splits=3) if path == "split" else dict(path="fused")
