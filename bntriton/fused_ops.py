@@ -74,7 +74,10 @@ def _forward_epilogue(x_view, residual, activation, slope, mask, out=None) -> Ep
 def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
     eps: float, activation: int, slope: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale, act_shift)``:
+    the last two are the scale and shift y was formed with (``z = (x - K) * act_scale +
+    act_shift``), which the backward recomputes z from; empty without an activation."""
     return _train_and_update(x, weight, bias, residual, eps, activation, slope, None)
 
 
@@ -85,11 +88,20 @@ def _train_and_update(x, weight, bias, residual, eps, activation, slope, running
     mask = _mask_like(view.tensor, _needs_mask(activation, residual is not None))
     if view.rows == 0:
         zeros = torch.zeros(view.channels, dtype=accumulator_dtype(x.dtype), device=x.device)
-        return view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone(), mask, zeros.clone()
+        return (view.empty_like(), zeros, zeros.clone(), zeros.clone(), zeros.clone(), mask, zeros.clone(),
+                *_coefficients_like(x, activation))
     epilogue = _forward_epilogue(view, residual, activation, slope, mask)
     y, stats = dispatch.forward_train(view, weight, bias, eps, epilogue, running=running)
-    # The pivot last: what the backward subtracts first (kernels/stats.py).
-    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, mask, stats.pivot
+    coefficients = (stats.scale, stats.shift) if activation != 0 else _coefficients_like(x, activation)
+    # The pivot after the statistics: what the backward subtracts first (kernels/stats.py).
+    return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, mask, stats.pivot, *coefficients
+
+
+def _coefficients_like(x: Tensor, activation: int) -> tuple[Tensor, Tensor]:
+    """Placeholders (empty without an activation, which needs no z) or, for an empty
+    batch and in fakes, the shape of the training op's ``act_scale`` / ``act_shift``."""
+    channels = x.shape[1] if activation != 0 else 0
+    return tuple(x.new_zeros(channels, dtype=accumulator_dtype(x.dtype)) for _ in range(2))
 
 
 batch_norm_act_train = torch.library.custom_op(
@@ -100,7 +112,8 @@ batch_norm_act_train = torch.library.custom_op(
 def _(x, weight, bias, residual, eps, activation, slope):
     per_channel = [x.new_empty(x.shape[1], dtype=accumulator_dtype(x.dtype)) for _ in range(5)]
     return (channel_view(x).empty_like(), *per_channel[:4],
-            _mask_like(x, _needs_mask(activation, residual is not None)), per_channel[4])
+            _mask_like(x, _needs_mask(activation, residual is not None)), per_channel[4],
+            *_coefficients_like(x, activation))
 
 
 def _eval_impl(
@@ -125,8 +138,9 @@ def _(x, weight, bias, running_mean, running_var, residual, eps, activation, slo
 
 
 def _act_coefficients(weight, bias, mean_shifted, rstd):
-    """The forward's ``z = (x - K) * scale + shift``, per channel, in the accumulator dtype
-    (two small ops: each is a launch, and host time, on a GPU)."""
+    """``z = (x - K) * scale + shift``'s coefficients, per channel, in the accumulator
+    dtype (two small ops: each is a launch, and host time, on a GPU), for the backwards
+    whose forward did not return them (eval, in-place)."""
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
     if bias is None:
         return scale, torch.mul(mean_shifted, scale).neg_()
@@ -134,14 +148,16 @@ def _act_coefficients(weight, bias, mean_shifted, rstd):
 
 
 def _backward_impl(
-    grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-    mean_shifted: Tensor, rstd: Tensor, pivot: Tensor, mask: Tensor, residual: Optional[Tensor],
-    activation: int, slope: float, has_residual: bool, invert: bool,
+    grad: Tensor, x: Tensor, weight: Optional[Tensor], act_scale: Tensor, act_shift: Tensor,
+    running_mean: Optional[Tensor], mean_shifted: Tensor, rstd: Tensor, pivot: Tensor, mask: Tensor,
+    residual: Optional[Tensor], activation: int, slope: float, has_residual: bool, invert: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dresidual)`` of either forward (batch statistics when
-    ``running_mean`` is None).  ``has_residual`` asks for dresidual = dz (with an
-    activation: without one it is the incoming gradient itself, which the autograd
-    formulas pass on directly, as an op may not return an alias of its input)."""
+    ``running_mean`` is None).  ``act_scale`` / ``act_shift``: the forward's ``z = (x - K)
+    * act_scale + act_shift`` (read only with an activation).  ``has_residual`` asks for
+    dresidual = dz (with an activation: without one it is the incoming gradient itself,
+    which the autograd formulas pass on directly, as an op may not return an alias of
+    its input)."""
     view = channel_view(x)
     dy = view.same_layout(grad)
     batch_stats_used = running_mean is None
@@ -150,7 +166,6 @@ def _backward_impl(
     else:
         pivot_stride = 1  # the train op's pivot output, or the running mean
     param_dtype = weight.dtype if weight is not None else accumulator_dtype(x.dtype)
-    act_scale, act_shift = _act_coefficients(weight, bias, mean_shifted, rstd)
     dresidual = None
     if _keeps_residual(activation, has_residual):
         # z = BN(x) + residual in the accumulator dtype, then dz with torch ops.
@@ -180,7 +195,7 @@ batch_norm_act_backward = torch.library.custom_op(
 
 
 @batch_norm_act_backward.register_fake
-def _(grad, x, weight, bias, running_mean, mean_shifted, rstd, pivot, mask, residual,
+def _(grad, x, weight, act_scale, act_shift, running_mean, mean_shifted, rstd, pivot, mask, residual,
       activation, slope, has_residual, invert):
     dtype = weight.dtype if weight is not None else accumulator_dtype(x.dtype)
     c = x.shape[1]
@@ -202,19 +217,20 @@ def _no_double_backward():
 
 def _train_setup(ctx, inputs, output):
     x, weight, bias, residual, eps, activation, slope = inputs
-    _, mean_shifted, rstd, mean, var_unbiased, mask, pivot = output
-    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, mask, pivot)
+    _, mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale, act_shift = output
+    ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale, act_shift)
     kept_residual = residual if _keeps_residual(activation, residual is not None) else None
-    ctx.save_for_backward(x, weight, bias, mean_shifted, rstd, pivot, mask, kept_residual)
+    # The forward's own coefficients, not recomputed: no launches for them, and the same z.
+    ctx.save_for_backward(x, weight, act_scale, act_shift, mean_shifted, rstd, pivot, mask, kept_residual)
     ctx.flags = (weight is not None, bias is not None, residual is not None, activation, slope)
 
 
 def _train_backward(ctx, grad_y, *_unused):
     _no_double_backward()
-    x, weight, bias, mean_shifted, rstd, pivot, mask, residual = ctx.saved_tensors
+    x, weight, act_scale, act_shift, mean_shifted, rstd, pivot, mask, residual = ctx.saved_tensors
     has_weight, has_bias, has_residual, activation, slope = ctx.flags
     dx, dweight, dbias, dres = _backward(
-        grad_y, x, weight, bias, None, mean_shifted, rstd, pivot, mask, residual,
+        grad_y, x, weight, act_scale, act_shift, None, mean_shifted, rstd, pivot, mask, residual,
         activation, slope, has_residual and activation != 0, False,
     )
     dres = (dres if activation != 0 else grad_y) if has_residual else None
@@ -239,8 +255,10 @@ def _eval_backward(ctx, grad_y, _grad_mask):
     has_weight, has_bias, has_residual, activation, slope, eps = ctx.flags
     # Torch ops, not a kernel launch: an autograd formula must trace under fake tensors.
     rstd = torch.rsqrt(running_var.to(accumulator_dtype(x.dtype)) + eps)
+    zero_mean = torch.zeros_like(rstd)
+    act_scale, act_shift = _act_coefficients(weight, bias, zero_mean, rstd) if activation != 0 else (rstd, rstd)
     dx, dweight, dbias, dres = _backward(
-        grad_y, x, weight, bias, running_mean, torch.zeros_like(rstd), rstd, running_mean, mask, residual,
+        grad_y, x, weight, act_scale, act_shift, running_mean, zero_mean, rstd, running_mean, mask, residual,
         activation, slope, has_residual and activation != 0, False,
     )
     dres = (dres if activation != 0 else grad_y) if has_residual else None
@@ -253,6 +271,9 @@ batch_norm_act_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
 class _EagerActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, activation, slope, running):
+        # Only y is differentiated: no zero-filled gradients for the other eight outputs
+        # (a memset launch each on a GPU); their slots reach the backward as None.
+        ctx.set_materialize_grads(False)
         inputs = (x, weight, bias, residual, eps, activation, slope)
         output = _train_and_update(*inputs, running)
         _train_setup(ctx, inputs, output)
@@ -260,18 +281,25 @@ class _EagerActTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, *unused):
+        if grad_y is None:  # y's gradient undefined (not materialized): nothing flows back
+            return (None,) * 8
         return (*_train_backward(ctx, grad_y, *unused), None)
 
 
 class _EagerActEval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, residual, eps, activation, slope):
+        ctx.set_materialize_grads(False)  # the mask's gradient slot stays None (see above)
         inputs = (x, weight, bias, running_mean, running_var, residual, eps, activation, slope)
         output = _eval_impl(*inputs)
         _eval_setup(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_eval_backward)
+    @staticmethod
+    def backward(ctx, grad_y, grad_mask):
+        if grad_y is None:  # y's gradient undefined (not materialized): nothing flows back
+            return (None,) * 9
+        return _eval_backward(ctx, grad_y, grad_mask)
 
 
 _eager_act_train_apply = ops.bare_apply(_EagerActTrain)
@@ -346,6 +374,7 @@ class InplaceABN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, activation, slope, training):
+        ctx.set_materialize_grads(False)  # the statistics' gradient slots stay None
         view = channel_view(x)
         if view.tensor is not x:
             raise ValueError("in-place activated batch norm needs a dense NCHW-like or channels_last input")
@@ -375,6 +404,8 @@ class InplaceABN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, *_unused):
         _no_double_backward()
+        if grad_y is None:  # the output's gradient undefined (not materialized)
+            return (None,) * 9
         y, weight, bias, mean_shifted, rstd = ctx.saved_tensors
         has_weight, has_bias, activation, slope, training = ctx.flags
         view = channel_view(y)

@@ -506,3 +506,44 @@ def test_native_cpu_inference_composes_torchs_eval_in_place(act, res, dtype, mon
             assert y.dtype == dtype and y.stride() == x.stride()
             error = normwise_error(y, ref.y, dtype, magnitude=ref.z)
             assert error <= bound_units("y_act", dtype, x.numel() // c), (offset, needs_grad, error)
+
+
+@pytest.mark.parametrize("path", ["split", "fused"])
+def test_fused_training_backward_recomputes_z_from_the_forwards_coefficients(path):
+    """The activated training op returns the scale and shift its forward formed z with,
+    and the backward recomputes z from them with the forward's fma: the forward's z bit
+    for bit, so ReLU's mask in the backward is the forward's own.  The backward starts no
+    torch op (a launch on a GPU): none for the coefficients, and no zero-filled gradients
+    for the op's eight non-differentiable outputs."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    from bntriton import fused_ops
+
+    spec = importlib.util.spec_from_file_location(
+        "perf_traffic", pathlib.Path(__file__).resolve().parents[1] / "perf" / "traffic.py")
+    traffic = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = traffic
+    spec.loader.exec_module(traffic)
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 5, 3, 4, generator=gen) * 2 + 3).to(DEVICE)
+    w = (torch.rand(5, generator=gen) + 0.5).to(DEVICE).requires_grad_()
+    b = torch.randn(5, generator=gen).to(DEVICE).requires_grad_()
+    with forced_plan(path=path) if path == "fused" else forced_plan(path="split", block_rows=4):
+        out = fused_ops._train_impl(x, w.detach(), b.detach(), None, 1e-5, 1, SLOPE)
+        scale, shift = out[7], out[8]
+        # The forward's pre-activation, as its kernels formed it: relu(z) is y.
+        z = torch.addcmul(shift.view(1, -1, 1, 1), x - out[6].view(1, -1, 1, 1), scale.view(1, -1, 1, 1))
+        assert scale.shape == shift.shape == (5,) and torch.equal(torch.relu(z), out[0])
+        leaf = x.clone().requires_grad_()
+        y = bntriton.batch_norm(leaf, None, None, w, b, True, activation="relu")
+        counted = traffic.Traffic(floor=1)
+        dy = torch.ones_like(y)
+        with traffic.counting(counted):
+            y.backward(dy)
+    from bntriton.kernels import dispatch
+
+    if not dispatch.native(x):  # the native path is torch ops throughout
+        assert not [k for k in counted.launches if k.startswith("torch.")], counted.launches

@@ -181,5 +181,6 @@ def through_activation(x, dy, pivot, act_scale, act_shift, slope, mask_ptr, r, c
             positive = tl.trans(load_mask(mask_ptr, r, c, tl.trans(mask), channels))
             dz = mask_grad(positive, dy, slope[:, None], ACTIVATION)
         elif ACTIVATION != 0:
-            dz = activation_grad(x_k * act_scale[:, None] + act_shift[:, None], dy, slope[:, None], ACTIVATION)
+            # The forward's fma on the forward's coefficients: the same z, bit for bit.
+            dz = activation_grad(tl.fma(x_k, act_scale[:, None], act_shift[:, None]), dy, slope[:, None], ACTIVATION)
     return x_k, dz

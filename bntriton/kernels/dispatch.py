@@ -32,7 +32,9 @@ def forward_train(
     view: ChannelView, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE,
     running: RunningStats | None = None,
 ) -> tuple[torch.Tensor, BatchStats]:
-    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``); with
+    """``(y, stats)`` normalized with the batch's statistics (``view.rows >= 1``);
+    ``stats.scale`` / ``shift`` are those y was formed with on every path when the
+    epilogue has an activation (its backward recomputes z from them); with
     ``running`` given, also updates the running statistics and the counter in the same
     launches: inside the statistics' combine on the split path (three launches in all),
     inside the single-read kernel otherwise (one; a second for the cumulative average
@@ -46,7 +48,9 @@ def forward_train(
         return y, stats
     single_read = fused_plan(view)
     if single_read is not None:
-        y, stats, updated = fused_forward(view, single_read, weight, bias, eps, epilogue, running)
+        # An activation's backward recomputes z from the forward's scale and shift.
+        y, stats, updated = fused_forward(view, single_read, weight, bias, eps, epilogue, running,
+                                          coefficients=epilogue.activation != 0)
         if not updated:
             _update_running(running, stats)
         return y, stats

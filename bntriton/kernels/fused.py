@@ -40,10 +40,12 @@ def _fused_forward_kernel(
     ACC: tl.constexpr, ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
     MASK: tl.constexpr = False, INVERT: tl.constexpr = False,
     HAS_RUNNING: tl.constexpr = False, HAS_COUNTER: tl.constexpr = False, CUMULATIVE: tl.constexpr = False,
+    STORE_COEFFICIENTS: tl.constexpr = False,
 ):
     # y = act(BN(x) [+ residual]) (see activations.py); y_ptr may be x_ptr (in-place):
-    # every element is read before any is written.  act_scale / act_shift / INVERT are
-    # the backward's and unused here.
+    # every element is read before any is written.  STORE_COEFFICIENTS: the scale and
+    # shift y was formed with go to act_scale_ptr / act_shift_ptr, for the backward to
+    # recompute z with (INVERT is the backward's and unused here).
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < channels
@@ -76,6 +78,9 @@ def _fused_forward_kernel(
     tl.store(pivot_ptr + c, pivot, mask=c_mask)
     tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
     tl.store(rstd_ptr + c, rstd, mask=c_mask)
+    if STORE_COEFFICIENTS:
+        tl.store(act_scale_ptr + c, scale, mask=c_mask)
+        tl.store(act_shift_ptr + c, shift, mask=c_mask)
     batch_mean = (pivot + mean_s) + correction
     batch_var = m2 / (n - 1.0)
     tl.store(mean_ptr + c, batch_mean, mask=c_mask)
@@ -154,8 +159,9 @@ def _fused_backward_kernel(
 
 
 def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilogue: Epilogue = NO_EPILOGUE,
-                  running: RunningStats | None = None):
+                  running: RunningStats | None = None, coefficients: bool = False):
     """``(y, BatchStats, updated)`` in one launch; ``plan`` from :func:`launch.fused_plan`.
+    ``coefficients``: the stats carry the scale and shift y was formed with (else None).
 
     With ``running`` given, the same launch updates the running statistics and the counter
     (``updated`` is then True), except for the cumulative average over a grid of several
@@ -166,8 +172,11 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
     y = epilogue.out if epilogue.out is not None else view.empty_like()
     if epilogue.mask is not None and plan.block_rows < 8:
         plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
-    per_channel = [x.new_empty(view.channels, dtype=acc) for _ in range(5)]
-    pivot, mean_s, rstd, mean, var_unbiased = per_channel
+    per_channel = [x.new_empty(view.channels, dtype=acc) for _ in range(7 if coefficients else 5)]
+    pivot, mean_s, rstd, mean, var_unbiased = per_channel[:5]
+    scale, shift = per_channel[5:] if coefficients else (None, None)
+    if coefficients:
+        epilogue = replace(epilogue, act_scale=scale, act_shift=shift)
     programs = cdiv(view.channels, plan.block_channels)
     fold = running is not None and (running.momentum is not None or programs == 1)
     has_counter = fold and running.num_batches_tracked is not None
@@ -185,10 +194,9 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
         HAS_BIAS=bias is not None, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
         ACC=tl_accumulator(x.dtype), **epilogue.constexprs(),
         HAS_RUNNING=fold, HAS_COUNTER=has_counter, CUMULATIVE=fold and running.momentum is None,
-        num_warps=plan.num_warps,
+        STORE_COEFFICIENTS=coefficients, num_warps=plan.num_warps,
     )
-    # scale / shift are folded inside the kernel; the split path's fields are not needed.
-    return y, BatchStats(mean_s, rstd, None, None, mean, var_unbiased, pivot), fold
+    return y, BatchStats(mean_s, rstd, scale, shift, mean, var_unbiased, pivot), fold
 
 
 def fused_backward(

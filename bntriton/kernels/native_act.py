@@ -102,7 +102,8 @@ def forward_train(view: ChannelView, weight, bias, eps: float, epilogue: Epilogu
     if bias is not None:
         shift = shift + bias.to(acc)
     z = (x.to(acc) - _bcast(view, pivot)) * _bcast(view, scale) + _bcast(view, shift)
-    return _finish(view, z, epilogue, x.dtype), stats
+    # The backward recomputes z from these very coefficients (the same ops: the same z).
+    return _finish(view, z, epilogue, x.dtype), replace(stats, scale=scale, shift=shift)
 
 
 def forward_eval(view: ChannelView, weight, bias, running_mean, running_var, eps: float, epilogue: Epilogue,

@@ -78,7 +78,7 @@ def _channel_affine_kernel(
             if MASK:
                 dy = mask_grad(load_mask(mask_ptr, r, c, mask, channels), dy, slope[None, :], ACTIVATION)
             elif ACTIVATION != 0:
-                z = x_k * act_scale[None, :] + act_shift[None, :]
+                z = tl.fma(x_k, act_scale[None, :], act_shift[None, :])  # the forward's z, bit for bit
                 dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
         if HAS_RESIDUAL:
             tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
