@@ -48,9 +48,9 @@ def _grad_partial_kernel(
     # With an activation the sums are over dz = dy * act'(z), z recomputed (or read from
     # the mask, or recovered from the output when INVERT) exactly as normalize.py's
     # backward epilogue does.  RUNNING (the running statistics normalized the forward:
-    # K is the running mean, the shifted mean 0): dx = dz * weight * rstd needs no sum,
-    # so the same pass writes it (and dz to ``res_ptr`` when HAS_RESIDUAL), with rstd
-    # from the running variance at ``var_ptr``; otherwise those pointers are unused.
+    # K is the running mean, the shifted mean 0; no epilogue): dx = dy * weight * rstd
+    # needs no sum, so the same pass writes it, with rstd from the running variance at
+    # ``var_ptr``; otherwise those pointers are unused.
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
@@ -89,8 +89,6 @@ def _grad_partial_kernel(
                                      ACTIVATION, MASK, INVERT)
         if RUNNING:
             tl.store(dx_ptr + offs, (dy * dx_scale[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
-            if HAS_RESIDUAL:
-                tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
         # (x - K) is exact for offset data; subtracting the shifted mean second keeps it so.
         centred = tl.where(mask, x_k - mean_s[:, None], 0.0)
         dy_hi, carry = two_sum(dy_hi, tl.sum(dy, axis=1))
@@ -203,8 +201,8 @@ def _partial_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the split reduction: ``(num_splits, C)`` partial sum(dy), sum(dy * centred).
     ``running = (dx, running_var, weight, eps)``: the forward normalized with the running
-    statistics (``pivot`` their mean, ``mean_shifted`` unused), and the same pass writes
-    dx (and the residual's gradient)."""
+    statistics (``pivot`` their mean, ``mean_shifted`` unused, no epilogue), and the same
+    pass writes dx."""
     x = view.tensor
     channels = view.channels
     part_dy = x.new_empty((plan.num_splits, channels), dtype=accumulator_dtype(x.dtype))
@@ -285,12 +283,12 @@ def running_grads(
     running_var: torch.Tensor,
     eps: float,
     param_dtype: torch.dtype,
-    epilogue: Epilogue = NO_EPILOGUE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) of a forward that normalized with the running statistics, in
     two launches: dx = dy * weight * rstd needs no sum, so the partial sums' pass writes it
     (one read of x and dy, one write of dx: the floor), and the combine takes dweight and
-    dbias; both take rstd from the running variance themselves (no launch for it)."""
+    dbias; both take rstd from the running variance themselves (no launch for it).  Plain
+    batch norm only: a fused epilogue's eval backward takes :func:`batch_norm_grads`."""
     x = view.tensor
     channels = view.channels
     dweight = x.new_empty(channels, dtype=param_dtype)
@@ -298,7 +296,7 @@ def running_grads(
     dx = view.empty_like()
     if view.rows == 0:
         return dx, dweight.zero_(), dbias.zero_()
-    part_dy, part_dyc = _partial_sums(view, plan, dy, running_mean, 1, None, epilogue,
+    part_dy, part_dyc = _partial_sums(view, plan, dy, running_mean, 1, None,
                                       running=(dx, running_var, weight, eps))
     combine_block = channel_block(channels)
     _grad_combine_kernel[(cdiv(channels, combine_block),)](
