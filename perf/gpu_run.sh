@@ -2,17 +2,20 @@
 # A first look at a new NVIDIA GPU in one go, each step under its own time limit so
 # that the whole run ends in a known time (at most 7.5 minutes with the defaults; about 4 on an H200):
 #   1. the device and versions;
-#   2. the test suite, natively (compiler problems show up only on the device);
-#   3. the quick sweep (perf/sweep.py --quick): bntriton, torch, torch.compile;
-#   4. the error ratios against torch's CUDA batch norm (perf/numerics.py);
-#   5. a ResNet-50 training step: time and peak memory, fused and plain layers;
-#   6. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py);
-#   7. host time per call on a tiny tensor, ours and torch's (perf/host_profile.py).
+#   2. the quick sweep (perf/sweep.py --quick): bntriton, torch, torch.compile, each case
+#      checked against float64 before it is timed;
+#   3. the error ratios against torch's CUDA batch norm (perf/numerics.py);
+#   4. a ResNet-50 training step: time and peak memory, fused and plain layers;
+#   5. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py);
+#   6. host time per call on a tiny tensor, ours and torch's (perf/host_profile.py);
+#   7. the test suite, natively (compiler problems show up only on the device).
 #
 #   bash perf/gpu_run.sh [OUT_DIR]        # default perf/results/gpu-run
 #
 # Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, BREAKDOWN_S, HOST_S.  A step that runs out
-# of time is stopped and the next one starts; its log says how far it got.
+# of time is stopped and the next one starts; its log says how far it got.  A limit of 0 skips the step.
+# SWEEP_ARGS replaces the sweep's preset, e.g. SWEEP_ARGS="--max-minutes 4" for as much of the full sweep
+# as fits (it starts with the quick cases, then takes the suites in turn).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-perf/results/gpu-run}
@@ -22,6 +25,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 step() {  # step NAME LIMIT_S COMMAND...: run, log to $out/NAME.log, record the time taken
     local name=$1 limit=$2 start rc
     shift 2
+    [ "$limit" -gt 0 ] || { echo "$name: skipped" | tee -a "$out/steps.txt"; return; }
     start=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
     rc=$?
@@ -35,13 +39,14 @@ print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__ver
 print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")'
 } >"$out/env.txt" 2>&1
 
-# -n: one worker per core (pytest-xdist); --timeout stops a single hung test.  The
-# hypothesis example count is CI's default.
-step tests "${TESTS_S:-120}" python3 -m pytest -q -rfE -n "$(nproc)" --timeout 150 -p no:cacheprovider tests
-step sweep "${SWEEP_S:-100}" python3 perf/sweep.py --quick --max-minutes 1.3 --out "$out" --stem sweep
+step sweep "${SWEEP_S:-100}" python3 perf/sweep.py ${SWEEP_ARGS:---quick --max-minutes 1.3} --out "$out" --stem sweep
 step numerics "${NUMERICS_S:-30}" python3 perf/numerics.py --device cuda --seeds 2
 step resnet50_step "${RESNET_S:-70}" python3 perf/resnet50_step.py --reps 6 --out "$out/resnet50_step.csv"
 step breakdown "${BREAKDOWN_S:-40}" python3 perf/kernel_breakdown.py
 step host_profile "${HOST_S:-30}" python3 perf/host_profile.py --calls 1000
+# The suite last: its worker processes can outlive a step stopped at its limit and would
+# disturb the timings of the steps after it.  -n: one worker per core (pytest-xdist);
+# --timeout stops a single hung test.  The hypothesis example count is CI's default.
+step tests "${TESTS_S:-150}" python3 -m pytest -q -rfE -n "$(nproc)" --timeout 150 -p no:cacheprovider tests
 cat "$out/steps.txt"
 tail -n 25 "$out/sweep.log"

@@ -156,6 +156,19 @@ def cases_for(suite: str, mode: str, resnet_batch: int = RESNET50_BATCH) -> List
     return full_cases(suite, resnet_batch)
 
 
+def sweep_order(suite_names: Sequence[str], mode: str, resnet_batch: int = RESNET50_BATCH) -> List[Case]:
+    """The cases of these suites in the order a sweep runs them.  A full sweep starts with
+    the quick cases, then takes the suites in turn, one case each, so that a run stopped by
+    ``--max-minutes`` has measured every suite about equally, and the quick preset first."""
+    per_suite = [cases_for(s, mode, resnet_batch) for s in suite_names]
+    if mode != "full":
+        return [c for cases in per_suite for c in cases]
+    first = [c for s in suite_names for c in quick_cases(s, resnet_batch)]
+    rest = [[c for c in cases if c not in first] for cases in per_suite]
+    turns = [cases[i] for i in range(max(map(len, rest), default=0)) for cases in rest if i < len(cases)]
+    return first + turns
+
+
 def suite_table() -> Dict[str, List[Case]]:
     """Every full case, for documentation (NOTES.md's floor-bytes table)."""
     return {suite: full_cases(suite) for suite in SUITES}

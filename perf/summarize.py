@@ -202,6 +202,19 @@ def read_notes(csv_paths: Sequence[Path]) -> List[str]:
     return notes
 
 
+def measured_cases(csv_paths: Sequence[Path]) -> set:
+    """(suite, shape, layout, dtype) of every case these CSVs hold bntriton's last row of
+    every pass for (a case whose timing a killed run cut off midway is not counted)."""
+    rows = [r for r in read_rows(csv_paths) if r["suite"] != COPY]
+    passes = {r["pass"] for r in rows}
+    seen: Dict[tuple, List[str]] = defaultdict(list)
+    for r in rows:
+        if r["provider"] == REFERENCE:
+            seen[(r["suite"], r["shape"], r["layout"], r["dtype"])].append(r["pass"])
+    # bntriton is timed first and last per pass: two rows each when the case completed.
+    return {case for case, got in seen.items() if all(got.count(p) == 2 for p in passes)}
+
+
 def merge(csv_paths: Sequence[Path], into: Path) -> Path:
     """One CSV (and .notes) from several, e.g. a sweep split over two device calls."""
     rows = read_rows(csv_paths)

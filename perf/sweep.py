@@ -105,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetitions (ms of runs)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="start no new case after this long; what was measured is kept and summarized")
+    parser.add_argument("--skip-measured", type=Path, nargs="+", default=None, metavar="CSV",
+                        help="leave out the cases these earlier CSVs measured (the rest of a run stopped "
+                             "by --max-minutes; merge the parts with summarize.py --merge-into)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend for torch_compile (tooling tests use aot_eager)")
     args = parser.parse_args(argv)
@@ -299,7 +302,11 @@ def run(args) -> int:
     notes.append(f"mode {mode}; L2 {l2 / 2**20:.0f} MiB (floor bytes: 2B/3B forward-train, 3B/5B backward, "
                  "2B eval; see NOTES.md)")
     batch = resnet_batch(device, notes) if "resnet50" in args.suites else suites.RESNET50_BATCH
-    cases = [c for s in args.suites for c in suites.cases_for(s, mode, batch)]
+    cases = suites.sweep_order(args.suites, mode, batch)
+    if args.skip_measured:
+        measured = summarize.measured_cases(args.skip_measured)
+        cases = [c for c in cases if (c.suite, c.shape_str, c.layout, c.dtype_str) not in measured]
+        notes.append(f"{len(cases)} cases left after those measured in {', '.join(map(str, args.skip_measured))}")
 
     ms, moved, copy_gbps = measure.copy_bandwidth(device, timer)
     writer.row(COPY, str(moved // 2), "contiguous", "uint8", COPY, "torch", ms, moved, copy_gbps)

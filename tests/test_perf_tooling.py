@@ -149,6 +149,37 @@ def test_summarize_merges_a_sweep_split_in_two(smoke, tmp_path):
     assert "a.csv: " in summary and "b.csv: " in summary  # each part's notes, labelled
 
 
+def test_full_sweep_order_starts_with_the_quick_cases_then_takes_the_suites_in_turn(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))  # suites.py imports its sibling schema.py
+    suites = importlib.import_module("suites")
+    order = suites.sweep_order(SUITES, "full")
+    full = [c for s in SUITES for c in suites.full_cases(s)]
+    quick = [c for s in SUITES for c in suites.quick_cases(s)]
+    assert sorted(order, key=str) == sorted(full, key=str) and len(set(order)) == len(order)
+    assert order[:len(quick)] == quick
+    # After the quick ones, each suite's next case in turn while every suite has one left.
+    assert [c.suite for c in order[len(quick):len(quick) + 8]] == SUITES * 2
+    assert suites.sweep_order(SUITES, "quick") == quick
+
+
+def test_a_sweep_resumed_with_skip_measured_runs_only_what_is_missing(smoke, tmp_path):
+    out, _ = smoke
+    header, rows = _rows(out / "smoke.csv")
+    part = tmp_path / "part.csv"
+    with open(part, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        # mlp complete; small_batch cut off after its first pass's rows.
+        cut = [r for r in rows if r["suite"] == "small_batch"][:3]
+        writer.writerows([r for r in rows if r["suite"] in {"copy", "mlp"}] + cut)
+    proc = _run(PERF / "sweep.py", "--device", "cpu", "--smoke", "--out", tmp_path, "--stem", "rest",
+                "--suites", "mlp,small_batch", "--providers", "bntriton,torch", "--skip-measured", part)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _, rest = _rows(tmp_path / "rest.csv")
+    assert {r["suite"] for r in rest} == {"copy", "small_batch"}
+    assert "1 cases left" in (tmp_path / "rest.notes").read_text()
+
+
 def test_plot_writes_a_png_when_matplotlib_is_installed(smoke, tmp_path):
     out, _ = smoke
     if importlib.util.find_spec("matplotlib") is None:
