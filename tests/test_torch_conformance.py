@@ -22,7 +22,7 @@ from torch import nn
 from torch.autograd import gradgradcheck
 
 import bntriton
-from bntriton.verification.bounds import bound_units, normwise_error
+from bntriton.verification.bounds import bound_units, normwise_error, reduction_error
 
 from conftest import DEVICE
 
@@ -257,13 +257,24 @@ def test_expanded_and_strided_parameters_match_torch():
 
 
 def test_expanded_weight_gets_its_gradient_summed():
+    # dweight = sum(3 y^2 x_hat) = 6.75 sum(x_hat^3), a sum that cancels: both results are
+    # held to float64 against the magnitude of its terms (the bound table's condition), not
+    # to each other relative to the result (torch's CUDA result differs from ours by 78 eps
+    # of the result on an H100, both within their bound of the exact sum).
     x = torch.randn(5, 4, 3, device=DEVICE)
-    grads = []
-    for bn in (bntriton.batch_norm, F.batch_norm):
-        weight = torch.full((1,), 1.5, device=DEVICE, requires_grad=True)
-        bn(x, None, None, weight.expand(4), None, training=True).pow(3).sum().backward()
-        grads.append(weight.grad)
-    _assert_close(*grads, "dweight", 60)
+    grads = {}
+    for name, bn, dtype in (("ours", bntriton.batch_norm, torch.float32), ("torch", F.batch_norm, torch.float32),
+                            ("exact", F.batch_norm, torch.float64)):
+        weight = torch.full((1,), 1.5, device=DEVICE, dtype=dtype, requires_grad=True)
+        y = bn(x.to(dtype), None, None, weight.expand(4), None, training=True)
+        y.pow(3).sum().backward()
+        grads[name] = weight.grad
+        if name == "exact":
+            magnitude = (3 * y.detach() ** 2 * y.detach() / 1.5).abs().sum().reshape(1)
+    bound = bound_units("dweight", torch.float32, 15)
+    assert reduction_error(grads["ours"], grads["exact"], magnitude, torch.float32) <= bound
+    if DEVICE == "cpu":  # torch's CUDA reductions are not held to the table (docs/conformance.md)
+        assert reduction_error(grads["torch"], grads["exact"], magnitude, torch.float32) <= bound
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
