@@ -48,6 +48,10 @@ def _cases():
     # Both paths for the mask (ReLU after a residual) in training, in the half dtypes.
     yield "relu", True, "channels_last", torch.bfloat16, True, "split"
     yield "leaky_relu", True, "nchw", torch.float16, True, None
+    # Row tiles of 8 or more read the mask a byte at a time (activations.load_mask_channels_rows):
+    # several tiles and splits, and a partial last byte (36 rows).
+    yield "relu", True, "nchw", torch.float32, True, "split8"
+    yield "leaky_relu", True, "channels_last", torch.bfloat16, True, "split8"
 
 
 def _tensor(shape, layout, dtype, gen, scale=1.0, offset=0.0):
@@ -59,6 +63,8 @@ def _tensor(shape, layout, dtype, gen, scale=1.0, offset=0.0):
 
 
 def _path(path):
+    if path == "split8":
+        return forced_plan(path="split", block_rows=8, num_splits=2)
     return forced_plan(path="split", block_rows=4) if path == "split" else forced_plan()
 
 
