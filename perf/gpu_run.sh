@@ -42,7 +42,7 @@ print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), 
 step sweep "${SWEEP_S:-100}" python3 perf/sweep.py ${SWEEP_ARGS:---quick --max-minutes 1.3} --out "$out" --stem sweep
 step numerics "${NUMERICS_S:-30}" python3 perf/numerics.py --device cuda --seeds 2
 step resnet50_step "${RESNET_S:-70}" python3 perf/resnet50_step.py --reps 6 --out "$out/resnet50_step.csv"
-step breakdown "${BREAKDOWN_S:-40}" python3 perf/kernel_breakdown.py
+step breakdown "${BREAKDOWN_S:-40}" python3 perf/kernel_breakdown.py ${BREAKDOWN_ARGS:-}
 step host_profile "${HOST_S:-30}" python3 perf/host_profile.py --calls 1000
 # The suite last: its worker processes can outlive a step stopped at its limit and would
 # disturb the timings of the steps after it.  -n: one worker per core (pytest-xdist);

@@ -1,6 +1,7 @@
 """GPU time per kernel of one bntriton training forward and backward (torch.profiler).
 
     python perf/kernel_breakdown.py            # the sweep's largest channels-last and NCHW shapes
+    python perf/kernel_breakdown.py --fused    # also BN + add + ReLU (fused, and torch's composition)
 
 Prints, per shape and pass, each kernel's name and median device time over a few calls,
 and the same for torch's batch norm: where a pass's time goes.
@@ -19,12 +20,18 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import bntriton  # noqa: E402
+from bntriton.activated import batch_norm_act  # noqa: E402
 
 SHAPES = [
     ((256, 64, 112, 112), torch.channels_last, torch.bfloat16),
     ((256, 256, 56, 56), torch.contiguous_format, torch.float32),
     ((256, 2048, 7, 7), torch.contiguous_format, torch.bfloat16),
     ((8, 256, 8, 14, 14), torch.contiguous_format, torch.float32),
+]
+# ResNet-50's training step at batch 64 (perf/resnet50_step.py), for --fused.
+FUSED_SHAPES = [
+    ((64, 256, 56, 56), torch.channels_last, torch.bfloat16),
+    ((64, 2048, 7, 7), torch.channels_last, torch.bfloat16),
 ]
 CALLS = 5
 
@@ -44,18 +51,33 @@ def kernel_times(fn):
     return {name[:60]: (len(v) // CALLS, statistics.median(v)) for name, v in times.items()}
 
 
-def main() -> int:
-    for shape, memory_format, dtype in SHAPES:
+def _bn_add_relu_torch(x, rm, rv, w, b, training, momentum, eps, residual):
+    return F.relu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps) + residual)
+
+
+def _bn_add_relu_fused(x, rm, rv, w, b, training, momentum, eps, residual):
+    return batch_norm_act(x, rm, rv, w, b, training, momentum, eps,
+                                   activation="relu", residual=residual)
+
+
+def main(argv=None) -> int:
+    fused = "--fused" in (sys.argv[1:] if argv is None else argv)
+    for shape, memory_format, dtype in SHAPES + (FUSED_SHAPES if fused else []):
         x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype).contiguous(memory_format=memory_format)
         c = shape[1]
         w = (torch.rand(c, device="cuda") + 0.5).requires_grad_()
         b = torch.randn(c, device="cuda").requires_grad_()
         xg = x.detach().requires_grad_()
         dy = torch.randn_like(x)
-        for label, impl in (("bntriton", bntriton.batch_norm), ("torch", F.batch_norm)):
+        residual = torch.randn_like(x)
+        impls = [("bntriton", bntriton.batch_norm, ()), ("torch", F.batch_norm, ())]
+        if fused:
+            impls += [("bntriton BN+add+ReLU", _bn_add_relu_fused, (residual,)),
+                      ("torch BN+add+ReLU", _bn_add_relu_torch, (residual,))]
+        for label, impl, extra in impls:
             rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
-            fwd = kernel_times(lambda: impl(x, rm, rv, w, b, True, 0.1, 1e-5))
-            y = impl(xg, rm, rv, w, b, True, 0.1, 1e-5)
+            fwd = kernel_times(lambda: impl(x, rm, rv, w, b, True, 0.1, 1e-5, *extra))
+            y = impl(xg, rm, rv, w, b, True, 0.1, 1e-5, *extra)
             bwd = kernel_times(lambda: torch.autograd.grad(y, (xg, w, b), dy, retain_graph=True))
             for pass_, table in (("fwd_train", fwd), ("bwd_train", bwd)):
                 total = sum(n * t for n, t in table.values())
