@@ -264,6 +264,14 @@ def test_host_overhead_script_runs():
         assert ours > 0 and theirs > 0 and ratio > 0
 
 
+def test_backward_host_script_times_every_call():
+    proc = _run(PERF / "backward_host.py", "--calls", "3", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| cpu")]
+    assert len(rows) == 9  # the two trivial graphs, then per implementation forward and backwards
+    assert all(float(row[-1]) > 0 for row in rows)
+
+
 def test_an_inaccurate_baseline_is_timed_and_said_so(tmp_path):
     # torch eager is the baseline every speedup is taken against: outside the float64
     # bound (as its CUDA half-precision dweight is), it is still timed, and the notes say so.
