@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
@@ -28,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import bntriton  # noqa: E402
 from bntriton.kernels import runtime  # noqa: E402
+from host_profile import per_call_us  # noqa: E402  (perf/ is this script's folder)
 
 
 class _Identity(torch.autograd.Function):
@@ -38,19 +38,6 @@ class _Identity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
-
-
-def per_call_us(fn, calls: int) -> float:
-    for _ in range(30):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main(argv=None) -> int:
