@@ -8,6 +8,7 @@ and the same for torch's batch norm: where a pass's time goes.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 from collections import defaultdict
@@ -61,7 +62,9 @@ def _bn_add_relu_fused(x, rm, rv, w, b, training, momentum, eps, residual):
 
 
 def main(argv=None) -> int:
-    fused = "--fused" in (sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fused", action="store_true", help="also BN + add + ReLU, fused and torch's composition")
+    fused = parser.parse_args(argv).fused
     for shape, memory_format, dtype in SHAPES + (FUSED_SHAPES if fused else []):
         x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype).contiguous(memory_format=memory_format)
         c = shape[1]
