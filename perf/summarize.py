@@ -194,10 +194,13 @@ def summarize(rows: List[Dict[str, str]], sources: Sequence[str] = (), notes: Se
 def read_notes(csv_paths: Sequence[Path]) -> List[str]:
     """The run notes the sweep left beside each CSV (``<stem>.notes``, one per line)."""
     notes: List[str] = []
-    for path in csv_paths:
+    names = [Path(p).name for p in csv_paths]
+    # Parts of one run often share a name (run1/sweep.csv, run2/sweep.csv): then the path labels them.
+    labels = names if len(set(names)) == len(names) else [str(p) for p in csv_paths]
+    for path, label in zip(csv_paths, labels):
         sidecar = Path(path).with_suffix(".notes")
         if sidecar.exists():
-            prefix = f"{Path(path).name}: " if len(csv_paths) > 1 else ""
+            prefix = f"{label}: " if len(csv_paths) > 1 else ""
             notes += [prefix + line for line in sidecar.read_text().splitlines() if line.strip()]
     return notes
 

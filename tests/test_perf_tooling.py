@@ -147,6 +147,16 @@ def test_summarize_merges_a_sweep_split_in_two(smoke, tmp_path):
     for suite in SUITES:
         assert f"## {suite}" in summary
     assert "a.csv: " in summary and "b.csv: " in summary  # each part's notes, labelled
+    # Parts that share a file name (one folder per run) are labelled by their paths.
+    for part in ("a", "b"):
+        (tmp_path / part).mkdir()
+        for suffix in (".csv", ".notes"):
+            (tmp_path / part / f"sweep{suffix}").write_bytes((tmp_path / f"{part}{suffix}").read_bytes())
+    same_name = [tmp_path / "a" / "sweep.csv", tmp_path / "b" / "sweep.csv"]
+    result = _run(PERF / "summarize.py", *same_name, "--merge-into", tmp_path / "merged2.csv")
+    assert result.returncode == 0, result.stderr
+    notes = (tmp_path / "merged2.notes").read_text()
+    assert f"{same_name[0]}: " in notes and f"{same_name[1]}: " in notes
 
 
 def test_full_sweep_order_starts_with_the_quick_cases_then_takes_the_suites_in_turn(monkeypatch):
