@@ -30,6 +30,7 @@ VARIANTS = {
     "bf16-flags-on": ("bf16", "fp32", tl.float32, True, False, (256, 16), 8),
     "fp64-flags-off-int64": ("fp64", "fp64", tl.float64, False, True, (64, 64), 4),
     "fp16-largest-fused-tile": ("fp16", "fp16", tl.float32, True, False, (4096, 2), 16),
+    "fp32-one-channel-tile": ("fp32", "fp32", tl.float32, True, False, (4096, 1), 8),  # NCHW, long runs
 }
 
 INPUT_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "out_ptr", "pivot_ptr", "res_ptr"}

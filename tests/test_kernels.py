@@ -43,6 +43,7 @@ FORCED_PLANS = [
     dict(block_rows=16, block_channels=4, num_splits=64),
     dict(block_rows=32, block_channels=8, num_splits=1),
     dict(block_rows=16, block_channels=2, num_splits=2, int64=True),
+    dict(block_rows=64, block_channels=1, num_splits=3),  # channels-first tiles of long runs
 ]
 
 

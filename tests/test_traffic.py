@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bntriton.kernels.plans import fused_plan_for, plan_for
 
@@ -29,9 +30,11 @@ H100 = 132
 # back by the combine) and the per-channel vectors; each split takes its sums against its
 # own first row, so only the first split reads the channel's first rows for the pivot
 # (kernels/stats.py).  The pins below are the measured ratios rounded up: 1.52 / 1.69 for
-# the channels-last and 2-D split path, 1.508 / 1.671 for NCHW.
+# the channels-last and 2-D split path, 1.505 / 1.671 for NCHW (one channel per tile
+# there, its runs being long: a quarter of the splits and epilogue tiles of four-channel
+# tiles, which measured 1.5076 / 1.6702).
 CASES = {
-    "split-nchw-fp32": (((8, 16, 32, 32), "nchw", "fp32"), (1.508, 1.671, 1.01, 1.01)),
+    "split-nchw-fp32": (((8, 16, 32, 32), "nchw", "fp32"), (1.505, 1.671, 1.01, 1.01)),
     "split-nhwc-fp32": (((4, 32, 32, 32), "nhwc", "fp32"), (1.52, 1.69, 1.01, 1.02)),
     "split-nhwc-bf16": (((4, 32, 32, 32), "nhwc", "bf16"), (1.52, 1.69, 1.01, 1.02)),
     "split-2d-fp32": (((4096, 64), "nchw", "fp32"), (1.52, 1.69, 1.01, 1.02)),
@@ -113,3 +116,26 @@ def test_short_splits_are_merged_on_small_channels_last_problems():
     big = plan_for(256 * 56 * 56, 64, True, False, sm_count=H100, itemsize=2)
     assert big.num_splits * -(-64 // big.block_channels) >= 2 * H100
     assert fused_plan_for(4 * 56 * 56, 64, True, False, sm_count=H100) is None
+
+
+def test_channels_first_tiles_hold_one_channel_when_its_runs_are_long():
+    """NCHW: a 56x56 map's runs (12 KiB fp32) are read whole one channel at a time, so a
+    16 KiB tile covers 4096 rows and each channel needs a quarter of the splits; a 7x7
+    map's 196-byte runs are read four channels side by side (one 784-byte segment); and a
+    1-bit mask (bytes channels innermost) keeps four channels whatever the runs."""
+    long_runs = plan_for(4 * 56 * 56, 64, False, False, sm_count=H100, itemsize=4, run_bytes=56 * 56 * 4)
+    assert (long_runs.block_channels, long_runs.block_rows) == (1, 4096)
+    four_wide = plan_for(4 * 56 * 56, 64, False, False, sm_count=H100, itemsize=4)
+    assert (four_wide.block_channels, four_wide.block_rows) == (4, 1024)
+    assert long_runs.num_splits * 4 <= four_wide.num_splits + 3
+    short_runs = plan_for(256 * 7 * 7, 512, False, False, sm_count=H100, itemsize=4, run_bytes=7 * 7 * 4)
+    assert short_runs.block_channels == 4
+
+    from bntriton.kernels.layout import channel_view
+    from bntriton.kernels.plans import plan, planned_for
+
+    x = torch.randn(4, 64, 56, 56)
+    with planned_for(H100):
+        assert plan(channel_view(x)).block_channels == 1
+        assert plan(channel_view(x), packed_mask=True).block_channels == 4
+        assert plan(channel_view(x.to(memory_format=torch.channels_last))).block_channels >= 16

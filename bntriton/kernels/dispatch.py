@@ -23,6 +23,11 @@ from .stats import BatchStats, RunningStats, batch_stats
 from .stats import update_running_stats as _update_running_stats_kernel
 
 
+def _tiles(view: ChannelView, epilogue: Epilogue):
+    """The split path's plan; a 1-bit mask keeps channels-first tiles several channels wide."""
+    return plan(view, packed_mask=epilogue.mask is not None)
+
+
 def native(t: torch.Tensor) -> bool:
     """Whether ``t`` (a CPU tensor) runs on the native CPU path rather than the kernels."""
     return t.is_cpu and current_cpu_backend() == "native"
@@ -54,7 +59,7 @@ def forward_train(
         if not updated:
             _update_running(running, stats)
         return y, stats
-    tiles = plan(view)
+    tiles = _tiles(view, epilogue)
     stats = batch_stats(view, tiles, weight, bias, eps, running)
     # The pivot is its own per-channel tensor (BatchStats.pivot): an in-place output
     # cannot overwrite it.
@@ -93,7 +98,7 @@ def backward(
             epilogue,
         )
     return batch_norm_grads(
-        view, plan(view), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
+        view, _tiles(view, epilogue), dy, weight, pivot, pivot_stride, mean_shifted, rstd,
         batch_stats=batch_stats, param_dtype=param_dtype, epilogue=epilogue,
     )
 
@@ -127,7 +132,8 @@ def forward_eval(
         return native_act.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue, inference)
     # Pivot = running mean: y = (x - running_mean) * scale + bias, the coefficients folded
     # in the same launch.
-    return eval_affine(view, plan(view), running_mean, running_var, weight, bias, eps, epilogue=epilogue)
+    return eval_affine(view, _tiles(view, epilogue), running_mean, running_var, weight, bias, eps,
+                       epilogue=epilogue)
 
 
 def affine(view: ChannelView, pivot, pivot_stride: int, scale, shift, out_dtype, epilogue: Epilogue):
@@ -135,7 +141,7 @@ def affine(view: ChannelView, pivot, pivot_stride: int, scale, shift, out_dtype,
     (the fused backward's pre-activation when it cannot be recomputed inside the kernels)."""
     if native(view.tensor):
         return native_act.affine(view, pivot, pivot_stride, scale, shift, out_dtype, epilogue)
-    return channel_affine(view, plan(view), pivot, pivot_stride, scale, shift, out_dtype=out_dtype,
+    return channel_affine(view, _tiles(view, epilogue), pivot, pivot_stride, scale, shift, out_dtype=out_dtype,
                           epilogue=epilogue)
 
 

@@ -89,11 +89,16 @@ def _pow2_at_most(value: int, cap: int) -> int:
     return min(next_power_of_2(max(value, 1)), cap)
 
 
-def plan(view: ChannelView) -> Plan:
-    """Tile sizes and grid split for ``view`` on its device (see :func:`plan_for`)."""
+def plan(view: ChannelView, packed_mask: bool = False) -> Plan:
+    """Tile sizes and grid split for ``view`` on its device (see :func:`plan_for`).
+    ``packed_mask``: the kernels also write or read a 1-bit mask (activations.py), whose
+    bytes lie channels innermost: channels-first tiles then keep several channels side by
+    side, so that each mask access covers adjacent bytes."""
     sm_count = _device_sm_count(view.tensor.device)
+    itemsize = view.tensor.element_size()
+    run_bytes = 0 if view.channels_last or packed_mask else view.spatial * itemsize
     result = plan_for(
-        view.rows, view.channels, view.channels_last, view.needs_int64, sm_count, view.tensor.element_size()
+        view.rows, view.channels, view.channels_last, view.needs_int64, sm_count, itemsize, run_bytes
     )
     if _FORCED and _forced_fields():
         result = _with_splits(replace(result, **_forced_fields()), view.rows)
@@ -162,14 +167,19 @@ _TILE_BYTES_GPU = 16384
 _MIN_SPLIT_BYTES = 2048
 # Programs per SM the split grid aims for (enough loads in flight to hide DRAM latency).
 _PROGRAMS_PER_SM = 4
+# Channels-first tiles hold one channel once each (sample, channel) run of contiguous
+# values is at least this long; shorter runs are read several channels side by side.
+_MIN_RUN_BYTES = 512
 
 
 @functools.lru_cache(maxsize=4096)
 def plan_for(
-    rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None, itemsize: int = 4
+    rows: int, channels: int, channels_last: bool, int64: bool, sm_count: int | None, itemsize: int = 4,
+    run_bytes: int = 0,
 ) -> Plan:
     """Tiles and grid split for a rows x channels problem of ``itemsize``-byte values;
-    ``sm_count=None`` plans for the interpreter.
+    ``sm_count=None`` plans for the interpreter.  ``run_bytes``: channels-first, the bytes
+    of each (sample, channel) run of contiguous values (0: plan as if runs were short).
 
     The reduction runs over rows, split across ``num_splits`` programs per channel block
     so that few channels with many rows still fill the GPU (about four programs per SM);
@@ -179,6 +189,11 @@ def plan_for(
     than on the data.  Channels-last tiles narrow from 64 to 16 channels (64 / 32-byte
     contiguous rows for fp32 / bf16: still whole 32-byte sectors) before a grid runs
     short of programs, since narrower channel blocks add programs without adding splits.
+    Channels-first tiles take four adjacent channels when a channel's runs are short (a
+    7x7 map: four runs side by side make one contiguous segment four times as long), and
+    one channel when its runs are long enough to be read whole: the same tile bytes then
+    cover four times the rows, so each channel has a quarter of the splits (partial sums
+    written and combined) and of the epilogue's tiles (per-channel vectors loaded).
     """
     if sm_count is None:
         # The interpreter pays per program and per op, not per element: big tiles, few programs.
@@ -195,6 +210,8 @@ def plan_for(
         block_c = _pow2_at_most(channels, 64)
         while block_c > 16 and cdiv(channels, block_c) * max_splits < target:
             block_c //= 2
+    elif run_bytes >= _MIN_RUN_BYTES:
+        block_c = 1
     else:
         block_c = _pow2_at_most(channels, 4)
     block_r = _pow2_at_most(rows, max(tile_elements // block_c, 16))
