@@ -52,6 +52,11 @@ def _cases():
     # several tiles and splits, and a partial last byte (36 rows).
     yield "relu", True, "nchw", torch.float32, True, "split8"
     yield "leaky_relu", True, "channels_last", torch.bfloat16, True, "split8"
+    # The backward in two launches (its epilogue sums the splits itself), with the mask and
+    # the residual, an activation recomputed from z, and the eval backward's coefficients.
+    yield "relu", True, "nchw", torch.float32, True, "split8-sums"
+    yield "silu", False, "channels_last", torch.bfloat16, True, "split8-sums"
+    yield "gelu", True, "2d", torch.float16, False, "split8-sums"
 
 
 def _tensor(shape, layout, dtype, gen, scale=1.0, offset=0.0):
@@ -64,7 +69,9 @@ def _tensor(shape, layout, dtype, gen, scale=1.0, offset=0.0):
 
 def _path(path):
     if path == "split8":
-        return forced_plan(path="split", block_rows=8, num_splits=2)
+        return forced_plan(path="split", block_rows=8, num_splits=2, backward_sums="combine")
+    if path == "split8-sums":
+        return forced_plan(path="split", block_rows=8, num_splits=2, backward_sums="epilogue")
     return forced_plan(path="split", block_rows=4) if path == "split" else forced_plan()
 
 

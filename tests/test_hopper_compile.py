@@ -83,6 +83,9 @@ def test_kernel_compiles_for_sm90(name, variant):
 EPILOGUE_VARIANTS = [
     ("normalize._channel_affine_kernel", dict(HAS_DY=False, ACTIVATION=1, HAS_RESIDUAL=True, MASK=True)),
     ("normalize._channel_affine_kernel", dict(HAS_DY=True, ACTIVATION=4, HAS_RESIDUAL=True)),
+    # The two-launch backward's epilogue: its own coefficients from the splits' sums.
+    ("normalize._channel_affine_kernel", dict(HAS_DY=True, EVAL=False, GRAD_SUMS=True, ACTIVATION=1, MASK=True)),
+    ("normalize._channel_affine_kernel", dict(HAS_DY=True, EVAL=False, GRAD_SUMS=True, BATCH_STATS=False)),
     ("fused._fused_forward_kernel", dict(ACTIVATION=2, HAS_RESIDUAL=True, MASK=True)),
     ("fused._fused_backward_kernel", dict(ACTIVATION=3, HAS_RESIDUAL=True)),
     ("fused._fused_backward_kernel", dict(ACTIVATION=1, MASK=True, HAS_RESIDUAL=True)),
@@ -105,6 +108,7 @@ def test_epilogue_variants_compile_for_sm90(name, switches):
 DENSE_LAYOUTS = {
     "nchw": ({"stride_s": 1}, {"SPLIT_ROWS": True}, (1024, 4)),
     "nhwc": ({"stride_c": 1}, {"SPLIT_ROWS": False}, (64, 64)),
+    "nchw-one-channel": ({"stride_s": 1}, {"SPLIT_ROWS": True}, (4096, 1)),  # long runs (plans.plan_for)
 }
 STREAMING = ["stats._partial_lanes_kernel", "stats._partial_centred_kernel", "normalize._channel_affine_kernel",
              "backward._grad_partial_kernel", "fused._fused_forward_kernel",

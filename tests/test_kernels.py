@@ -44,6 +44,8 @@ FORCED_PLANS = [
     dict(block_rows=32, block_channels=8, num_splits=1),
     dict(block_rows=16, block_channels=2, num_splits=2, int64=True),
     dict(block_rows=64, block_channels=1, num_splits=3),  # channels-first tiles of long runs
+    # The backward in two launches: every epilogue program sums its channels' splits.
+    dict(block_rows=16, block_channels=2, num_splits=3, backward_sums="epilogue"),
 ]
 
 

@@ -77,6 +77,10 @@ def test_launch_counts(measured):
     split = measured("split-nhwc-fp32")
     single = measured("single-read-nchw-fp32")
     assert len(split["fwd_train"].launches) <= 3, split["fwd_train"].launches
+    # Channels-first splits are few for their tiles' rows: the backward's epilogue sums them
+    # itself, no combine launch between the two passes (kernels/backward.py).
+    nchw = measured("split-nchw-fp32")["bwd_train"].launches
+    assert nchw == ["_grad_partial_kernel", "_channel_affine_kernel"], nchw
     assert len(split["fwd_eval"].launches) == 1, split["fwd_eval"].launches  # coefficients folded in
     assert len(single["fwd_train"].launches) == 1, single["fwd_train"].launches  # running update folded in
     # The backward of an eval forward: dx written with the partial sums, rstd taken from the

@@ -7,9 +7,13 @@ With ``x_hat = ((x - K) - mean_shifted) * rstd`` and ``g`` the weight (1 without
     dx     = g * rstd * (dy - dbeta / M - x_hat * dgamma / M)        (batch statistics)
     dx     = g * rstd * dy                                           (running statistics)
 
-Three launches: a split partial reduction (same grid as the statistics), a combine in a
-fixed order (deterministic) that also folds dx into ``dx = dy * A + (x - K) * B + C``,
-and the shared per-channel affine epilogue (normalize.py).  Under running statistics dx
+Two launches where the splits are few for the tile's rows (plans.sums_in_epilogue): the
+split partial reduction (same grid as the statistics), then the shared per-channel
+affine epilogue (normalize.py), each of whose programs sums its channels' splits in a
+fixed order (deterministic, the same bits in every program) and forms
+``dx = dy * A + (x - K) * B + C``'s coefficients itself.  Otherwise three: a combine
+kernel between them does that once per channel, since re-reading hundreds of splits in
+every epilogue program would cost more than a launch.  Under running statistics dx
 needs no sum: two (:func:`running_grads`), the partial pass writing dx.
 
 SyncBatchNorm needs the two halves apart, with an all-reduce of the sums in between
@@ -26,17 +30,17 @@ import triton
 import triton.language as tl
 
 from .activations import NO_EPILOGUE, Epilogue, through_activation
-from .plans import Plan, cdiv, channel_block, splits_block
+from .plans import Plan, cdiv, channel_block, splits_block, sums_in_epilogue
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .normalize import channel_affine
-from .numerics import dx_coefficients, inverse_std, two_sum
+from .normalize import channel_affine, grad_affine
+from .numerics import dx_coefficients, grad_coefficients, inverse_std, sum_splits, two_sum
 from .tiles import channel_offsets, channel_tile_offsets
 
 
 @kernel
 def _grad_partial_kernel(
-    x_ptr, dy_ptr, pivot_ptr, mean_s_ptr, part_dy_ptr, part_dyc_ptr,
+    x_ptr, dy_ptr, pivot_ptr, mean_s_ptr, parts_ptr,
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, rows_per_split,
     dx_ptr, var_ptr, weight_ptr, eps_hi, eps_lo,
@@ -97,30 +101,15 @@ def _grad_partial_kernel(
         dyc_lo += carry
     sum_dy = dy_hi + dy_lo
     sum_dyc = dyc_hi + dyc_lo
+    # ``parts`` is (2, splits, C): sum(dy) above sum(dy * centred), one buffer.
     out = split * channels + c
-    tl.store(part_dy_ptr + out, sum_dy, mask=c_mask)
-    tl.store(part_dyc_ptr + out, sum_dyc, mask=c_mask)
-
-
-@triton.jit
-def _sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
-                ACC: tl.constexpr):
-    """Per-channel sum of the ``num_splits`` partial rows, deterministic: ``SPLITS`` rows
-    at a time summed as a tree, those sums added in split order with compensation."""
-    total = tl.zeros([BLOCK_C], dtype=ACC)
-    lost = tl.zeros([BLOCK_C], dtype=ACC)
-    for i0 in range(0, num_splits, SPLITS):
-        s = i0 + tl.arange(0, SPLITS)
-        m = (s < num_splits)[:, None] & c_mask[None, :]
-        values = tl.load(part_ptr + s[:, None] * channels + c[None, :], mask=m, other=0.0)
-        total, carry = two_sum(total, tl.sum(values, axis=0))
-        lost += carry
-    return total + lost
+    tl.store(parts_ptr + out, sum_dy, mask=c_mask)
+    tl.store(parts_ptr + tl.num_programs(0) * channels + out, sum_dyc, mask=c_mask)
 
 
 @kernel
 def _grad_combine_kernel(
-    part_dy_ptr, part_dyc_ptr, mean_s_ptr, rstd_ptr, weight_ptr,
+    parts_ptr, mean_s_ptr, rstd_ptr, weight_ptr,
     dweight_ptr, dbias_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr,
     rows, channels, num_splits, eps_hi, eps_lo,
     BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr,
@@ -130,27 +119,17 @@ def _grad_combine_kernel(
     # partial sums (_grad_partial_kernel): only dweight and dbias are left.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-    sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
     if RUNNING:
+        sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+        sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS,
+                             ACC)
         rstd = inverse_std(tl.load(rstd_ptr + c, mask=c_mask, other=1.0).to(ACC), eps_hi, eps_lo, BLOCK_C, ACC)
+        tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
     else:
-        rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
-    dgamma = sum_dyc * rstd
-    tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
-    if not RUNNING:
-        weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
-        if HAS_WEIGHT:
-            weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        if BATCH_STATS:
-            m = rows + tl.zeros([BLOCK_C], dtype=ACC)
-            mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
-            coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
-        else:
-            coef_a = rstd * weight
-            coef_b = tl.zeros([BLOCK_C], dtype=ACC)
-            coef_c = tl.zeros([BLOCK_C], dtype=ACC)
+        coef_a, coef_b, coef_c = grad_coefficients(
+            parts_ptr, num_splits, rows, mean_s_ptr, rstd_ptr, weight_ptr, dweight_ptr, dbias_ptr, c, c_mask,
+            channels, BLOCK_C, SPLITS, HAS_WEIGHT, BATCH_STATS, ACC)
         tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
         tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
         tl.store(coef_c_ptr + c, coef_c, mask=c_mask)
@@ -158,13 +137,13 @@ def _grad_combine_kernel(
 
 @kernel
 def _grad_sums_kernel(
-    part_dy_ptr, part_dyc_ptr, rstd_ptr, sums_ptr, dweight_ptr, dbias_ptr, channels, num_splits,
+    parts_ptr, rstd_ptr, sums_ptr, dweight_ptr, dbias_ptr, channels, num_splits,
     BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    sum_dy = _sum_splits(part_dy_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-    sum_dyc = _sum_splits(part_dyc_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
     tl.store(sums_ptr + c, sum_dy, mask=c_mask)
     tl.store(sums_ptr + channels + c, sum_dyc, mask=c_mask)
     dgamma = sum_dyc * tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
@@ -198,19 +177,18 @@ def _input_grad_coef_kernel(
 def _partial_sums(
     view: ChannelView, plan: Plan, dy: torch.Tensor, pivot: torch.Tensor, pivot_stride: int,
     mean_shifted: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE, running: tuple | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the split reduction: ``(num_splits, C)`` partial sum(dy), sum(dy * centred).
-    ``running = (dx, running_var, weight, eps)``: the forward normalized with the running
-    statistics (``pivot`` their mean, ``mean_shifted`` unused, no epilogue), and the same
-    pass writes dx."""
+) -> torch.Tensor:
+    """Launch the split reduction: ``(2, num_splits, C)`` partial sum(dy) and
+    sum(dy * centred), one buffer.  ``running = (dx, running_var, weight, eps)``: the
+    forward normalized with the running statistics (``pivot`` their mean,
+    ``mean_shifted`` unused, no epilogue), and the same pass writes dx."""
     x = view.tensor
     channels = view.channels
-    part_dy = x.new_empty((plan.num_splits, channels), dtype=accumulator_dtype(x.dtype))
-    part_dyc = torch.empty_like(part_dy)
-    dx, running_var, weight, eps = running if running is not None else (x, part_dy, None, 0.0)
+    parts = x.new_empty((2, plan.num_splits, channels), dtype=accumulator_dtype(x.dtype))
+    dx, running_var, weight, eps = running if running is not None else (x, parts, None, 0.0)
     _grad_partial_kernel[(plan.num_splits, cdiv(channels, plan.block_channels))](
-        x, dy, pivot, mean_shifted if mean_shifted is not None else part_dy, part_dy, part_dyc,
-        *epilogue.pointers(x, part_dy),
+        x, dy, pivot, mean_shifted if mean_shifted is not None else parts, parts,
+        *epilogue.pointers(x, parts),
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         pivot_stride, plan.rows_per_split,
         dx, running_var, weight if weight is not None else running_var, *split_float(eps),
@@ -219,7 +197,7 @@ def _partial_sums(
         **epilogue.constexprs(), RUNNING=running is not None, HAS_WEIGHT=weight is not None,
         num_warps=plan.num_warps,
     )
-    return part_dy, part_dyc
+    return parts
 
 
 def batch_norm_grads(
@@ -250,18 +228,23 @@ def batch_norm_grads(
     if view.rows == 0:
         return view.empty_like(), dweight.zero_(), dbias.zero_()
 
-    part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted, epilogue)
+    parts = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted, epilogue)
+    needs_x = batch_stats or epilogue.activation != 0
+    if needs_x and sums_in_epilogue(plan, x.element_size()):
+        dx = grad_affine(view, plan, dy, parts, pivot, pivot_stride, mean_shifted, rstd, weight, dweight, dbias,
+                         batch_stats, epilogue)
+        return dx, dweight, dbias
     coef_a, coef_b, coef_c = (x.new_empty(channels, dtype=acc) for _ in range(3))
     combine_block = channel_block(channels)
     _grad_combine_kernel[(cdiv(channels, combine_block),)](
-        part_dy, part_dyc, mean_shifted, rstd, weight if weight is not None else rstd,
+        parts, mean_shifted, rstd, weight if weight is not None else rstd,
         dweight, dbias, coef_a, coef_b, coef_c,
         view.rows, channels, plan.num_splits, *split_float(0.0),
         BLOCK_C=combine_block, SPLITS=splits_block(plan.num_splits, combine_block),
         HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
         ACC=tl_accumulator(x.dtype),
     )
-    if batch_stats or epilogue.activation != 0:
+    if needs_x:
         # (With an activation, z needs x even under running statistics: B and C are zero.)
         dx = channel_affine(
             view, plan, pivot, pivot_stride, coef_b, coef_c, dy=dy, dy_scale=coef_a,
@@ -296,11 +279,10 @@ def running_grads(
     dx = view.empty_like()
     if view.rows == 0:
         return dx, dweight.zero_(), dbias.zero_()
-    part_dy, part_dyc = _partial_sums(view, plan, dy, running_mean, 1, None,
-                                      running=(dx, running_var, weight, eps))
+    parts = _partial_sums(view, plan, dy, running_mean, 1, None, running=(dx, running_var, weight, eps))
     combine_block = channel_block(channels)
     _grad_combine_kernel[(cdiv(channels, combine_block),)](
-        part_dy, part_dyc, part_dy, running_var, running_var, dweight, dbias, part_dy, part_dy, part_dy,
+        parts, parts, running_var, running_var, dweight, dbias, parts, parts, parts,
         view.rows, channels, plan.num_splits, *split_float(eps),
         BLOCK_C=combine_block, SPLITS=splits_block(plan.num_splits, combine_block),
         HAS_WEIGHT=False, BATCH_STATS=False, ACC=tl_accumulator(x.dtype), RUNNING=True,
@@ -332,10 +314,10 @@ def grad_sums(
     dbias = torch.empty_like(dweight)
     if view.rows == 0:
         return sums.zero_(), dweight.zero_(), dbias.zero_()
-    part_dy, part_dyc = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
+    parts = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
     block = channel_block(channels)
     _grad_sums_kernel[(cdiv(channels, block),)](
-        part_dy, part_dyc, rstd, sums, dweight, dbias, channels, plan.num_splits,
+        parts, rstd, sums, dweight, dbias, channels, plan.num_splits,
         BLOCK_C=block, SPLITS=splits_block(plan.num_splits, block), ACC=tl_accumulator(x.dtype),
     )
     return sums, dweight, dbias

@@ -17,10 +17,10 @@ import triton.language as tl
 from .activations import (
     NO_EPILOGUE, Epilogue, activate, activation_grad, invert_activation, load_mask, mask_grad, store_mask,
 )
-from .plans import Plan, cdiv
+from .plans import Plan, cdiv, splits_block
 from .runtime import kernel, split_float, tl_accumulator
 from .layout import ChannelView
-from .numerics import fold_affine, inverse_std
+from .numerics import fold_affine, grad_coefficients, inverse_std
 from .tiles import channel_offsets, tile_offsets
 
 
@@ -29,11 +29,13 @@ def _channel_affine_kernel(
     x_ptr, dy_ptr, out_ptr, pivot_ptr, scale_ptr, shift_ptr, dy_scale_ptr,
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, eps_hi, eps_lo,
+    parts_ptr, dweight_ptr, dbias_ptr, num_splits,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, MASK: tl.constexpr = False,
     INVERT: tl.constexpr = False,
     EVAL: tl.constexpr = False, HAS_WEIGHT: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+    GRAD_SUMS: tl.constexpr = False, BATCH_STATS: tl.constexpr = False, SPLITS: tl.constexpr = 1,
 ):
     # Forward (HAS_DY False): out = act((x - K) * scale + shift [+ residual]), with the
     # sign of the pre-activation packed into ``mask`` when MASK.
@@ -45,6 +47,10 @@ def _channel_affine_kernel(
     # EVAL (forward under running statistics): every program folds its channels' scale and
     # shift from the running variance (``scale_ptr``), the weight (``dy_scale_ptr``) and the
     # bias (``shift_ptr``) itself: no launch of its own for the coefficients.
+    # GRAD_SUMS (backward in two launches): every program sums its channels' partial sums
+    # (``parts``, the backward's split reduction) and forms A, B, C itself from rstd
+    # (``scale_ptr``), the shifted mean (``shift_ptr``) and the weight (``dy_scale_ptr``);
+    # the programs of the first row tile also write dweight and dbias.
     r0 = tl.program_id(0) * BLOCK_R
     r = r0 + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -54,7 +60,13 @@ def _channel_affine_kernel(
     offs = tile_offsets(r, c, spatial, stride_n, stride_c, stride_s, SPLIT_ROWS, INT64)
     mask = (r < rows)[:, None] & c_mask[None, :]
 
-    if EVAL:
+    if GRAD_SUMS:
+        # (The first-tile test as a vector: the interpreter refuses a scalar in a mask.)
+        first_tile = (tl.program_id(0) + tl.zeros([BLOCK_C], dtype=tl.int32)) == 0
+        dy_scale, scale, shift = grad_coefficients(
+            parts_ptr, num_splits, rows, shift_ptr, scale_ptr, dy_scale_ptr, dweight_ptr, dbias_ptr, c,
+            c_mask & first_tile, channels, BLOCK_C, SPLITS, HAS_WEIGHT, BATCH_STATS, ACC)
+    elif EVAL:
         var = tl.load(scale_ptr + c, mask=c_mask, other=1.0).to(ACC)
         rstd = inverse_std(var, eps_hi, eps_lo, BLOCK_C, ACC)
         scale, shift = fold_affine(rstd, tl.zeros([BLOCK_C], dtype=ACC), dy_scale_ptr, shift_ptr, c, c_mask,
@@ -82,7 +94,8 @@ def _channel_affine_kernel(
                 dy = activation_grad(z, dy, slope[None, :], ACTIVATION)
         if HAS_RESIDUAL:
             tl.store(res_ptr + offs, dy.to(res_ptr.dtype.element_ty), mask=mask)
-        dy_scale = tl.load(dy_scale_ptr + c, mask=c_mask, other=0.0)
+        if not GRAD_SUMS:
+            dy_scale = tl.load(dy_scale_ptr + c, mask=c_mask, other=0.0)
         # fmas: one rounding per product and sum where multiply-then-add takes two (the
         # GPU would contract them anyway; the interpreter does not).
         out = tl.fma(dy, dy_scale[None, :], tl.fma(x_k, scale[None, :], shift[None, :]))
@@ -137,8 +150,33 @@ def eval_affine(
     )
 
 
+def grad_affine(
+    view: ChannelView,
+    plan: Plan,
+    dy: torch.Tensor,
+    parts: torch.Tensor,
+    pivot: torch.Tensor,
+    pivot_stride: int,
+    mean_shifted: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    dweight: torch.Tensor,
+    dbias: torch.Tensor,
+    batch_stats: bool,
+    epilogue: Epilogue | None = None,
+) -> torch.Tensor:
+    """dx of the backward, each program forming its channels' ``A, B, C`` from the split
+    reduction's ``parts`` (``(2, splits, C)``) itself, and the first row tile's programs
+    writing ``dweight`` / ``dbias``: no combine launch between the two passes.  Every
+    program sums the splits in the same order, so all of them use the same bits."""
+    return _launch_affine(
+        view, plan, pivot, pivot_stride, rstd, mean_shifted, dy, weight, view.tensor.dtype, epilogue,
+        has_weight=weight is not None, sums=(parts, dweight, dbias, batch_stats),
+    )
+
+
 def _launch_affine(view, plan, pivot, pivot_stride, scale, shift, dy, dy_scale, out_dtype, epilogue,
-                   eval_eps=None, has_weight=False, has_bias=False):
+                   eval_eps=None, has_weight=False, has_bias=False, sums=None):
     x = view.tensor
     ep = epilogue or NO_EPILOGUE
     out = ep.out if ep.out is not None else view.empty_like(out_dtype)
@@ -148,15 +186,22 @@ def _launch_affine(view, plan, pivot, pivot_stride, scale, shift, dy, dy_scale, 
         plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
     grid = (cdiv(view.rows, plan.block_rows), cdiv(view.channels, plan.block_channels))
     evaluating = eval_eps is not None
+    if sums is None:
+        parts, dweight, dbias, batch_stats, splits = x, x, x, False, 0
+    else:
+        parts, dweight, dbias, batch_stats = sums
+        splits = parts.shape[1]
     _channel_affine_kernel[grid](
         x, dy if dy is not None else x, out, pivot, scale, shift if shift is not None else scale,
         dy_scale if dy_scale is not None else scale,
         *ep.pointers(x, scale),
         view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
-        pivot_stride, *split_float(eval_eps if evaluating else 0.0),
+        pivot_stride, *split_float(eval_eps if evaluating else 0.0), parts, dweight, dbias, splits,
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_DY=dy is not None,
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
         **ep.constexprs(), EVAL=evaluating, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        GRAD_SUMS=sums is not None, BATCH_STATS=batch_stats,
+        SPLITS=splits_block(splits, plan.block_channels) if sums is not None else 1,
         num_warps=plan.num_warps,
     )
     return out

@@ -83,6 +83,50 @@ def two_sum(a, b):
     return s, (a - a_virtual) + (b - b_virtual)
 
 
+@triton.jit
+def sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+                ACC: tl.constexpr):
+    """Per-channel sum of the ``num_splits`` partial rows, deterministic: ``SPLITS`` rows
+    at a time summed as a tree, those sums added in split order with compensation."""
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    lost = tl.zeros([BLOCK_C], dtype=ACC)
+    for i0 in range(0, num_splits, SPLITS):
+        s = i0 + tl.arange(0, SPLITS)
+        m = (s < num_splits)[:, None] & c_mask[None, :]
+        values = tl.load(part_ptr + s[:, None] * channels + c[None, :], mask=m, other=0.0)
+        total, carry = two_sum(total, tl.sum(values, axis=0))
+        lost += carry
+    return total + lost
+
+
+@triton.jit
+def grad_coefficients(parts_ptr, num_splits, rows, mean_s_ptr, rstd_ptr, weight_ptr, dweight_ptr, dbias_ptr,
+                      c, write_mask, channels, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+                      HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, ACC: tl.constexpr):
+    """The backward's per-channel step: sums the split reduction's ``parts`` ((2, splits,
+    C): sum(dy), sum(dy * centred)), writes ``dweight`` / ``dbias`` where ``write_mask``,
+    and returns dx's ``(A, B, C)`` (:func:`dx_coefficients`; ``A = rstd * weight`` alone
+    when the forward used running statistics)."""
+    c_mask = c < channels
+    sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=write_mask)
+    tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=write_mask)
+    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    if BATCH_STATS:
+        m = rows + tl.zeros([BLOCK_C], dtype=ACC)
+        mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+        coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
+    else:
+        coef_a = rstd * weight
+        coef_b = tl.zeros([BLOCK_C], dtype=ACC)
+        coef_c = tl.zeros([BLOCK_C], dtype=ACC)
+    return coef_a, coef_b, coef_c
+
+
 # Rows averaged into the pivot.
 PIVOT_ROWS = tl.constexpr(16)
 

@@ -35,9 +35,11 @@ _PLANNED_SM_COUNT: list = []  # planned_for()'s SM count, innermost last
 
 @contextlib.contextmanager
 def forced_plan(**fields):
-    """Test hook: force tile sizes / splits / int64 offsets, and ``path="split"`` or
-    ``path="fused"``, so that small tensors take the multi-tile, multi-split, 64-bit and
-    single-read paths a GPU-sized tensor would take."""
+    """Test hook: force tile sizes / splits / int64 offsets, ``path="split"`` or
+    ``path="fused"``, and ``backward_sums="epilogue"`` or ``"combine"`` (see
+    :func:`sums_in_epilogue`), so that small tensors take the multi-tile, multi-split,
+    64-bit, single-read and two- or three-launch backward paths a GPU-sized tensor would
+    take."""
     previous = dict(_FORCED)
     _FORCED.update(fields)
     try:
@@ -65,8 +67,11 @@ def _device_sm_count(device: torch.device) -> int | None:
     return _sm_count(device.index or 0) if device.type == "cuda" else None
 
 
+_ROUTES = ("path", "backward_sums")  # forced_plan keys that choose a route, not a Plan field
+
+
 def _forced_fields() -> dict:
-    return {k: v for k, v in _FORCED.items() if k != "path"}
+    return {k: v for k, v in _FORCED.items() if k not in _ROUTES}
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,6 +225,23 @@ def plan_for(
     splits = max(1, min(row_tiles, cdiv(target, channel_blocks), max_splits))
     warps = 8 if block_r * block_c >= 4096 else 4
     return _with_splits(Plan(block_r, block_c, 0, splits, warps, int64), rows)
+
+
+# The backward's epilogue sums the splits itself (no combine launch) while each program's
+# reads of the partial sums stay under 1/32 of its tile's input.
+_SUMS_PER_TILE_FRACTION = 32
+
+
+def sums_in_epilogue(p: Plan, itemsize: int) -> bool:
+    """Whether the backward's epilogue programs should each sum their channels' partial
+    sums (2 x splits accumulator values per channel) rather than a combine launch doing it
+    once: true where that stays a small fraction of the tile's own bytes.  Channels-first
+    plans (a tile of one to four channels, thousands of rows) always qualify; channels-last
+    ones only with a few splits, since their tiles have fewer rows per channel."""
+    if _FORCED and "backward_sums" in _FORCED:
+        return _FORCED["backward_sums"] == "epilogue"
+    partial_bytes = 2 * p.num_splits * max(itemsize, 4)
+    return partial_bytes * _SUMS_PER_TILE_FRACTION <= p.block_rows * itemsize
 
 
 def channel_block(channels: int) -> int:
