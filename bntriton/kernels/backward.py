@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import triton
 import triton.language as tl
 
 from .activations import NO_EPILOGUE, Epilogue, through_activation

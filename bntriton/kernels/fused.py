@@ -25,7 +25,9 @@ from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .stats import BatchStats, RunningStats, _blend_running, _momentum_factor
-from .numerics import batch_coefficients, dx_coefficients, inverse_std, pivot_of_rows, resolve_mean, tile_moments
+from .numerics import (
+    batch_coefficients, inverse_std, param_grads_and_coefficients, pivot_of_rows, resolve_mean, tile_moments,
+)
 from .tiles import channel_offsets, channel_tile_offsets
 
 
@@ -141,20 +143,14 @@ def _fused_backward_kernel(
     centred = tl.where(mask, x_k - mean_s[:, None], 0.0)
     sum_dy = tl.sum(dy, axis=1)
     sum_dyc = tl.sum(dy * centred, axis=1)
-    tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
-
-    weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
-    if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    # centred already holds the mean: C's mean_s term is zero here.
+    coef_a, coef_b, coef_c = param_grads_and_coefficients(
+        sum_dy, sum_dyc, rstd, tl.zeros([BLOCK_C], dtype=ACC), weight_ptr, dweight_ptr, dbias_ptr, c, c_mask,
+        c_mask, rows, BLOCK_C, HAS_WEIGHT, BATCH_STATS, ACC)
     if BATCH_STATS:
-        n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        # centred already holds the mean: C's mean_s term is zero here.
-        coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, tl.zeros([BLOCK_C], dtype=ACC),
-                                                 n, ACC)
         dx = tl.fma(dy, coef_a[:, None], tl.fma(centred, coef_b[:, None], coef_c[:, None]))
     else:
-        dx = dy * (rstd * weight)[:, None]
+        dx = dy * coef_a[:, None]  # not through B = 0: an infinite x must not turn dx into NaN
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

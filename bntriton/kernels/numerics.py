@@ -100,17 +100,12 @@ def sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
-def grad_coefficients(parts_ptr, num_splits, rows, mean_s_ptr, rstd_ptr, weight_ptr, dweight_ptr, dbias_ptr,
-                      c, write_mask, channels, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
-                      HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, ACC: tl.constexpr):
-    """The backward's per-channel step: sums the split reduction's ``parts`` ((2, splits,
-    C): sum(dy), sum(dy * centred)), writes ``dweight`` / ``dbias`` where ``write_mask``,
-    and returns dx's ``(A, B, C)`` (:func:`dx_coefficients`; ``A = rstd * weight`` alone
-    when the forward used running statistics)."""
-    c_mask = c < channels
-    sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-    sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+def param_grads_and_coefficients(sum_dy, sum_dyc, rstd, mean_s, weight_ptr, dweight_ptr, dbias_ptr, c, c_mask,
+                                 write_mask, rows, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                 BATCH_STATS: tl.constexpr, ACC: tl.constexpr):
+    """The backward's per-channel step from its two sums: writes ``dweight`` / ``dbias``
+    where ``write_mask``, and returns dx's ``(A, B, C)`` (:func:`dx_coefficients`; ``A =
+    rstd * weight`` alone when the forward used running statistics)."""
     tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=write_mask)
     tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=write_mask)
     weight = tl.zeros([BLOCK_C], dtype=ACC) + 1.0
@@ -118,13 +113,29 @@ def grad_coefficients(parts_ptr, num_splits, rows, mean_s_ptr, rstd_ptr, weight_
         weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
     if BATCH_STATS:
         m = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
         coef_a, coef_b, coef_c = dx_coefficients(sum_dy, sum_dyc, rstd, weight, mean_s, m, ACC)
     else:
         coef_a = rstd * weight
         coef_b = tl.zeros([BLOCK_C], dtype=ACC)
         coef_c = tl.zeros([BLOCK_C], dtype=ACC)
     return coef_a, coef_b, coef_c
+
+
+@triton.jit
+def grad_coefficients(parts_ptr, num_splits, rows, mean_s_ptr, rstd_ptr, weight_ptr, dweight_ptr, dbias_ptr,
+                      c, write_mask, channels, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+                      HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, ACC: tl.constexpr):
+    """:func:`param_grads_and_coefficients` from the split reduction's ``parts`` ((2,
+    splits, C): sum(dy), sum(dy * centred)), summed in a fixed order."""
+    c_mask = c < channels
+    sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    mean_s = tl.zeros([BLOCK_C], dtype=ACC)
+    if BATCH_STATS:
+        mean_s = tl.load(mean_s_ptr + c, mask=c_mask, other=0.0)
+    return param_grads_and_coefficients(sum_dy, sum_dyc, rstd, mean_s, weight_ptr, dweight_ptr, dbias_ptr, c,
+                                        c_mask, write_mask, rows, BLOCK_C, HAS_WEIGHT, BATCH_STATS, ACC)
 
 
 # Rows averaged into the pivot.
