@@ -60,8 +60,8 @@ _PLAIN_TYPES = ops._PLAIN_TYPES
 
 def _common_valid_case(input, running_mean, running_var, weight, bias, training, momentum, eps) -> bool:
     """True for a call :func:`check_arguments` would accept, recognized in one pass in
-    the common case (plain CPU / CUDA tensors, per-channel tensors of C elements on the
-    input's device in one accepted dtype, nothing needing a gradient it cannot have);
+    the common case (plain CPU / CUDA tensors, dense per-channel tensors of C elements on
+    the input's device in one accepted dtype, nothing needing a gradient it cannot have);
     False whenever anything is unusual, and the full checks then decide."""
     if type(input) not in _PLAIN_TYPES or not (input.is_cuda or input.is_cpu) or input.dim() < 2:
         return False
@@ -85,7 +85,7 @@ def _common_valid_case(input, running_mean, running_var, weight, bias, training,
     for t in (running_mean, running_var, weight, bias):
         if t is None:
             continue
-        if type(t) not in _PLAIN_TYPES or t.shape != (channels,) or t.device != device:
+        if type(t) not in _PLAIN_TYPES or t.shape != (channels,) or t.device != device or not t.is_contiguous():
             return False
         if param_dtype is None:
             param_dtype = t.dtype
@@ -225,13 +225,18 @@ def batch_norm_with_counter(
     device: torch's modules read it on the host instead)."""
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if _empty_1d(input, (running_mean, running_var, weight, bias)):
-        if training and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return input.clone()
-    check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not _common_valid_case(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        # Anything unusual: the full checks, then dense copies of strided per-channel
+        # tensors (the common case has none to make: it only accepts dense ones).
+        if _empty_1d(input, (running_mean, running_var, weight, bias)):
+            if training and num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            return input.clone()
+        check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        weight, bias = _dense(weight), _dense(bias)
+        if not training:
+            running_mean, running_var = _dense(running_mean), _dense(running_var)
     eps = float(eps)
-    weight, bias = _dense(weight), _dense(bias)
     if training:
         running = None
         if running_mean is not None and input.numel() > 0:
@@ -244,4 +249,4 @@ def batch_norm_with_counter(
             # An empty batch leaves the running statistics as they are (as torch).
             num_batches_tracked.add_(1)
         return ops.train(input, weight, bias, eps, running)[0]
-    return ops.evaluate(input, weight, bias, _dense(running_mean), _dense(running_var), eps)
+    return ops.evaluate(input, weight, bias, running_mean, running_var, eps)

@@ -61,10 +61,12 @@ def planned_for(sm_count: int):
         _PLANNED_SM_COUNT.pop()
 
 
-def _device_sm_count(device: torch.device) -> int | None:
+def _device_sm_count(t: torch.Tensor) -> int | None:
+    """SMs of ``t``'s GPU (None on a CPU); read without building a ``torch.device``,
+    which costs more than the rest of a cached plan lookup."""
     if _PLANNED_SM_COUNT:
         return _PLANNED_SM_COUNT[-1]
-    return _sm_count(device.index or 0) if device.type == "cuda" else None
+    return _sm_count(t.get_device()) if t.is_cuda else None
 
 
 _ROUTES = ("path", "backward_sums")  # forced_plan keys that choose a route, not a Plan field
@@ -99,7 +101,7 @@ def plan(view: ChannelView, packed_mask: bool = False) -> Plan:
     ``packed_mask``: the kernels also write or read a 1-bit mask (activations.py), whose
     bytes lie channels innermost: channels-first tiles then keep several channels side by
     side, so that each mask access covers adjacent bytes."""
-    sm_count = _device_sm_count(view.tensor.device)
+    sm_count = _device_sm_count(view.tensor)
     itemsize = view.tensor.element_size()
     run_bytes = 0 if view.channels_last or packed_mask else view.spatial * itemsize
     result = plan_for(
@@ -113,7 +115,7 @@ def plan(view: ChannelView, packed_mask: bool = False) -> Plan:
 def fused_plan(view: ChannelView) -> Plan | None:
     """The single-read plan for ``view`` (kernels/fused.py), or None when the split path
     should run (see :func:`fused_plan_for`)."""
-    sm_count = _device_sm_count(view.tensor.device)
+    sm_count = _device_sm_count(view.tensor)
     if not _FORCED:
         return fused_plan_for(view.rows, view.channels, view.channels_last, view.needs_int64, sm_count)
     path = _FORCED.get("path")
