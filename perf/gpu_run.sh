@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A first look at a new NVIDIA GPU in one go, each step under its own time limit so
-# that the whole run ends in a known time (at most 7.5 minutes with the defaults; about 4 on an H200):
+# that the whole run ends in a known time (at most 8 minutes with the defaults; about 4.5 on an H200):
 #   1. the device and versions;
 #   2. the quick sweep (perf/sweep.py --quick): bntriton, torch, torch.compile, each case
 #      checked against float64 before it is timed;
@@ -8,11 +8,12 @@
 #   4. a ResNet-50 training step: time and peak memory, fused and plain layers;
 #   5. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py);
 #   6. host time per call on a tiny tensor, ours and torch's (perf/host_profile.py);
-#   7. the test suite, natively (compiler problems show up only on the device).
+#   7. plan choices A/B'd on the warm machine (perf/plan_ab.py);
+#   8. the test suite, natively (compiler problems show up only on the device).
 #
 #   bash perf/gpu_run.sh [OUT_DIR]        # default perf/results/gpu-run
 #
-# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, BREAKDOWN_S, HOST_S.  A step that runs out
+# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, BREAKDOWN_S, HOST_S, PLAN_AB_S.  A step that runs out
 # of time is stopped and the next one starts; its log says how far it got.  A limit of 0 skips the step.
 # SWEEP_ARGS replaces the sweep's preset, e.g. SWEEP_ARGS="--max-minutes 4" for as much of the full sweep
 # as fits (it starts with the quick cases, then takes the suites in turn).
@@ -44,6 +45,7 @@ step numerics "${NUMERICS_S:-30}" python3 perf/numerics.py --device cuda --seeds
 step resnet50_step "${RESNET_S:-70}" python3 perf/resnet50_step.py --reps 6 --out "$out/resnet50_step.csv"
 step breakdown "${BREAKDOWN_S:-40}" python3 perf/kernel_breakdown.py ${BREAKDOWN_ARGS:-}
 step host_profile "${HOST_S:-30}" python3 perf/host_profile.py --calls 1000
+step plan_ab "${PLAN_AB_S:-40}" python3 perf/plan_ab.py
 # The suite last: its worker processes can outlive a step stopped at its limit and would
 # disturb the timings of the steps after it.  -n: one worker per core (pytest-xdist);
 # --timeout stops a single hung test.  The hypothesis example count is CI's default.

@@ -321,3 +321,27 @@ def test_cpu_benchmark_writes_its_table_and_checks_the_far_eval_against_float64(
             assert verdict.startswith("errors: torch ") and "y bound" in verdict
         else:
             assert verdict == ""
+
+
+def test_plan_ab_smoke_prints_both_experiments():
+    """perf/plan_ab.py's tooling through the interpreter: each experiment's table, one row
+    per pass, both variants timed (the times themselves mean nothing on a CPU)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "perf" / "plan_ab.py"), "--device", "cpu", "--smoke", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "## nchw-tiles" in out.stdout and "## backward-sums" in out.stdout
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 2x4x16x16")]
+    assert [r[2].strip() for r in rows] == ["fwd_train", "bwd_train", "fwd_eval", "bwd_train"]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    refused = subprocess.run([sys.executable, str(root / "perf" / "plan_ab.py"), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=120, cwd=root,
+                             env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert refused.returncode == 2 and "--smoke" in refused.stderr  # CPU timings would be meaningless
