@@ -225,6 +225,8 @@ def batch_norm_with_counter(
     device: torch's modules read it on the host instead)."""
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if not training:
+        return evaluate(input, running_mean, running_var, weight, bias, momentum, eps)
     if not _common_valid_case(input, running_mean, running_var, weight, bias, training, momentum, eps):
         # Anything unusual: the full checks, then dense copies of strided per-channel
         # tensors (the common case has none to make: it only accepts dense ones).
@@ -234,19 +236,36 @@ def batch_norm_with_counter(
             return input.clone()
         check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
         weight, bias = _dense(weight), _dense(bias)
-        if not training:
-            running_mean, running_var = _dense(running_mean), _dense(running_var)
     eps = float(eps)
-    if training:
-        running = None
-        if running_mean is not None and input.numel() > 0:
-            # The counter and the running statistics are updated on device: by the
-            # statistics' own launches (eager calls) or one launch after them.
-            running = RunningStats(
-                running_mean, running_var, num_batches_tracked, None if momentum is None else float(momentum)
-            )
-        elif num_batches_tracked is not None:
-            # An empty batch leaves the running statistics as they are (as torch).
-            num_batches_tracked.add_(1)
-        return ops.train(input, weight, bias, eps, running)[0]
+    running = None
+    if running_mean is not None and input.numel() > 0:
+        # The counter and the running statistics are updated on device: by the
+        # statistics' own launches (eager calls) or one launch after them.
+        running = RunningStats(
+            running_mean, running_var, num_batches_tracked, None if momentum is None else float(momentum)
+        )
+    elif num_batches_tracked is not None:
+        # An empty batch leaves the running statistics as they are (as torch).
+        num_batches_tracked.add_(1)
+    return ops.train(input, weight, bias, eps, running)[0]
+
+
+def evaluate(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+) -> Tensor:
+    """:func:`batch_norm` in evaluation mode (the running statistics normalize; nothing is
+    updated): the common call recognized in one pass, anything else fully checked first
+    (``momentum`` is only checked, as torch does)."""
+    if not _common_valid_case(input, running_mean, running_var, weight, bias, False, momentum, eps):
+        if _empty_1d(input, (running_mean, running_var, weight, bias)):
+            return input.clone()
+        check_arguments(input, running_mean, running_var, weight, bias, False, momentum, eps)
+        weight, bias, running_mean, running_var = (_dense(t) for t in (weight, bias, running_mean, running_var))
+        eps = float(eps)
     return ops.evaluate(input, weight, bias, running_mean, running_var, eps)

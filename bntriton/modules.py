@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import batch_norm_with_counter
+from .functional import batch_norm_with_counter, evaluate
 
 
 def batch_norm_arguments(module) -> tuple:
@@ -58,6 +58,16 @@ class _TritonBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if not self.training and type(self) in _OWN_CLASSES:
+            # Eval with running statistics (what batch_norm_arguments gives in eval mode
+            # whenever they exist), read straight from the module's dicts: ~2 us less of
+            # host time per call, a tenth of torch's whole eval call.
+            buffers = self._buffers
+            running_mean = buffers["running_mean"]
+            if running_mean is not None:
+                params = self._parameters
+                return evaluate(input, running_mean, buffers["running_var"], params["weight"], params["bias"],
+                                self.momentum, self.eps)
         return batch_norm_with_counter(input, *batch_norm_arguments(self))
 
 

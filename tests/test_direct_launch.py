@@ -196,3 +196,76 @@ def test_hook_detection_follows_triton_knobs():
         finally:
             knobs.runtime.launch_enter_hook = None
     assert not runtime._hooks_registered()
+
+
+def _recording():
+    """A context in which launches are recorded as (kernel, grid, args, meta), not run."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def recording():
+        seen = []
+        original = DualKernel.__getitem__
+        DualKernel.__getitem__ = lambda self, grid: (lambda *args, **meta: seen.append((self, grid, args, meta)))
+        try:
+            with bntriton.cpu_backend("interpreter"):
+                yield seen
+        finally:
+            DualKernel.__getitem__ = original
+
+    return recording()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+@pytest.mark.parametrize("params", ["both", "no_weight", "no_bias", "fp32_params"])
+def test_cached_eval_launch_passes_what_the_general_route_passes(layout, params):
+    """dispatch.eval_launch caches an eval launch per input geometry and writes its
+    arguments out itself: the same kernel, grid, arguments (the output aside) and
+    constexprs as the general route (view, plan, normalize._launch_affine)."""
+    from bntriton.kernels import channel_view, dispatch
+
+    dtype = torch.float16 if params == "fp32_params" else torch.float32
+    x = torch.randn((6, 5) if layout == "2d" else (3, 5, 4, 4)).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w, b, rm, rv = torch.rand(5) + 0.5, torch.randn(5), torch.randn(5), torch.rand(5) + 0.5
+    if params != "fp32_params":
+        w, b, rm, rv = (t.to(dtype) for t in (w, b, rm, rv))
+    w = None if params == "no_weight" else w
+    b = None if params == "no_bias" else b
+    with _recording() as seen:
+        launch = dispatch.eval_launch(x, w, b)
+        assert launch is not None
+        launch(x, w, b, rm, rv, 1e-3)
+        dispatch.forward_eval(channel_view(x), w, b, rm, rv, 1e-3)
+    (kernel_a, grid_a, args_a, meta_a), (kernel_b, grid_b, args_b, meta_b) = seen
+    assert kernel_a is kernel_b and grid_a == grid_b and meta_a == meta_b
+    assert len(args_a) == len(args_b)
+    for i, (a, b_) in enumerate(zip(args_a, args_b)):
+        if i == 2:  # each route's own output
+            assert a.shape == b_.shape and a.stride() == b_.stride() and a.dtype == b_.dtype
+        elif isinstance(a, torch.Tensor):
+            assert a is b_, i
+        else:
+            assert type(a) is type(b_) and a == b_, (i, a, b_)
+
+
+def test_cached_eval_launch_is_per_geometry_and_steps_aside_for_plan_hooks():
+    from bntriton.kernels import dispatch, plans
+
+    x = torch.randn(3, 5, 4, 4)
+    w = b = torch.ones(5)
+    with bntriton.cpu_backend("interpreter"):
+        nchw = dispatch.eval_launch(x, w, b)
+        assert dispatch.eval_launch(x.clone(), w, b) is nchw  # same geometry, same launch
+        assert dispatch.eval_launch(x.to(memory_format=torch.channels_last), w, b) is not nchw
+        assert dispatch.eval_launch(x.double(), w.double(), b.double()) is not nchw
+        assert dispatch.eval_launch(x, None, b) is not nchw
+        assert dispatch.eval_launch(x[:, :, :, :3], w, b) is None  # read through a copy
+        assert dispatch.eval_launch(x[:0], w, b) is None  # no rows
+        with forced_plan(block_rows=16):
+            assert dispatch.eval_launch(x, w, b) is None
+        with plans.planned_for(132):
+            assert dispatch.eval_launch(x, w, b) is None
+    with bntriton.cpu_backend("native"):
+        assert dispatch.eval_launch(x, w, b) is None  # the native CPU path decides itself

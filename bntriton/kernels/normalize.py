@@ -175,6 +175,65 @@ def grad_affine(
     )
 
 
+class EvalLaunch:
+    """The eval forward's launch for one input geometry, with no epilogue: its grid, the
+    view's sizes and strides and the constexprs worked out once (dispatch.py caches one per
+    geometry), so that an eval call only allocates its output and launches.  The same
+    arguments as :func:`eval_affine`'s launch, from the same builders."""
+
+    __slots__ = ("grid", "constants", "meta")
+
+    def __init__(self, view: ChannelView, plan: Plan, has_weight: bool, has_bias: bool):
+        self.grid = _grid(view, plan)
+        # The arguments after the epilogue's placeholders up to eps: the slope (unused
+        # without an activation), the geometry and the pivot's stride.
+        self.constants = (*split_float(NO_EPILOGUE.slope), *_geometry(view), 1)
+        self.meta = _meta(view, plan, NO_EPILOGUE, False, True, has_weight, has_bias, None)
+
+    def __call__(self, x, weight, bias, running_mean, running_var, eps: float) -> torch.Tensor:
+        out = torch.empty_like(x)
+        # _arguments' order, written out (tests/test_direct_launch.py holds the two equal):
+        # x, dy, out, pivot, scale, shift, dy_scale, residual, mask, act_scale, act_shift.
+        _channel_affine_kernel[self.grid](
+            x, x, out, running_mean, running_var, bias if bias is not None else running_var,
+            weight if weight is not None else running_var, x, x, running_var, running_var,
+            *self.constants, *split_float(eps), x, x, x, 0,
+            **self.meta,
+        )
+        return out
+
+
+def _grid(view, plan):
+    return cdiv(view.rows, plan.block_rows), cdiv(view.channels, plan.block_channels)
+
+
+def _geometry(view):
+    return view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s
+
+
+def _arguments(x, dy, out, pivot, pivot_stride, scale, shift, dy_scale, ep, geometry, eval_eps, sums):
+    """``_channel_affine_kernel``'s positional arguments, in its order (unused pointers get
+    a placeholder of the right kind: the kernel never touches them)."""
+    parts, dweight, dbias, splits = (x, x, x, 0) if sums is None else (*sums[:3], sums[0].shape[1])
+    return (
+        x, dy if dy is not None else x, out, pivot, scale, shift if shift is not None else scale,
+        dy_scale if dy_scale is not None else scale, *ep.pointers(x, scale), *geometry, pivot_stride,
+        *split_float(eval_eps if eval_eps is not None else 0.0), parts, dweight, dbias, splits,
+    )
+
+
+def _meta(view, plan, ep, has_dy, evaluating, has_weight, has_bias, sums):
+    """``_channel_affine_kernel``'s constexprs and warps."""
+    return dict(
+        BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_DY=has_dy,
+        SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(view.tensor.dtype),
+        **ep.constexprs(), EVAL=evaluating, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        GRAD_SUMS=sums is not None, BATCH_STATS=sums is not None and sums[3],
+        SPLITS=splits_block(sums[0].shape[1], plan.block_channels) if sums is not None else 1,
+        num_warps=plan.num_warps,
+    )
+
+
 def _launch_affine(view, plan, pivot, pivot_stride, scale, shift, dy, dy_scale, out_dtype, epilogue,
                    eval_eps=None, has_weight=False, has_bias=False, sums=None):
     x = view.tensor
@@ -184,24 +243,8 @@ def _launch_affine(view, plan, pivot, pivot_stride, scale, shift, dy, dy_scale, 
         return out
     if ep.mask is not None and plan.block_rows < 8:
         plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
-    grid = (cdiv(view.rows, plan.block_rows), cdiv(view.channels, plan.block_channels))
-    evaluating = eval_eps is not None
-    if sums is None:
-        parts, dweight, dbias, batch_stats, splits = x, x, x, False, 0
-    else:
-        parts, dweight, dbias, batch_stats = sums
-        splits = parts.shape[1]
-    _channel_affine_kernel[grid](
-        x, dy if dy is not None else x, out, pivot, scale, shift if shift is not None else scale,
-        dy_scale if dy_scale is not None else scale,
-        *ep.pointers(x, scale),
-        view.rows, view.channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
-        pivot_stride, *split_float(eval_eps if evaluating else 0.0), parts, dweight, dbias, splits,
-        BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_DY=dy is not None,
-        SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
-        **ep.constexprs(), EVAL=evaluating, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-        GRAD_SUMS=sums is not None, BATCH_STATS=batch_stats,
-        SPLITS=splits_block(splits, plan.block_channels) if sums is not None else 1,
-        num_warps=plan.num_warps,
+    _channel_affine_kernel[_grid(view, plan)](
+        *_arguments(x, dy, out, pivot, pivot_stride, scale, shift, dy_scale, ep, _geometry(view), eval_eps, sums),
+        **_meta(view, plan, ep, dy is not None, eval_eps is not None, has_weight, has_bias, sums),
     )
     return out

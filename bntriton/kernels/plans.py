@@ -61,6 +61,12 @@ def planned_for(sm_count: int):
         _PLANNED_SM_COUNT.pop()
 
 
+def overridden() -> bool:
+    """Whether a test hook or :func:`planned_for` changes plans here: plans cached per
+    geometry elsewhere (dispatch.eval_launch) must not be used or kept then."""
+    return bool(_FORCED or _PLANNED_SM_COUNT)
+
+
 def _device_sm_count(t: torch.Tensor) -> int | None:
     """SMs of ``t``'s GPU (None on a CPU); read without building a ``torch.device``,
     which costs more than the rest of a cached plan lookup."""
