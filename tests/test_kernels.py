@@ -43,9 +43,9 @@ FORCED_PLANS = [
     dict(block_rows=16, block_channels=4, num_splits=64),
     dict(block_rows=32, block_channels=8, num_splits=1),
     dict(block_rows=16, block_channels=2, num_splits=2, int64=True),
-    dict(block_rows=64, block_channels=1, num_splits=3),  # channels-first tiles of long runs
-    # The backward in two launches: every epilogue program sums its channels' splits.
-    dict(block_rows=16, block_channels=2, num_splits=3, backward_sums="epilogue"),
+    # One-channel tiles (channels-first, long runs) and the backward in two launches, every
+    # epilogue program summing its channels' splits (the others take the combine kernel).
+    dict(block_rows=64, block_channels=1, num_splits=3, backward_sums="epilogue"),
 ]
 
 
@@ -56,6 +56,17 @@ def test_multi_tile_and_split_paths_match_reference(forced, case, shape):
     # Few channels keep the number of (interpreted) programs of these tiny tiles small.
     with forced_plan(**forced):
         _assert_passes(dataclasses.replace(case, shape=shape))
+
+
+@pytest.mark.parametrize("route", ["epilogue", "combine"])
+@pytest.mark.parametrize("layout,block_channels,offset", [("contiguous", 1, 0.0), ("channels_last", 4, 30.0)])
+def test_split_backward_routes_match_reference(route, layout, block_channels, offset):
+    """Both routes of the split training backward on a fixed fp32 case (12 row tiles in 4
+    splits per channel): every epilogue program summing its channels' splits itself (two
+    launches), and the combine kernel between the passes (three)."""
+    case = Case(shape=(6, 5, 7, 9), dtype=torch.float32, layout=layout, offset=offset, seed=11)
+    with forced_plan(block_rows=32, block_channels=block_channels, num_splits=4, backward_sums=route):
+        _assert_passes(case)
 
 
 def test_single_read_path_only_when_rows_fit_and_gpu_stays_busy():
