@@ -227,14 +227,14 @@ def batch_norm_with_counter(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if not training:
         return evaluate(input, running_mean, running_var, weight, bias, momentum, eps)
-    if not _common_valid_case(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    if not _common_valid_case(input, running_mean, running_var, weight, bias, True, momentum, eps):
         # Anything unusual: the full checks, then dense copies of strided per-channel
         # tensors (the common case has none to make: it only accepts dense ones).
         if _empty_1d(input, (running_mean, running_var, weight, bias)):
-            if training and num_batches_tracked is not None:
+            if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             return input.clone()
-        check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        check_arguments(input, running_mean, running_var, weight, bias, True, momentum, eps)
         weight, bias = _dense(weight), _dense(bias)
     eps = float(eps)
     running = None

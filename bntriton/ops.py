@@ -391,14 +391,11 @@ class _EagerEval(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running):
-        running_mean, running_var, eps = running
-        output = _eval_impl(x, weight, bias, running_mean, running_var, eps)
-        # _eval_setup's work, inline (a call and a tuple less on every eval call).
-        ctx.save_for_backward(x, weight, running_mean, running_var)
-        ctx.has_bias = bias is not None
-        ctx.eps = eps
+        inputs = (x, weight, bias, *running)
+        output = _eval_impl(*inputs)
+        _eval_setup(ctx, inputs, output)
         if _forward_ad_active():
-            ctx.save_for_forward(x, weight, bias, running_mean, running_var)
+            ctx.save_for_forward(*inputs[:5])
         return output
 
     @staticmethod

@@ -269,3 +269,23 @@ def test_cached_eval_launch_is_per_geometry_and_steps_aside_for_plan_hooks():
             assert dispatch.eval_launch(x, w, b) is None
     with bntriton.cpu_backend("native"):
         assert dispatch.eval_launch(x, w, b) is None  # the native CPU path decides itself
+
+
+def test_non_dense_eval_input_is_copied_once():
+    """An input the kernels read through a copy (a slice) takes the general route, and the
+    cached-launch lookup before it must not make a copy of its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("clone", "copy_", "_to_copy"):
+                CountCopies.copies += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 5, 4, 6)[:, :, :, :4]
+    rm, rv = torch.zeros(5), torch.ones(5)
+    with _recording() as seen, CountCopies():
+        bntriton.batch_norm(x, rm, rv, training=False)
+    assert len(seen) == 1 and CountCopies.copies == 1

@@ -33,7 +33,7 @@ from .plans import Plan, cdiv, channel_block, splits_block, sums_in_epilogue
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
 from .normalize import channel_affine, grad_affine
-from .numerics import dx_coefficients, grad_coefficients, inverse_std, sum_splits, two_sum
+from .numerics import dx_coefficients, grad_coefficients, inverse_std, sum_parts, two_sum
 from .tiles import channel_offsets, channel_tile_offsets
 
 
@@ -119,9 +119,7 @@ def _grad_combine_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
     if RUNNING:
-        sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-        sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS,
-                             ACC)
+        sum_dy, sum_dyc = sum_parts(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
         rstd = inverse_std(tl.load(rstd_ptr + c, mask=c_mask, other=1.0).to(ACC), eps_hi, eps_lo, BLOCK_C, ACC)
         tl.store(dweight_ptr + c, (sum_dyc * rstd).to(dweight_ptr.dtype.element_ty), mask=c_mask)
         tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
@@ -141,8 +139,7 @@ def _grad_sums_kernel(
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
-    sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-    sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dy, sum_dyc = sum_parts(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
     tl.store(sums_ptr + c, sum_dy, mask=c_mask)
     tl.store(sums_ptr + channels + c, sum_dyc, mask=c_mask)
     dgamma = sum_dyc * tl.load(rstd_ptr + c, mask=c_mask, other=0.0)

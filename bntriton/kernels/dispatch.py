@@ -17,7 +17,7 @@ from .backward import batch_norm_grads, running_grads
 from .fused import fused_backward, fused_forward
 from . import plans
 from .plans import fused_plan, plan
-from .layout import ChannelView, channel_view
+from .layout import ChannelView, view_params
 from .normalize import EvalLaunch, channel_affine, eval_affine
 from .runtime import accumulator_dtype, current_cpu_backend
 from .stats import BatchStats, RunningStats, batch_stats
@@ -154,9 +154,12 @@ def eval_launch(x: torch.Tensor, weight, bias) -> EvalLaunch | None:
     key = (x.shape, x.stride(), x.dtype, x.get_device(), weight is None, bias is None)
     launch = _EVAL_LAUNCHES.get(key)
     if launch is None:
-        view = channel_view(x)
-        if view.tensor is not x or view.rows == 0:
+        # The view's parameters alone: channel_view would copy a non-dense input, which
+        # the general route then copies again.
+        params = view_params(tuple(x.shape), x.stride())
+        if params is None or params[0] == 0:
             return None
+        view = ChannelView(x, *params)
         if len(_EVAL_LAUNCHES) >= _MAX_EVAL_LAUNCHES:
             _EVAL_LAUNCHES.clear()
         launch = _EVAL_LAUNCHES[key] = EvalLaunch(view, plan(view), weight is not None, bias is not None)

@@ -105,7 +105,7 @@ def _is_dense(shape: tuple, strides: tuple) -> bool:
     return True
 
 
-def _view_params(shape: tuple, strides: tuple):
+def view_params(shape: tuple, strides: tuple):
     """The view's fields after ``tensor`` for this shape and strides, or None when the
     tensor must first be made contiguous.  Cached for concrete sizes (a model sees few
     distinct layouts, and this runs on every call); symbolic sizes (tracing with dynamic
@@ -138,7 +138,7 @@ _cached_view_params = functools.lru_cache(maxsize=4096)(_compute_view_params)
 
 def channel_view(x: torch.Tensor) -> ChannelView:
     """See ``x`` (N, C, *spatial) as rows x channels without copying when possible."""
-    params = _view_params(tuple(x.shape), x.stride())
+    params = view_params(tuple(x.shape), x.stride())
     if params is None:
         # Sliced, permuted or overlapping views: one copy keeps every kernel on two dense
         # layouts (outputs share the copy's strides).  The copy takes the memory format
@@ -146,5 +146,5 @@ def channel_view(x: torch.Tensor) -> ChannelView:
         # stays channels-last).  An empty tensor counts as contiguous whatever its
         # strides, so it gets fresh ones.
         x = x.contiguous(memory_format=suggest_memory_format(x)) if x.numel() else x.new_empty(x.shape)
-        params = _view_params(tuple(x.shape), x.stride())
+        params = view_params(tuple(x.shape), x.stride())
     return ChannelView(x, *params)

@@ -100,6 +100,16 @@ def sum_splits(part_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
+def sum_parts(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+              ACC: tl.constexpr):
+    """``(sum(dy), sum(dy * centred))`` per channel from the backward's split reduction
+    ``parts`` ((2, splits, C)), each by :func:`sum_splits`."""
+    sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    return sum_dy, sum_dyc
+
+
+@triton.jit
 def param_grads_and_coefficients(sum_dy, sum_dyc, rstd, mean_s, weight_ptr, dweight_ptr, dbias_ptr, c, c_mask,
                                  write_mask, rows, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                                  BATCH_STATS: tl.constexpr, ACC: tl.constexpr):
@@ -128,8 +138,7 @@ def grad_coefficients(parts_ptr, num_splits, rows, mean_s_ptr, rstd_ptr, weight_
     """:func:`param_grads_and_coefficients` from the split reduction's ``parts`` ((2,
     splits, C): sum(dy), sum(dy * centred)), summed in a fixed order."""
     c_mask = c < channels
-    sum_dy = sum_splits(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-    sum_dyc = sum_splits(parts_ptr + num_splits * channels, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
+    sum_dy, sum_dyc = sum_parts(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
     mean_s = tl.zeros([BLOCK_C], dtype=ACC)
     if BATCH_STATS:
