@@ -203,3 +203,144 @@ def reduction_error(out, ref, magnitude, stored: torch.dtype) -> float:
     if np.any(diff[magnitude[finite] == 0] > 0):
         return math.inf
     return float((diff / scale).max(initial=0.0) / EPS[stored])
+
+
+# ------------------------------------------------------------------ the "wrong" tier
+#
+# The table above is tight on purpose: bntriton meets it with a 2x margin, thanks to tree
+# reductions with compensation and shifted statistics.  A correct implementation written
+# the straightforward way (sequential sums in the accumulator, unshifted two-pass
+# statistics, intermediates rounded to the input's dtype) can miss it, as torch's own
+# batch norm does.  Missing it makes an implementation *less precise*, not wrong.  An
+# implementation is *wrong* only where its error is beyond what that straightforward
+# implementation can reach; the bound for that, per quantity:
+#
+#     loose = (R + T * cond) * eps(coarse) + S * n * cond * eps(acc)   (in units of eps(stored))
+#
+# ``n * eps(acc)``
+#     a sequential (recursive) sum of n terms in the accumulator (fp32, fp64 for fp64
+#     input) errs by at most gamma_(n-1) ~ (n - 1) eps relative to the sum of |terms|
+#     (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., sec. 4.2): the
+#     worst case of the simplest correct code, not its typical sqrt(n) growth.
+# ``S``
+#     the number of such sums that reach the quantity (their errors add to first order).
+# ``cond``
+#     how much the data amplify those errors: :func:`loose_conditions`.  A batch mean
+#     errs by n eps relative to max|x|, not to the spread, so an unshifted x - mean errs
+#     by n eps * |offset| / std in units of the spread: the data's condition
+#     ``kappa = max over channels of (max|x| + |mean|) / sqrt(var + eps)`` (at least 1,
+#     and at least max|x_hat|).  In an unshifted two-pass variance the mean's error
+#     enters squared, (n eps kappa)^2 <= n eps kappa while n eps kappa < 1: kappa covers it.
+# ``R * eps(coarse)``
+#     rounding the result and the elementwise intermediates (x - mean, x_hat, gamma *
+#     x_hat, dweight before its cast...) to the input's dtype, half an ulp each, counted
+#     in the coarser of the input's and the stored dtype (``coarse``: an fp16 input's
+#     dweight may pass through fp16 on its way to an fp32 parameter's gradient, as in
+#     torch's CPU bf16 batch norm), plus one ulp for bf16 as in the table above.
+# ``T * cond * eps(coarse)``
+#     the per-channel statistics (mean, rstd, or a folded scale and shift) kept in the
+#     coarse dtype, half an ulp each: the mean's rounding is amplified by |offset| / std
+#     like its summation error.  torch's CPU batch norm keeps them in the parameters'
+#     dtype (bf16 parameters, bf16 mean: 20 bf16 eps of y at offset 100).  T = 1 for the
+#     quantities that normalize with them, 0 for dbias and the running statistics.
+#
+# Running statistics updated over several steps: every update rounds anew and the earlier
+# steps' errors carry over (times 1 - momentum <= 1), so their tier is the above times the
+# number of steps (harness.py).
+#
+# Where ``S * n * cond * eps(acc)`` reaches 1 the straightforward implementation
+# promises nothing, and neither does this bound: only a non-finite answer, a NaN out of
+# its channel or a semantic problem (strides, running statistics, buffers) is wrong then.
+#
+# Checked (tests/test_verify_verdicts.py, docs/conformance.md): torch eager and a
+# textbook fp32 two-pass implementation with sequential sums are never wrong on any
+# family; the planted bugs of the tests are.
+
+@dataclass(frozen=True)
+class LooseBound:
+    rounding: float  # R: half-ulps of the coarser of the input's and the stored dtype, counted as ulps
+    stats: float     # T: the per-channel statistics' rounding in that dtype, times cond
+    sums: float      # S: sequential sums of the values per channel that reach the quantity
+
+    def units(self, input_dtype: torch.dtype, stored: torch.dtype, count: int, condition: float) -> float:
+        coarse = second_order_dtype(input_dtype, stored)
+        condition = max(condition, 1.0)
+        extra_bf16 = 1.0 if torch.bfloat16 in (coarse, stored) else 0.0
+        rounding = (self.rounding + extra_bf16 + self.stats * condition) * EPS[coarse] / EPS[stored]
+        growth = self.sums * max(count, 1) * condition * EPS[accumulator(input_dtype)] / EPS[stored]
+        return rounding + growth
+
+
+LOOSE_BOUNDS = {
+    # y = (x - mean) * rstd * gamma + beta: the mean and the variance (2 sums);
+    # x - mean, x_hat, gamma * x_hat, + beta, the result: rounding.
+    "y": LooseBound(rounding=4.0, stats=1.0, sums=2.0),
+    # dx: the mean, the variance, sum(dy), sum(dy * x_hat); six elementwise roundings.
+    "dx": LooseBound(rounding=6.0, stats=1.0, sums=4.0),
+    # dweight = sum(dy * x_hat): the mean, the variance (through x_hat), the sum itself.
+    "dweight": LooseBound(rounding=4.0, stats=1.0, sums=3.0),
+    "dbias": LooseBound(rounding=2.0, stats=0.0, sums=1.0),
+    # The batch statistics (the variance's sum and the mean it subtracts) and the
+    # momentum update (two products and a sum, one rounding each).
+    "running_mean": LooseBound(rounding=3.0, stats=0.0, sums=1.0),
+    "running_var": LooseBound(rounding=3.0, stats=0.0, sums=2.0),
+    # The derivative of the backward: the backward's sums, twice (the forward statistics
+    # it depends on and its own), and its roundings, twice.
+    "d2x": LooseBound(rounding=8.0, stats=2.0, sums=8.0),
+    "d2weight": LooseBound(rounding=8.0, stats=2.0, sums=8.0),
+    "d2dy": LooseBound(rounding=8.0, stats=2.0, sums=8.0),
+}
+
+
+def loose_units(quantity: str, input_dtype: torch.dtype, stored: torch.dtype, count: int, condition: float) -> float:
+    """The "wrong" tier of ``quantity`` in units of ``EPS[stored]``: an error beyond it is
+    beyond any correct implementation in the dtype (see :data:`LOOSE_BOUNDS`)."""
+    return LOOSE_BOUNDS[quantity].units(input_dtype, stored, count, condition)
+
+
+def loose_conditions(x, mean, var, eps: float, weight=None, y_ref=None, dbias_scale=None,
+                     dweight_scale=None) -> dict:
+    """The amplification ``cond`` of :data:`LOOSE_BOUNDS` per quantity, from the float64
+    data (``x``: (N, C, ...)) and the statistics it was normalized with (the batch's, or
+    the running ones in evaluation).  Channels with non-finite statistics are left out:
+    a NaN is judged by where it goes, not by how large an error it makes.
+
+    * ``kappa`` (per channel) ``(max|x| + |mean|) / sqrt(var + eps)``: the mean's error in
+      units of the spread; ``x_hat_max``: ``max|x - mean| / sqrt(var + eps)``.
+    * y, normwise against max|y|: ``max(|gamma| * kappa) / max|y|``.
+    * dx, against the terms it cancels: ``kappa * (1 + x_hat_max)`` (x_hat's error times
+      mean(dy * x_hat), and the x_hat factor of that term).
+    * dweight, per channel against sum|dy * x_hat|: ``kappa * (1 + sum|dy| / sum|dy * x_hat|)``
+      (x_hat's error is a shift per channel, which sum(dy * x_hat) weights by sum(dy)).
+    * dbias = sum(dy), the running mean (against max|x|): 1.  The running variance: kappa.
+    * second order: ``kappa * (1 + x_hat_max)^2``.
+    """
+    x, mean, var = _f64(x), _f64(mean).reshape(-1), _f64(var).reshape(-1)
+    channels = x.shape[1] if x.ndim > 1 else 0
+    flat = np.moveaxis(x, 1, 0).reshape(channels, -1) if channels else np.zeros((0, 1))
+    with np.errstate(all="ignore"):
+        finite_stats = np.isfinite(mean) & np.isfinite(var)
+        abs_x = np.where(np.isfinite(flat), np.abs(flat), 0.0)
+        sigma = np.sqrt(np.maximum(var, 0.0) + eps)
+        kappa_c = np.where(finite_stats, (abs_x.max(axis=1, initial=0.0) + np.abs(mean)) / sigma, 0.0)
+        centred = np.where(np.isfinite(flat), np.abs(flat - mean[:, None]), 0.0)
+        x_hat_c = np.where(finite_stats, centred.max(axis=1, initial=0.0) / sigma, 0.0)
+    kappa = max(1.0, float(kappa_c.max(initial=0.0)))
+    x_hat_max = float(x_hat_c.max(initial=0.0))
+    out = {"dbias": 1.0, "running_mean": 1.0, "running_var": kappa, "dx": kappa * (1 + x_hat_max)}
+    out["d2x"] = out["d2weight"] = out["d2dy"] = kappa * (1 + x_hat_max) ** 2
+    gamma = np.ones(channels) if weight is None else np.abs(_f64(weight).reshape(-1))
+    y_scale = 0.0
+    if y_ref is not None:
+        y = _f64(y_ref)
+        y_scale = float(np.abs(y[np.isfinite(y)]).max(initial=0.0))
+    amplified = float((gamma * kappa_c)[finite_stats].max(initial=0.0))
+    out["y"] = max(1.0, amplified / y_scale) if y_scale > 0 else kappa
+    ratio = 1.0
+    if dbias_scale is not None and dweight_scale is not None:
+        db, dw = _f64(dbias_scale).reshape(-1), _f64(dweight_scale).reshape(-1)
+        with np.errstate(all="ignore"):
+            r = np.where((dw > 0) & np.isfinite(dw) & np.isfinite(db), db / np.where(dw > 0, dw, 1.0), 0.0)
+        ratio = 1.0 + float(r.max(initial=0.0))
+    out["dweight"] = kappa * ratio
+    return out

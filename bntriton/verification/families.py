@@ -7,8 +7,9 @@ the shapes, dtypes and flags of a named family are fixed, so that a failure name
 property that broke.  ``quick`` keeps the cases that matter most, on tensors small enough
 for Triton's CPU interpreter; the full set adds dtypes, layouts and sizes.
 
-``random`` is the exception: hypothesis draws everything from :func:`bntriton.testing.cases`
-with its seed fixed, so the same seed and hypothesis version give the same cases.
+``random`` is the exception: everything is drawn (:func:`.strategies.draw_case`, the
+distributions of :func:`bntriton.testing.cases`) from a ``random.Random`` per case seeded
+the same way, so the same seed gives the same cases on every route and in every process.
 """
 from __future__ import annotations
 
@@ -75,57 +76,22 @@ def family_cases(name: str, seed: int = 0, quick: bool = False) -> list:
 
 
 RANDOM_CASES = {True: (24, 4000), False: (200, 24_000)}  # quick -> (cases, max elements)
-_PER_RUN = 8
 
 
 def _random(seed: int, quick: bool) -> list:
-    try:
-        from hypothesis import HealthCheck, Phase, given, settings
-        from hypothesis import seed as fixed_seed
-    except ImportError as exc:  # hypothesis is an optional (test) dependency
-        raise FamilyUnavailable("needs hypothesis (pip install 'bntriton[test]')") from exc
-    from .strategies import cases
+    import random
+
+    from .strategies import draw_case
 
     count, max_elements = RANDOM_CASES[quick]
-    strategy = cases(max_elements=max_elements)
-
-    def run(run_seed: int) -> list:
-        drawn = []
-
-        # Generation only (no shrinking, no example database) with the seed fixed: the
-        # draws are a function of the seed and hypothesis' version.  Settings spelled out
-        # so that a profile a user has loaded (derandomize, max_examples...) cannot change
-        # them.
-        @fixed_seed(run_seed)
-        @settings(
-            max_examples=_PER_RUN + 1,
-            database=None,
-            phases=[Phase.generate],
-            derandomize=False,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            print_blob=False,
-        )
-        @given(strategy)
-        def collect(case):
-            drawn.append(case)
-
-        collect()
-        return drawn
-
-    # Many short runs rather than one long one: after its first few examples, hypothesis
-    # spends a run mutating what it has already drawn (seen: 60 examples, 40 distinct
-    # shapes, 2 of them fp32), good for chasing a failure, poor for coverage.  Each run
-    # opens with the minimal example (a (2, 1) fp16 tensor): kept once, then skipped.
-    out = []
-    for index in range(-(-count // _PER_RUN)):
-        drawn = run(case_seed("random", seed, index))
-        out += drawn if index == 0 else drawn[1:]
-    return out[:count]
+    # One generator per case, seeded like the named families' data: case k is the same
+    # whatever the count, the route (command line, bntriton.verify, a test) or the
+    # modules loaded.
+    return [draw_case(random.Random(case_seed("random", seed, index)), max_elements) for index in range(count)]
 
 
 FAMILIES["random"] = Family(
-    "random", _random, "hypothesis-drawn shapes, dtypes, layouts, flags and data offsets (bntriton.testing.cases)"
+    "random", _random, "random shapes, dtypes, layouts, flags and data offsets (the distributions of bntriton.testing.cases)"
 )
 
 

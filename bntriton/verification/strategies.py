@@ -257,6 +257,55 @@ def place(values: torch.Tensor, layout: str, grad: bool = False) -> Placed:
     return Placed(view, buffer, inside)
 
 
+# ------------------------------------------------------------- seeded draws, no hypothesis
+
+
+def draw_case(rng, max_elements: int = 24_000, family: str = "random") -> Case:
+    """One random ``Case`` from ``rng`` (a :class:`random.Random`), from the same
+    distributions as :func:`cases` (and the same shape rules as :func:`shapes`).
+
+    The ``random`` family draws with this rather than with hypothesis: hypothesis biases
+    its draws with constants it collects from the modules loaded in the process, so the
+    same seed gave different cases from ``bntriton verify`` and from ``bntriton.verify``
+    called in a script.  A ``random.Random`` depends on its seed alone."""
+    dtype = rng.choice(DTYPES)
+    param = rng.choice([None, torch.float32, dtype])
+    if dtype == torch.float64 and param is not None:
+        param = torch.float64
+    is_training = rng.random() < 0.5
+    running = True if not is_training else rng.random() < 0.5
+    scale = rng.choice([1e-2, 1.0, 30.0])
+    offset = rng.choice([0.0, 1.0, 100.0, 1e4])
+    if dtype == torch.float16 and (1.1 * offset + 8) * scale > 3e4:
+        offset = 0.0  # keep fp16 data (and its deviations) inside fp16's range
+    rank = rng.randint(2, 5)
+    c = rng.randint(1, max(1, min(1100, max_elements // 2)))
+    budget = max(2, max_elements // c)
+    n = rng.randint(1, min(budget, 64 if rank > 2 else budget))
+    spatial = []
+    for _ in range(rank - 2):
+        room = max(1, budget // (n * math.prod(spatial or [1])))
+        spatial.append(rng.randint(1, min(room, 40)))
+    shape = (n, c, *spatial)
+    if math.prod(shape) // c < 2:  # training needs two values per channel
+        shape = (2,) + shape[1:]
+    return Case(
+        shape=shape,
+        dtype=dtype,
+        layout=rng.choice(LAYOUTS),
+        param_dtype=param,
+        bias=(rng.random() < 0.5) if param is not None else False,
+        running=running,
+        training=is_training,
+        momentum=rng.choice([0.1, 0.5, 1.0, None]),
+        steps=rng.randint(1, 3) if running and is_training else 1,
+        offset=offset,
+        scale=scale,
+        seed=rng.randint(0, 2**31 - 1),
+        family=family,
+    )
+
+
 # ----------------------------------------------------------------- hypothesis strategies
 
 
@@ -327,6 +376,6 @@ def cases(
 
 
 __all__ = [
-    "Case", "DTYPES", "EXTRA_LAYOUTS", "LAYOUTS", "PARAM_LAYOUTS", "Placed", "Tensors", "apply_layout", "cases",
+    "Case", "DTYPES", "EXTRA_LAYOUTS", "draw_case", "LAYOUTS", "PARAM_LAYOUTS", "Placed", "Tensors", "apply_layout", "cases",
     "make_tensors", "param_layout", "place", "second_order_directions", "shapes",
 ]
