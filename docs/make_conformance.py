@@ -7,9 +7,10 @@
     python docs/make_conformance.py --impl torch --impl inductor --out /tmp/c.md
 
 Each implementation goes through ``bntriton.verify`` (the same cases, seeds and bounds as
-``bntriton verify``) and the table shows, per family, cases passed / total and the worst
-error as a multiple of its bound (<= 1 passes).  bntriton runs twice on a CPU: its Triton
-kernels in Triton's interpreter, and its default CPU path (``BNTRITON_CPU_BACKEND=native``).
+``bntriton verify``) and the table shows, per family, how many cases are within bntriton's
+tight bounds, less precise (beyond them, within what a correct implementation in the dtype
+reaches) and wrong.  bntriton runs twice on a CPU: its Triton kernels in Triton's
+interpreter, and its default CPU path (``BNTRITON_CPU_BACKEND=native``).
 The script prints how long each implementation took, and writes it into the page.
 """
 from __future__ import annotations
@@ -56,21 +57,17 @@ def _cell(summary) -> str:
         return "-"
     if summary.skipped:
         return "skipped"
-    text = f"{summary.passed}/{summary.cases}"
+    text = f"{summary.passed} / {summary.less_precise} / {summary.failed}"
     if summary.unsupported:
         text += f" ({summary.unsupported} unsupported)"
-    ratio = summary.worst_ratio
-    if summary.worst_quantity is not None:
-        worst = "inf" if math.isinf(ratio) or math.isnan(ratio) else f"{ratio:.2g}"
-        text += f" · {worst}"
     return f"**{text}**" if summary.failed else text
 
 
-def _first_failure(report, family: str) -> str:
-    for r in report.failures:
-        if r.case.family == family:
+def _first(results, family: str, verdict: str) -> str:
+    for r in results:
+        if r.case.family == family and r.verdict == verdict:
             c = r.case
-            what = "; ".join(r.failures())
+            what = "; ".join(r.wrong_reasons() if verdict == "wrong" else r.failures())
             what = what if len(what) < 160 else what[:157] + "..."
             return f"{'x'.join(map(str, c.shape))} {str(c.dtype).replace('torch.', '')} {c.layout}: {what}"
     return ""
@@ -88,12 +85,11 @@ def run(rows, device: str, quick: bool, seed: int, families):
         print(f"{label}: running ...", flush=True)
         if backend is not None:
             with cpu_backend(backend):
-                report = verify(peer, device=device, quick=quick, seed=seed, families=families)
+                report = verify(peer, device=device, quick=quick, seed=seed, families=families, reference=False)
         else:
-            report = verify(peer, device=device, quick=quick, seed=seed, families=families)
+            report = verify(peer, device=device, quick=quick, seed=seed, families=families, reference=False)
         seconds = time.perf_counter() - start
-        n, f, u = len(report.results), len(report.failures), len(report.unsupported)
-        print(f"{label}: {n - f - u}/{n} passed, {f} wrong, {u} unsupported ({seconds:.0f} s)", flush=True)
+        print(f"{label}: {report.summary()} ({seconds:.0f} s)", flush=True)
         reports.append((label, report, seconds))
     return reports
 
@@ -128,6 +124,9 @@ CUDA_NOTES = [
     "fp32 parameters: dweight 588 eps against a bound of 16.5); bntriton's are accurate to about "
     "one fp32 eps (perf/NOTES.md, the error ratios on the GPU).",
     "A second_order case: y 23.3 eps and dweight 17.8 eps against a bound of 14.8 eps.",
+    "Both were measured against the tight bounds, before the verdicts were three; both are within the "
+    "loose tier's allowances (rounding in the input's dtype: 4 fp16 ulps are 32768 fp32 eps; 2 sums of n "
+    "fp32 values for y), so they would read *less precise*, not wrong. Not rerun on a GPU since.",
     "bntriton passed the test suite's verify runs on the same GPU.",
 ]
 
@@ -146,10 +145,14 @@ def render(reports, device: str, quick: bool, seed: int, total_seconds: float, c
         f"device `{device}` ({env.get('device_name', '?').split(',')[0]}), torch {env.get('torch')}, triton {env.get('triton')}, "
         f"{'quick families' if quick else 'all cases'}, seed {seed}; {total_seconds / 60:.1f} min in all.",
         "",
-        "Each cell: cases passed / total, then the worst error of the family as a multiple of its bound "
-        "(errors in units of the stored dtype's eps, bounds from `bntriton bounds`; <= 1 passes, `inf` is "
-        "a non-finite or misplaced value). **Bold**: the family has wrong answers. \"unsupported\": cases "
-        "the implementation refused with a clear error (not counted as wrong, not as passed). "
+        "Each cell: cases **within bounds / less precise / wrong**. Errors are measured against a float64 "
+        "oracle in units of the stored dtype's eps (`bntriton bounds` prints both tiers): *within bounds* "
+        "is within bntriton's tight bounds (which bntriton meets with a 2x margin); *less precise* is beyond "
+        "them but within what a straightforward correct implementation in the dtype (sequential sums, "
+        "unshifted two-pass statistics) reaches, as torch's often is; *wrong* is beyond that too, or a "
+        "semantic check failed (a NaN out of its channel, strides, running statistics or buffers written "
+        "where they must not be). **Bold**: the family has wrong cases. \"unsupported\": cases the "
+        "implementation refused with a clear error (in none of the three counts). "
         "`bntriton verify --impl NAME --family FAMILY -v` shows every case.",
         "",
     ]
@@ -161,8 +164,9 @@ def render(reports, device: str, quick: bool, seed: int, total_seconds: float, c
         lines.append("| " + " | ".join(cells) + " |")
     totals = ["all"]
     for _, report, _ in reports:
-        n, f, u = len(report.results), len(report.failures), len(report.unsupported)
-        totals.append(f"{n - f - u}/{n}" + (f" ({u} unsupported)" if u else ""))
+        n, u = len(report.results), len(report.unsupported)
+        totals.append(f"{len(report.within_bounds)} / {len(report.less_precise)} / {len(report.wrong)} of {n}"
+                      + (f" ({u} unsupported)" if u else ""))
     lines.append("| " + " | ".join(totals) + " |")
     lines.append("| time | " + " | ".join(f"{seconds:.0f} s" for _, _, seconds in reports) + " |")
     if any(peer == "inductor" for peer in (_peer_of(label) for label, _, _ in reports)):
@@ -175,18 +179,28 @@ def render(reports, device: str, quick: bool, seed: int, total_seconds: float, c
                          "(no separate CPU path yet)." for a, b in same]
     lines += ["", "## Argument checks that differ from torch", ""] + [f"- {note}" for note in ARGUMENT_NOTES]
     lines += ["", "## torch's CUDA batch norm", ""] + [f"- {note}" for note in CUDA_NOTES]
-    lines += ["", "## What is wrong, family by family (the first failing case of each)", ""]
+    lines += ["", "## Wrong, family by family (the first wrong case of each)", ""]
     for label, report, _ in reports:
-        failed = report.failed_families()
+        wrong = list(dict.fromkeys(r.case.family for r in report.wrong))
         refused = sorted({r.unsupported for r in report.unsupported})
-        if not failed and not refused:
+        if not wrong and not refused:
             lines += [f"- **{label}**: nothing wrong.", ""]
             continue
         lines.append(f"- **{label}**:")
-        for family in failed:
-            lines.append(f"  - `{family}`: {_first_failure(report, family)}")
+        for family in wrong:
+            lines.append(f"  - `{family}`: {_first(report.results, family, 'wrong')}")
         for why in refused:
             lines.append(f"  - unsupported: {why}")
+        lines.append("")
+    lines += ["## Less precise, family by family (the first such case of each)", ""]
+    for label, report, _ in reports:
+        imprecise = list(dict.fromkeys(r.case.family for r in report.less_precise))
+        if not imprecise:
+            lines += [f"- **{label}**: every case that is not wrong is within bntriton's bounds.", ""]
+            continue
+        lines.append(f"- **{label}**:")
+        for family in imprecise:
+            lines.append(f"  - `{family}`: {_first(report.results, family, 'less precise')}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -127,12 +127,18 @@ def test_wrong_cases_come_first_with_the_check_and_a_rerun_command(capsys):
     assert code == 1
     lines = out.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("- "))
-    assert lines[first - 1].startswith("WRONG") and "run_var: error" in lines[first]
-    assert "[torch here: within bounds]" in lines[first] or "[torch here: less precise]" in lines[first]
+    assert lines[first - 2].startswith("WRONG: ") and lines[first - 1].startswith("Wrong outputs: run_var in ")
+    assert "run_var " in lines[first] and " eps > " in lines[first]
+    assert lines[first].endswith(("[torch: within bounds]", "[torch: less precise]")), lines[first]
     assert lines[first + 1].strip().startswith("bntriton verify --impl test_verify:bn_biased_running_var --case '")
     assert first < next(i for i, line in enumerate(lines) if line.startswith("family"))
-    assert "torch: within / wrong" in out
-    assert lines[-2].startswith("FAILED: ") and "within bounds | torch on this machine: 0 wrong," in lines[-2]
+    assert "torch here: within" in out
+    assert lines[-1].startswith("FAILED: ") and " within bounds | torch on this machine: 0 wrong, " in lines[-1]
+    # The rerun command reruns that case: wrong again.
+    command = lines[first + 1].strip()
+    case_json = command.split("--case ", 1)[1].strip("'")
+    assert main(["verify", "--impl", "test_verify:bn_biased_running_var", "--case", case_json]) == 1
+    assert "WRONG: 1 case(s)" in capsys.readouterr().out
 
 
 def test_less_precise_exits_0_and_strict_exits_1(capsys):

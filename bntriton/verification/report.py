@@ -102,6 +102,13 @@ class CaseResult:
                 for q in self._beyond(self.bounds) if q not in wrong]
         return out
 
+    def wrong_reasons(self) -> list:
+        """Why the case is wrong, briefly: each semantic problem, and each output beyond
+        the loose tier as ``"run_var 7.8e+05 eps > 373"``."""
+        limits = self._wrong_limits()
+        return list(self.problems) + [f"{QUANTITIES[q]} {_fmt(self.errors[q])} eps > {_fmt(limits[q])}"
+                                      for q in self._beyond(limits)]
+
     def as_dict(self) -> dict:
         finite = lambda v: None if math.isinf(v) or math.isnan(v) else v  # noqa: E731 (JSON has no inf)
         return {
@@ -276,8 +283,12 @@ class Report:
         return text + f" ({self.seconds:.1f}s{', strict' if self.strict else ''})"
 
     def rerun_command(self, result: CaseResult) -> str:
-        """A shell command that reruns one case alone."""
-        case_json = json.dumps(result.case.describe(), separators=(",", ":"))
+        """A shell command that reruns one case alone (the case's fields that differ from
+        their defaults: ``--case`` fills in the rest)."""
+        described = result.case.describe()
+        defaults = Case(shape=result.case.shape).describe()
+        short = {k: v for k, v in described.items() if k in ("shape", "seed", "family") or v != defaults[k]}
+        case_json = json.dumps(short, separators=(",", ":"))
         spec = self.impl_spec or "MODULE:FUNCTION"  # a callable with no importable name
         impl = "" if spec == "bntriton" else f"--impl {spec} "
         device = "" if self.device == default_device() else f"--device {self.device} "
@@ -323,13 +334,14 @@ class Report:
         ref = self.reference.families() if self.reference is not None else None
         refused = any(s.unsupported for s in summaries.values())
         rows = [("family", "cases", "within", "less precise", "wrong") + (("unsup",) if refused else ())
-                + (("torch: within / wrong",) if ref is not None else ())
+                + (("torch here: within",) if ref is not None else ())
                 + ("closest to bntriton's bound: error / bound (eps)", "time")]
         for name, s in summaries.items():
             torch_cell = ()
             if ref is not None:
                 t = ref.get(name)
-                torch_cell = ("-" if t is None or t.skipped else f"{t.passed}/{t.cases} / {t.failed}",)
+                torch_cell = ("-" if t is None or t.skipped else
+                              f"{t.passed}/{t.cases}" + (f" ({t.failed} wrong)" if t.failed else ""),)
             if s.skipped:
                 rows.append((name, "-", "-", "-", "-") + (("-",) if refused else ()) + torch_cell
                             + (f"skipped: {s.skipped}", ""))
@@ -366,32 +378,60 @@ class Report:
                         + ((ref.verdict if ref is not None else "-",) if with_ref else ()))
         return _render(rows, right=set(range(6, 6 + len(QUANTITIES))))
 
-    def render(self, verbose: bool = False, max_failures: int = 20) -> str:
+    def _shown_failures(self, limit: int) -> list:
+        """Up to ``limit`` failing cases, wrong before less precise, one per family first
+        (so that a bug found everywhere does not hide one found in a single family)."""
+        ordered = sorted(self.failures, key=lambda r: r.verdict != WRONG)
+        first, rest, seen = [], [], set()
+        for r in ordered:
+            key = (r.verdict, r.case.family)
+            (rest if key in seen else first).append(r)
+            seen.add(key)
+        first.sort(key=lambda r: r.verdict != WRONG)
+        return (first + rest)[:limit]
+
+    def render(self, verbose: bool = False, max_failures: int = 10) -> str:
         env = self.environment
         head = (f"bntriton verify: {self.impl} on {self.device} ({env.get('device_name', '')}), "
                 f"torch {env.get('torch')}, triton {env.get('triton')}; seed {self.seed}"
                 f"{', quick' if self.quick else ''}{', strict' if self.strict else ''}")
         parts = [head]
-        shown = self.failures[:max_failures]
-        if shown:
-            parts += ["", ("failing cases (strict: beyond bntriton's bounds)" if self.strict else
-                           "WRONG: beyond what any correct implementation in the dtype reaches") + ", worst first:"]
-            for r in sorted(shown, key=lambda r: r.verdict != WRONG):
-                ref = self.reference_for(r)
-                shared = "" if ref is None else f" [torch here: {ref.verdict}]"
+        failures = self.failures
+        shown = self._shown_failures(max_failures)
+        if failures:
+            wrong = self.wrong
+            ref = [self.reference_for(r) for r in wrong]
+            shared = "" if self.reference is None else \
+                f"; torch on this machine is wrong on {sum(r is not None and r.wrong for r in ref)} of them"
+            if wrong:
+                outputs: dict = {}
+                for r in wrong:
+                    limits = r._wrong_limits()
+                    names = [QUANTITIES[q] for q in r._beyond(limits)] + [p.split(":")[0] for p in r.problems]
+                    for name in dict.fromkeys(names):
+                        outputs[name] = outputs.get(name, 0) + 1
+                which = ", ".join(f"{name} in {n}" for name, n in sorted(outputs.items(), key=lambda kv: -kv[1]))
+                parts += ["", f"WRONG: {len(wrong)} case(s) beyond what any correct implementation in the dtype "
+                          f"reaches, or failing a semantic check{shared}.",
+                          f"Wrong outputs: {which}.  Errors in eps of the stored dtype:"]
+            if self.strict and len(failures) > len(wrong):
+                parts += ["", f"strict: {len(failures) - len(wrong)} case(s) less precise, beyond bntriton's tight "
+                          "bounds (bntriton verify --strict fails on them):"]
+            for r in shown:
+                other = self.reference_for(r)
                 c = r.case
+                why = r.wrong_reasons() if r.verdict == WRONG else r.failures()
                 parts.append(f"- {c.family} {'x'.join(map(str, c.shape))} {_short_dtype(c.dtype)} {c.layout} "
-                             f"{_flags(c)} (seed {c.seed}), {r.verdict}{shared}: " + "; ".join(r.failures()))
+                             f"{_flags(c)}: {'; '.join(why)}"
+                             + ("" if other is None else f" [torch: {other.verdict}]"))
                 parts.append(f"    {self.rerun_command(r)}")
-            if len(self.failures) > len(shown):
-                parts.append(f"... and {len(self.failures) - len(shown)} more (--json PATH lists them all)")
+            if len(failures) > len(shown):
+                parts.append(f"... and {len(failures) - len(shown)} more (-v shows every case, --json PATH "
+                             "writes them all)")
         parts += ["", self.summary_table()]
         if verbose and self.results:
-            parts += ["", "all cases (error/bound in units of the stored dtype's eps against bntriton's bound; "
+            parts += ["", "all cases (error/bound in eps of the stored dtype, against bntriton's bound; "
                       "* beyond it, ! beyond any correct implementation):", self.case_table()]
-        elif shown:
-            parts += ["", "failing cases (error/bound in units of the stored dtype's eps against bntriton's bound; "
-                      "* beyond it, ! beyond any correct implementation):", self.case_table(shown)]
         imprecise = self.less_precise
         if imprecise and not self.strict:
             fams = sorted({r.case.family for r in imprecise})
@@ -406,10 +446,10 @@ class Report:
                 reasons.setdefault(r.unsupported, []).append(r.case.family)
             for why, fams in reasons.items():
                 parts.append(f"- {len(fams)} case(s) in {', '.join(sorted(set(fams)))}: {why}")
-        tail = self.summary()
-        if self.failures:
-            tail += f"\nfailing families: {', '.join(self.failed_families())}"
-        parts += ["", tail]
+        parts.append("")
+        if failures:
+            parts.append(f"failing families: {', '.join(self.failed_families())}")
+        parts.append(self.summary())
         return "\n".join(parts)
 
 
