@@ -4,7 +4,9 @@ Checks any batch-norm implementation (``F.batch_norm``'s signature) against a fl
 oracle, with error bounds derived per dtype:
 
 * :mod:`.oracle`: the float64 NumPy reference (forward, backward, running statistics);
-* :mod:`.bounds`: the one table of error bounds and the error metrics;
+* :mod:`.bounds`: the error metrics and the two tiers of bounds: bntriton's tight table
+  (beyond it: less precise) and the loose tier of a straightforward correct
+  implementation (beyond it: wrong);
 * :mod:`.strategies`: test cases (``Case``), the tensors they stand for, hypothesis
   strategies (public as :mod:`bntriton.testing`);
 * :mod:`.families`: named groups of cases, each aimed at one way to be wrong;

@@ -6,8 +6,9 @@ and running-statistics updates, and measures every output against the float64 or
 (:mod:`.oracle`) with the metrics and bounds of :mod:`.bounds`.
 
 ``verify(impl)`` does that over the case families of :mod:`.families` and returns a
-:class:`~.report.Report` (per case errors and bounds, a summary per family, JSON); the
-command line ``bntriton verify`` (:mod:`bntriton.cli`) prints it.
+:class:`~.report.Report` (per case errors, both tiers of bounds and a verdict: wrong,
+less precise or within bounds; a summary per family; torch eager on the same cases;
+JSON); the command line ``bntriton verify`` (:mod:`bntriton.cli`) prints it.
 """
 from __future__ import annotations
 
