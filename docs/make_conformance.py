@@ -171,15 +171,15 @@ def render(reports, device: str, quick: bool, seed: int, total_seconds: float, c
     lines.append("| time | " + " | ".join(f"{seconds:.0f} s" for _, _, seconds in reports) + " |")
     if any(peer == "inductor" for peer in (_peer_of(label) for label, _, _ in reports)):
         lines += ["", "Inductor compiles every new shape: its time is with whatever its on-disk compile cache "
-                  "held (a first run on a machine took 833 s for the quick families on 2 busy cores, a "
-                  "rerun 85 s)."]
+                  "held (a first run on a machine took 737 s for the quick families on 2 busy cores, a "
+                  "rerun 37 s)."]
     same = _identical_pairs(reports)
     if same:
         lines += [""] + [f"{a} and {b} gave bit-identical errors on every case: the same code ran "
                          "(no separate CPU path yet)." for a, b in same]
     lines += ["", "## Argument checks that differ from torch", ""] + [f"- {note}" for note in ARGUMENT_NOTES]
     lines += ["", "## torch's CUDA batch norm", ""] + [f"- {note}" for note in CUDA_NOTES]
-    lines += ["", "## Wrong, family by family (the first wrong case of each)", ""]
+    lines += ["", "## Wrong, family by family (the first wrong case of each), and unsupported", ""]
     for label, report, _ in reports:
         wrong = list(dict.fromkeys(r.case.family for r in report.wrong))
         refused = sorted({r.unsupported for r in report.unsupported})
