@@ -35,7 +35,7 @@ FAMILIES: dict[str, Family] = {}
 
 
 class FamilyUnavailable(RuntimeError):
-    """A family that cannot be built here (e.g. hypothesis not installed); verify skips it."""
+    """A family that cannot be built here (a dependency it needs is missing); verify skips it and says why."""
 
 
 def case_seed(family: str, seed: int, index: int) -> int:
