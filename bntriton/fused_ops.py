@@ -78,7 +78,7 @@ def _train_impl(
     """``(y, mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale, act_shift)``:
     the last two are the scale and shift y was formed with (``z = (x - K) * act_scale +
     act_shift``), which the backward recomputes z from; empty without an activation."""
-    return _train_and_update(x, weight, bias, residual, eps, activation, slope, None)
+    return ops.distinct_outputs(_train_and_update(x, weight, bias, residual, eps, activation, slope, None))
 
 
 def _train_and_update(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats]):

@@ -65,7 +65,27 @@ def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean_shifted, rstd, mean, var_unbiased, pivot)`` from the batch's statistics."""
-    return _train_and_update(x, weight, bias, eps, None)
+    return distinct_outputs(_train_and_update(x, weight, bias, eps, None))
+
+
+def distinct_outputs(outputs: tuple) -> tuple:
+    """``outputs`` with every tensor that shares memory with an earlier one cloned.
+
+    A registered op may not return one tensor twice (torch.compile, torch.export and
+    opcheck refuse it), yet the native CPU path returns its batch mean as both ``mean``
+    and ``mean_shifted`` when the pivot is 0 (the two are equal then).  Only the ops pay
+    for the copy (C values); the eager path keeps the shared tensor.
+    """
+    seen = set()
+    fresh = []
+    for t in outputs:
+        if isinstance(t, Tensor) and t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(ptr)
+        fresh.append(t)
+    return tuple(fresh)
 
 
 def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
