@@ -400,6 +400,14 @@ def test_opcheck_activated_ops(act, res, layout):
     ops = torch.ops.bntriton
     torch.library.opcheck(ops.batch_norm_act_train, (x, w, b, r, 1e-5, code, SLOPE))
     torch.library.opcheck(ops.batch_norm_act_eval, (x, w, b, rm, rv, r, 1e-5, code, SLOPE))
+    with torch.no_grad():
+        _, mean_shifted, rstd, _, _, mask, pivot, act_scale, act_shift = ops.batch_norm_act_train(
+            x, w, b, r, 1e-5, code, SLOPE)
+    grad = _tensor(shape, layout, torch.float32, gen)
+    residual = None if r is None else r.detach()
+    torch.library.opcheck(ops.batch_norm_act_backward, (
+        grad, x.detach(), w.detach(), act_scale, act_shift, None, mean_shifted, rstd, pivot, mask, residual,
+        code, SLOPE, res, False))
 
 
 # ------------------------------------------------------------------ native CPU path
