@@ -327,3 +327,29 @@ def test_fold_names_what_it_leaves_and_why():
     assert report.folded == []
     x = torch.randn(2, 3, 2, 2)
     torch.testing.assert_close(folded(x), model(x))
+
+
+def test_fused_conversion_keeps_each_modules_own_mode():
+    """A batch norm frozen in eval inside a training model stays frozen after fusion."""
+    reference = _pattern_net()
+    reference.block2.bn2.eval()
+    converted = bntriton.convert_model(copy.deepcopy(reference), fuse=True)
+    modes = {name: m.training for name, m in converted.named_modules()}
+    assert all(modes[name] == m.training for name, m in reference.named_modules() if name in modes)
+    assert converted.training and not converted.block2.bn2.training
+
+
+def test_fused_model_exports_the_eval_graph():
+    """torch.export (the front of the ONNX exporter) records eval, not the traced mode."""
+    reference = _pattern_net()
+    converted = bntriton.convert_model(copy.deepcopy(reference), fuse=True)  # traced in training mode
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEVICE)
+    with bntriton.cpu_backend("native"):
+        for model in (converted, reference):  # one training step moves the running statistics
+            torch.manual_seed(0)  # the same dropout and stochastic depth
+            model(x)
+        converted.eval(), reference.eval()
+        program = torch.export.export(converted, (x,))
+        out = program.module()(x)
+    bound = PatternNet.BATCH_NORMS * bound_units("y_act", torch.float64, x.numel() // x.shape[1])
+    assert normwise_error(out, reference(x), torch.float64) <= bound
