@@ -183,9 +183,10 @@ def test_converted_model_follows_train_and_eval_like_the_original(fuse, backend)
     converted.load_state_dict(reference.state_dict())  # strict
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64, device=DEVICE) * 2 + 1
     with bntriton.cpu_backend(backend):
-        for seed, training in [(1, True), (2, False), (3, True), (4, False)]:
+        for seed, training in [(1, True), (2, False), (3, True)]:  # train -> eval -> train
             _step_matches(converted, reference, x, seed, training)
         # Eval is deterministic and leaves the running statistics alone.
+        converted.eval()
         state = {k: v.clone() for k, v in converted.state_dict().items()}
         assert torch.equal(converted(x), converted(x))
         assert all(torch.equal(v, converted.state_dict()[k]) for k, v in state.items())
