@@ -51,9 +51,7 @@ def revert_model(module: nn.Module) -> nn.Module:
     """
     torch_class = _torch_classes().get(type(module))
     if torch_class is not None:
-        reverted = torch_class.__new__(torch_class)
-        reverted.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
-        return reverted
+        return _take_over(torch_class, module)
     if isinstance(module, _BatchNorm) and type(module).__module__.startswith("bntriton"):
         # E.g. a batch norm with a fused activation: no single torch class computes it.
         raise TypeError(
@@ -99,7 +97,6 @@ def _convert_layer(module: nn.Module, report: ConversionReport, name: str) -> Op
         report.converted.append((name, f"{type(module).__name__} (identity act) -> bntriton.{plain.__name__}"))
         return _take_over(plain, module, keep_children=False)
     fused = from_batch_norm(module, activation, slope)
-    fused._modules = type(module._modules)()  # the `act` (and `drop`) now computed inside
     report.converted.append((name, f"{type(module).__name__} -> bntriton.{type(fused).__name__}({activation})"))
     report.fused.append((name, activation))
     return fused

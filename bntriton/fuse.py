@@ -143,7 +143,6 @@ def fuse(model: nn.Module, report: Optional[ConversionReport] = None) -> fx.Grap
         name, slope = act
         original = modules[bn.target]
         fused_module = from_batch_norm(original, name, slope)
-        fused_module._modules = type(original._modules)()  # an identity `act` / `drop`
         gm.add_submodule(bn.target, fused_module)
         if report is not None:
             fused_with = name if residual is None else f"{name} + residual"
