@@ -143,8 +143,8 @@ def fuse_sequential_blocks(module: nn.Module, report: ConversionReport, name: st
 
 def convert(module: nn.Module, fuse: bool) -> tuple[nn.Module, ConversionReport]:
     """convert_model's work: the converted model and the report."""
-    if not fuse:
-        report = ConversionReport("convert_model")
+    if not fuse or isinstance(module, _BatchNorm):  # a lone batch norm: nothing follows it to fuse
+        report = ConversionReport("convert_model(fuse=True)" if fuse else "convert_model")
         return convert_tree(module, report), report
     from .fuse import fuse as fuse_graph
 

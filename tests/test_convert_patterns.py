@@ -234,6 +234,13 @@ def test_fusion_refuses_a_graph_that_depends_on_the_mode(backend):
             torch.testing.assert_close(model(x), reference(x), rtol=tol, atol=tol)
 
 
+def test_fuse_on_a_lone_batch_norm_converts_it_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tracing its own forward would bake the mode in
+        converted = bntriton.convert_model(BatchNormWithAct2d(3, nn.SiLU), fuse=True)
+    assert type(converted) is bntriton.BatchNormAct2d and converted.activation == "silu"
+
+
 class OwnForwardBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         return super().forward(x) * 2
