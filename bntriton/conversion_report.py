@@ -43,8 +43,9 @@ class ConversionReport:
             head = (f"{self.call}: converted {c['converted']} batch norms, {c['fused']} of them "
                     f"fused with their activation; left {c['left']}")
         lines = [head]
+        # The fused layers show in their conversion line: "-> bntriton.BatchNormAct2d(relu)".
         sections = [("note", [(None, n) for n in self.notes]), ("converted", self.converted),
-                    ("fused", self.fused), ("folded", self.folded), ("left", self.left)]
+                    ("folded", self.folded), ("left", self.left)]
         for title, entries in sections:
             for name, what in entries:
                 lines.append(f"  {title:9} {what}" if name is None else f"  {title:9} {name}: {what}")
