@@ -31,6 +31,7 @@ KERNEL_MODULES = {
     "test_kernels", "test_numerics", "test_traffic", "test_hopper_compile", "test_direct_launch",
     "test_native_cpu", "test_reference", "test_perf_tooling",
     "test_inductor_kernels",  # fake CUDA tensors: no CPU backend involved
+    "test_docs",  # the documents' examples, as a user runs them: the default backend
 }
 _CHOSEN = os.environ.get("BNTRITON_CPU_BACKEND")
 if _CHOSEN:
