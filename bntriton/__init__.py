@@ -3,6 +3,7 @@
 Public names only; see README.md.
 """
 from .act_modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .conversion_report import ConversionReport
 from .convert import fold_batch_norm, revert_model
 from .distributed import SyncBatchNorm
 from .functional import batch_norm
@@ -11,7 +12,7 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 from .verification import Report, verify
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "ConversionReport",
     "Report", "SyncBatchNorm", "batch_norm", "cpu_backend", "convert_model", "fold_batch_norm", "revert_model",
     "verify",
 ]

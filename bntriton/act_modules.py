@@ -79,12 +79,16 @@ ACT_CLASSES = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}
 
 
 def from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, activation, negative_slope=0.01) -> nn.Module:
-    """A BatchNormAct taking over ``bn``'s parameters and buffers (the same objects)."""
+    """A BatchNormAct taking over ``bn``'s parameters and buffers (the same objects).
+
+    ``bn``'s child modules are not taken over: a batch norm that holds its activation as a
+    child (timm's ``BatchNormAct2d``: ``act``, an identity ``drop``) has it computed inside."""
     dims = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
     base = next(cls for cls in dims if isinstance(bn, cls))
     cls = ACT_CLASSES[dims[base]]
     fused = cls.__new__(cls)
     fused.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in bn.__dict__.items()})
+    fused._modules = type(bn._modules)()
     fused._init_act(activation, negative_slope, False)
     return fused
 

@@ -119,14 +119,25 @@ def check_arguments(
         )
     if input.device.type not in ("cpu", "cuda", "meta"):
         raise RuntimeError(f"bntriton runs on CUDA (compiled) and CPU (interpreted), not {input.device}")
+    # torch's order: the batch size (F.batch_norm's own check), then every per-channel
+    # tensor's size, then their dtypes (the kernels'), then autograd's checks.
+    if training:
+        values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
+        if values_per_channel == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
+    per_channel = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                   ("bias", bias))
+    for name, t in per_channel:
+        if t is not None:
+            _check_per_channel(name, t, input)
     # As torch: weight, bias and the running statistics share one dtype, the input's, or
     # float32 under a float16 / bfloat16 input (autocast's case).
     param_dtype = None
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
+    for name, t in per_channel:
         if t is None:
             continue
-        _check_per_channel(name, t, input)
         if param_dtype is None:
             param_dtype = t.dtype
             if param_dtype != input.dtype and not (param_dtype == torch.float32 and input.dtype in _LOW_PRECISION):
@@ -139,19 +150,7 @@ def check_arguments(
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad
                                      or forward_ad._current_level >= 0):
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if (t.requires_grad and torch.is_grad_enabled()) or (
-                    forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None):
-                raise RuntimeError(
-                    f"batch_norm is not differentiable with respect to argument '{name}' (as torch): "
-                    "this input cannot have requires_grad=True"
-                )
-    if training:
-        values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
-        if values_per_channel == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {input.size()}"
-            )
+        _check_running_not_differentiated(input, running_mean, running_var, training)
     if momentum is not None and not isinstance(momentum, (float, int)):
         raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__}")
     if not isinstance(eps, (float, int)):
@@ -161,6 +160,29 @@ def check_arguments(
         raise ValueError(f"batch_norm eps must be positive during training, but got {float(eps)}")
     if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {float(eps)}")
+
+
+def _has_tangent(t: Tensor) -> bool:
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
+
+
+def _check_running_not_differentiated(input: Tensor, running_mean: Tensor, running_var: Tensor,
+                                      training: bool) -> None:
+    """torch's rules for running statistics that autograd could see: reverse mode never
+    (they are buffers); forward mode refuses tangents on them only where the output
+    depends on them (evaluation) and the input carries a tangent too, so that the jvp runs
+    (torch's batch_norm_jvp); elsewhere their tangents are ignored, as torch ignores them."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"batch_norm is not differentiable with respect to argument '{name}' (as torch): "
+                "this input cannot have requires_grad=True"
+            )
+    if not training and _has_tangent(input) and (_has_tangent(running_mean) or _has_tangent(running_var)):
+        raise RuntimeError(
+            "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad "
+            "defined (as torch)"
+        )
 
 
 def _dense(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -78,7 +78,7 @@ def _train_impl(
     """``(y, mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale, act_shift)``:
     the last two are the scale and shift y was formed with (``z = (x - K) * act_scale +
     act_shift``), which the backward recomputes z from; empty without an activation."""
-    return _train_and_update(x, weight, bias, residual, eps, activation, slope, None)
+    return ops.distinct_outputs(_train_and_update(x, weight, bias, residual, eps, activation, slope, None))
 
 
 def _train_and_update(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats]):
@@ -104,11 +104,10 @@ def _coefficients_like(x: Tensor, activation: int) -> tuple[Tensor, Tensor]:
     return tuple(x.new_zeros(channels, dtype=accumulator_dtype(x.dtype)) for _ in range(2))
 
 
-batch_norm_act_train = torch.library.custom_op(
-    "bntriton::batch_norm_act_train", _train_impl, mutates_args=())
+batch_norm_act_train, _batch_norm_act_train_opaque = ops.kernel_op("batch_norm_act_train", _train_impl)
 
 
-@batch_norm_act_train.register_fake
+@_batch_norm_act_train_opaque.register_fake
 def _(x, weight, bias, residual, eps, activation, slope):
     per_channel = [x.new_empty(x.shape[1], dtype=accumulator_dtype(x.dtype)) for _ in range(5)]
     return (channel_view(x).empty_like(), *per_channel[:4],
@@ -128,11 +127,10 @@ def _eval_impl(
     return dispatch.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue), mask
 
 
-batch_norm_act_eval = torch.library.custom_op(
-    "bntriton::batch_norm_act_eval", _eval_impl, mutates_args=())
+batch_norm_act_eval, _batch_norm_act_eval_opaque = ops.kernel_op("batch_norm_act_eval", _eval_impl)
 
 
-@batch_norm_act_eval.register_fake
+@_batch_norm_act_eval_opaque.register_fake
 def _(x, weight, bias, running_mean, running_var, residual, eps, activation, slope):
     return channel_view(x).empty_like(), _mask_like(x, _needs_mask(activation, residual is not None))
 
@@ -190,11 +188,11 @@ def _backward_impl(
     return dx, dweight, dbias, dresidual
 
 
-batch_norm_act_backward = torch.library.custom_op(
-    "bntriton::batch_norm_act_backward", _backward_impl, mutates_args=())
+batch_norm_act_backward, _batch_norm_act_backward_opaque = ops.kernel_op(
+    "batch_norm_act_backward", _backward_impl)
 
 
-@batch_norm_act_backward.register_fake
+@_batch_norm_act_backward_opaque.register_fake
 def _(grad, x, weight, act_scale, act_shift, running_mean, mean_shifted, rstd, pivot, mask, residual,
       activation, slope, has_residual, invert):
     dtype = weight.dtype if weight is not None else accumulator_dtype(x.dtype)

@@ -41,6 +41,7 @@ parameters gives an fp16 / bf16 output and fp32 statistics), and so do these.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -61,11 +62,70 @@ def _per_channel(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1], dtype=accumulator_dtype(x.dtype))
 
 
+# ---------------------------------------------------------------------- registration
+#
+# Each op is a torch.library.triton_op: under torch.compile, on CUDA tensors of static
+# shape, AOTAutograd runs the op's implementation itself and every kernel launch in it is
+# recorded as a wrap_triton call (kernels/runtime.py, DualKernel), which Inductor copies
+# into its generated code and launches itself: no bntriton Python per call inside a
+# compiled graph, CUDA graphs under mode="reduce-overhead", AOTInductor packages.  Where
+# that cannot work, the implementation runs as an opaque op when the graph runs
+# (``bntriton::<name>_opaque``, whose fake the caller registers): CPU tensors (the native
+# path reads values on the host to choose its route; the interpreter is no kernel
+# Inductor can launch), and symbolic sizes (plans and grids are worked out from concrete
+# ones).  torch.export keeps the op itself in either case.
+
+
+def _kernels_visible(args) -> bool:
+    """Whether a traced call can be decomposed into its kernels' launches."""
+    for a in args:
+        if isinstance(a, Tensor):
+            if a.device.type != "cuda":
+                return False
+            for n in (*a.shape, *a.stride()):
+                if type(n) is not int:
+                    return False
+    return True
+
+
+def kernel_op(name: str, impl: Callable, mutates_args=()):
+    """``(op, opaque)``: ``impl`` registered as ``bntriton::<name>`` (a triton_op) and as
+    its opaque fallback ``bntriton::<name>_opaque``."""
+    opaque = torch.library.custom_op(f"bntriton::{name}_opaque", impl, mutates_args=mutates_args)
+
+    @functools.wraps(impl)
+    def decomposed_where_possible(*args):
+        return impl(*args) if _kernels_visible(args) else opaque(*args)
+
+    op = torch.library.triton_op(f"bntriton::{name}", decomposed_where_possible, mutates_args=mutates_args)
+    return op, opaque
+
+
 def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean_shifted, rstd, mean, var_unbiased, pivot)`` from the batch's statistics."""
-    return _train_and_update(x, weight, bias, eps, None)
+    return distinct_outputs(_train_and_update(x, weight, bias, eps, None))
+
+
+def distinct_outputs(outputs: tuple) -> tuple:
+    """``outputs`` with every tensor that shares memory with an earlier one cloned.
+
+    A registered op may not return one tensor twice (torch.compile, torch.export and
+    opcheck refuse it), yet the native CPU path returns its batch mean as both ``mean``
+    and ``mean_shifted`` when the pivot is 0 (the two are equal then).  Only the ops pay
+    for the copy (C values); the eager path keeps the shared tensor.
+    """
+    seen = set()
+    fresh = []
+    for t in outputs:
+        if type(t) is Tensor and t.numel():  # (traced outputs are the kernels': never shared)
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(ptr)
+        fresh.append(t)
+    return tuple(fresh)
 
 
 def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
@@ -80,10 +140,10 @@ def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
     return y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, stats.pivot
 
 
-batch_norm_train = torch.library.custom_op("bntriton::batch_norm_train", _train_impl, mutates_args=())
+batch_norm_train, _batch_norm_train_opaque = kernel_op("batch_norm_train", _train_impl)
 
 
-@batch_norm_train.register_fake
+@_batch_norm_train_opaque.register_fake
 def _(x, weight, bias, eps):
     return (channel_view(x).empty_like(), *(_per_channel(x) for _ in range(5)))
 
@@ -101,13 +161,11 @@ def _update_impl(
     dispatch.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum)
 
 
-update_running_stats = torch.library.custom_op(
-    "bntriton::update_running_stats", _update_impl,
-    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
-)
+update_running_stats, _update_running_stats_opaque = kernel_op(
+    "update_running_stats", _update_impl, mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 
 
-@update_running_stats.register_fake
+@_update_running_stats_opaque.register_fake
 def _(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
     return None
 
@@ -129,10 +187,10 @@ def _eval_impl(
     return dispatch.forward_eval(view, weight, bias, running_mean, running_var, eps)
 
 
-batch_norm_eval = torch.library.custom_op("bntriton::batch_norm_eval", _eval_impl, mutates_args=())
+batch_norm_eval, _batch_norm_eval_opaque = kernel_op("batch_norm_eval", _eval_impl)
 
 
-@batch_norm_eval.register_fake
+@_batch_norm_eval_opaque.register_fake
 def _(x, weight, bias, running_mean, running_var, eps):
     return channel_view(x).empty_like()
 
@@ -158,10 +216,10 @@ def _backward_impl(
     )
 
 
-batch_norm_backward = torch.library.custom_op("bntriton::batch_norm_backward", _backward_impl, mutates_args=())
+batch_norm_backward, _batch_norm_backward_opaque = kernel_op("batch_norm_backward", _backward_impl)
 
 
-@batch_norm_backward.register_fake
+@_batch_norm_backward_opaque.register_fake
 def _(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
     dtype = _param_dtype(x, weight)
     channels = x.shape[1]
@@ -183,11 +241,11 @@ def _eval_backward_impl(
                                      param_dtype=_param_dtype(x, weight))
 
 
-batch_norm_eval_backward = torch.library.custom_op(
-    "bntriton::batch_norm_eval_backward", _eval_backward_impl, mutates_args=())
+batch_norm_eval_backward, _batch_norm_eval_backward_opaque = kernel_op(
+    "batch_norm_eval_backward", _eval_backward_impl)
 
 
-@batch_norm_eval_backward.register_fake
+@_batch_norm_eval_backward_opaque.register_fake
 def _(grad_out, x, weight, running_mean, running_var, eps):
     dtype = _param_dtype(x, weight)
     channels = x.shape[1]

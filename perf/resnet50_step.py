@@ -1,10 +1,15 @@
-"""Time and peak memory of a ResNet-50 training step, four ways (needs a CUDA GPU).
+"""Time and peak memory of a ResNet-50 training step, eager and compiled.
 
     python perf/resnet50_step.py --out perf/results/<device>-<date>-resnet50-step.csv
+    python perf/resnet50_step.py --providers bntriton_compile,torch_compile   # compiled only
+    python perf/resnet50_step.py --device cpu --width 16 --batch 8 --size 64  # a small CNN on a CPU
     python perf/resnet50_step.py --device cpu --smoke        # tooling check only (CPU, native path)
 
 Providers: ``fused`` (bntriton.convert_model(fuse=True)), ``bntriton`` (convert_model:
-batch norms only), ``torch`` (eager, cuDNN), ``torch_compile`` (Inductor).  Passes:
+batch norms only), ``torch`` (eager, cuDNN), ``torch_compile`` (Inductor); the compiled
+networks with bntriton's layers, ``bntriton_compile`` and ``fused_compile``
+(convert_model, then torch.compile of the whole network).  A ``_graphs`` suffix on a
+compiled provider compiles with ``mode="reduce-overhead"`` (CUDA graphs).  Passes:
 ``fwd_train_act`` (the training forward of the whole network) and ``bwd_train_act`` (its
 backward).  Rows use the sweep's CSV columns (perf/schema.py) with ``bytes`` holding the
 pass's peak memory (``torch.cuda.max_memory_allocated`` after a reset, minus what was
@@ -73,18 +78,26 @@ class ResNet50(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build(provider: str, width: int, device, dtype, channels_last: bool) -> nn.Module:
+PROVIDERS = ("fused", "bntriton", "torch", "torch_compile", "bntriton_compile", "fused_compile",
+             "torch_compile_graphs", "bntriton_compile_graphs", "fused_compile_graphs")
+
+
+def build(provider: str, width: int, device, dtype, channels_last: bool, backend: str = "inductor") -> nn.Module:
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
     torch.manual_seed(0)
     model = ResNet50(width).to(device=device, dtype=dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if provider == "fused":
-        return bntriton.convert_model(model, fuse=True)
-    if provider == "bntriton":
-        return bntriton.convert_model(model)
-    if provider == "torch_compile":
-        return torch.compile(model)
-    return model
+    layers = provider.split("_")[0]
+    if layers == "fused":
+        model = bntriton.convert_model(model, fuse=True)
+    elif layers == "bntriton":
+        model = bntriton.convert_model(model)
+    if "_compile" not in provider:
+        return model
+    mode = "reduce-overhead" if provider.endswith("_graphs") else None
+    return torch.compile(model, backend=backend, mode=mode)
 
 
 def measure(model, x, reps: int, cuda: bool):
@@ -124,13 +137,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--providers", default="fused,bntriton,torch,torch_compile")
+    parser.add_argument("--providers", default="fused,bntriton,torch,torch_compile",
+                        help=f"comma-separated, of: {', '.join(PROVIDERS)}")
+    parser.add_argument("--width", type=int, default=64, help="the stem's channels (64: ResNet-50 itself)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend for the *_compile providers (aot_eager: tooling checks)")
     parser.add_argument("--smoke", action="store_true", help="tiny network and input: tooling check only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    width, batch, size, reps = (4, 2, 32, 1) if args.smoke else (64, args.batch, args.size, args.reps)
+    width, batch, size, reps = (4, 2, 32, 1) if args.smoke else (args.width, args.batch, args.size, args.reps)
     dtype = getattr(torch, args.dtype)
     channels_last = args.layout == "channels_last"
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
@@ -142,14 +159,16 @@ def main(argv=None) -> int:
     rows = []
     for provider in args.providers.split(","):
         try:
-            fwd, bwd, fwd_peak, bwd_peak = measure(build(provider, width, device, dtype, channels_last), x, reps, cuda)
+            fwd, bwd, fwd_peak, bwd_peak = measure(
+                build(provider, width, device, dtype, channels_last, args.compile_backend), x, reps, cuda)
         except Exception as error:  # a provider that fails gets an error row, not a silent gap
             print(f"{provider}: {type(error).__name__}: {error}", file=sys.stderr)
             fwd = bwd = "error"
             fwd_peak = bwd_peak = ""
         for pass_, ms, peak in (("fwd_train_act", fwd, fwd_peak), ("bwd_train_act", bwd, bwd_peak)):
             rows.append(dict(zip(COLUMNS, (
-                name, torch.__version__, triton.__version__, "resnet50_step", f"{batch}x3x{size}x{size}",
+                name, torch.__version__, triton.__version__, "resnet50_step",
+                f"{batch}x3x{size}x{size}" + ("" if width == 64 else f"-width{width}"),
                 args.layout, args.dtype, pass_, provider, ms if isinstance(ms, str) else f"{ms:.3f}",
                 peak, "", ""))))
     writer = csv.DictWriter(sys.stdout, COLUMNS)

@@ -182,13 +182,37 @@ def test_jvp_matches_torch(training, layout):
     _close_to_torch(tangent, expected, "dx", 12, "forward_ad")
 
 
-def test_dual_running_statistics_are_refused():
-    x, running_mean, running_var = torch.randn(4, 2, device=DEVICE), torch.zeros(2, device=DEVICE), \
-        torch.ones(2, device=DEVICE)
-    with forward_ad.dual_level():
-        dual = forward_ad.make_dual(running_mean, torch.ones_like(running_mean))
-        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
-            bntriton.batch_norm(x, dual, running_var, training=False)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_dual_running_statistics_follow_torchs_forward_ad_rules(training):
+    """torch refuses tangents on the running statistics only in evaluation and only when
+    the input carries one too (test_nn's check of batch_norm_jvp); elsewhere it ignores
+    them.  Each combination of duals among (input, running_mean, running_var) is run
+    through both: the same refusal and message, or the same output tangent."""
+    gen = torch.Generator().manual_seed(5)
+    primals = [torch.randn(3, 2, 5, generator=gen, dtype=F64), torch.randn(2, generator=gen, dtype=F64),
+               torch.rand(2, generator=gen, dtype=F64) + 0.5]
+    tangents = [torch.rand(p.shape, generator=gen, dtype=F64) for p in primals]
+    primals, tangents = [p.to(DEVICE) for p in primals], [t.to(DEVICE) for t in tangents]
+    for dual_indices in ((0,), (1,), (1, 2), (0, 1), (0, 1, 2)):
+        outcomes = []
+        for bn in (bntriton.batch_norm, F.batch_norm):
+            with forward_ad.dual_level():
+                args = [forward_ad.make_dual(p.clone(), t) if i in dual_indices else p.clone()
+                        for i, (p, t) in enumerate(zip(primals, tangents))]
+                try:
+                    outcomes.append(forward_ad.unpack_dual(bn(*args, training=training, momentum=-1.2)).tangent)
+                except RuntimeError as error:
+                    outcomes.append(str(error))
+        ours, theirs = outcomes
+        if isinstance(theirs, str):
+            assert isinstance(ours, str), (dual_indices, "accepted what torch refuses")
+            assert "batch_norm is not differentiable wrt running_mean and running_var" in theirs
+            assert "batch_norm is not differentiable wrt running_mean and running_var" in ours, ours
+        elif theirs is None:
+            assert ours is None, dual_indices
+        else:
+            assert not isinstance(ours, str), ours
+            _close_to_torch(ours, theirs, "dx", 15, f"tangent {dual_indices}")
 
 
 # ------------------------------------------------------------------------------ torch.func

@@ -345,3 +345,23 @@ def test_plan_ab_smoke_prints_both_experiments():
                              capture_output=True, text=True, timeout=120, cwd=root,
                              env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert refused.returncode == 2 and "--smoke" in refused.stderr  # CPU timings would be meaningless
+
+
+def test_resnet50_step_runs_every_provider_compiled_or_not(tmp_path):
+    """perf/resnet50_step.py's providers on a tiny network (CPU, native path): each gives
+    a time, none an error row.  Compiled ones take aot_eager here (Inductor's C++ builds
+    cost minutes on two cores); the GPU runs use Inductor."""
+    import os
+
+    providers = "bntriton,bntriton_compile,fused_compile"
+    out = tmp_path / "step.csv"
+    env = {**os.environ, "BNTRITON_CPU_BACKEND": "native"}
+    proc = subprocess.run(
+        [sys.executable, str(PERF / "resnet50_step.py"), "--device", "cpu", "--smoke", "--dtype", "float32",
+         "--layout", "nchw", "--providers", providers, "--compile-backend", "aot_eager", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    _, rows = _rows(out)
+    assert sorted({r["provider"] for r in rows}) == sorted(providers.split(","))
+    for row in rows:
+        assert float(row["ms"]) > 0, (row, proc.stderr)

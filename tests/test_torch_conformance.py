@@ -228,6 +228,34 @@ def test_per_channel_size_mismatch_is_refused_like_torch(name):
         bntriton.batch_norm(x, training=True, **args)
 
 
+# Inputs with two faults each: torch reports the batch size first, then the per-channel
+# sizes, then the dtypes (F.batch_norm's own check, then the C++ checks in that order).
+_TWO_FAULTS = [
+    ((1, 3), 3, torch.float64, True),    # one value per channel, and float64 parameters
+    ((1, 3, 1), 3, torch.float64, True),
+    ((1, 3), 4, torch.float32, True),    # one value per channel, and parameters of 4
+    ((2, 3), 4, torch.float64, True),    # parameters of 4 in float64
+    ((2, 3, 4, 5), 4, torch.float64, False),
+]
+
+
+@pytest.mark.parametrize("shape,channels,param_dtype,training", _TWO_FAULTS, ids=str)
+def test_errors_come_in_torchs_order(shape, channels, param_dtype, training):
+    x = torch.randn(*shape, device=DEVICE)
+    params = [torch.ones(channels, device=DEVICE, dtype=param_dtype) for _ in range(4)]
+    errors = []
+    for bn in (bntriton.batch_norm, F.batch_norm):
+        with pytest.raises((RuntimeError, ValueError)) as caught:
+            bn(x, params[0], params[1], params[2], params[3], training=training)
+        errors.append(caught.value)
+    ours, theirs = errors
+    assert type(ours) is type(theirs), (ours, theirs)
+    first_words = re.split(r"[(:]", str(theirs))[0].split()[:4]
+    assert str(ours).split()[:4] == first_words or str(theirs).startswith("mixed dtype"), (ours, theirs)
+    if str(theirs).startswith("mixed dtype"):  # torch's CPU wording for a dtype mismatch
+        assert "expected scalar type" in str(ours), ours
+
+
 def test_empty_batch_gives_empty_output_zero_parameter_gradients_and_keeps_statistics():
     ours, theirs = _pair(2, 3)
     x = torch.randn(0, 3, 2, 2, device=DEVICE)

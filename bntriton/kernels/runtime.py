@@ -165,6 +165,11 @@ class DualKernel:
             first = args[0]
             tensor = first if isinstance(first, torch.Tensor) else next(a for a in args if isinstance(a, torch.Tensor))
             if tensor.is_cuda:
+                if type(tensor) not in _TENSOR_TYPES:
+                    # Traced (fake or functional tensors: torch.compile's view of the ops in
+                    # ops.py): recorded as a call of this kernel, which Inductor copies into
+                    # its generated code and launches itself.
+                    return torch.library.wrap_triton(self.compiled)[grid](*args, **meta)
                 return self.direct.launch(self.compiled, grid, args, meta)
             meta.pop("num_warps", None)
             # The interpreter computes with NumPy, which warns on NaN / inf arithmetic; the
