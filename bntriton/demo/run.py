@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..provenance import stamp
 from . import experiments, figures, report
 from .data import teacher_task
 from .progress import Progress
@@ -65,7 +66,8 @@ def run(settings: Settings, out: str, device, *, progress: bool = False, preset_
                    + (f" (preset {preset_name})" if preset_name not in ("quick", "full") else ""),
         "device": f"{report.device_name(device)} ({backend}"
                   + ("; one compute thread)" if device.type == "cpu" else ")"),
-        "versions": f"torch {torch.__version__}, triton {_triton_version()}, Python {sys.version.split()[0]}",
+        "versions": f"torch {torch.__version__}, triton {_triton_version()}, Python {sys.version.split()[0]}; "
+                    + stamp(),
         "wall time": f"{seconds:.0f} s for the training runs" + (f" ({load} at the start)" if load else ""),
         "floor": f"predicting the most frequent class scores {100 * _majority(data.y_test):.1f}% on the test set",
     }
