@@ -3,7 +3,7 @@
 When every row of a block of channels fits in one tile (small batches, BatchNorm1d on
 moderate N, late CNN layers at small batch), one program can hold the whole channel
 block in registers: the statistics, the normalization and the output then cost one
-read and one write of x (2B instead of 3B), and one launch instead of three.  The
+read and one write of x (2B instead of 3B), and one launch instead of two.  The
 backward likewise reads x and dy once and writes dx (3B instead of 5B).
 
 The numerics are those of the split path (stats.py / backward.py): the same pivot
