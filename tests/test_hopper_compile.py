@@ -201,6 +201,12 @@ def test_arrival_counter_orders_the_programs_stores(name):
     assert atomics, "no atomic in the kernel"
     for i in atomics:
         assert "atom.global.gpu.acq_rel.add" in code[i], code[i]
-        assert any(line.startswith("bar.sync") for line in code[max(0, i - 4):i]), code[max(0, i - 4):i + 1]
-        after = code[i + 1:i + 5]
-        assert any("st.shared" in line for line in after) and any(line.startswith("bar.sync") for line in after), after
+        # Going back from the atomic, a barrier comes before any global store ...
+        before = next(line for line in reversed(code[:i]) if line.startswith("bar.sync") or "st.global" in line)
+        assert before.startswith("bar.sync"), code[max(0, i - 8):i + 1]
+        # ... and going on, the result goes through shared memory and a barrier before any
+        # global load.
+        after = code[i + 1:]
+        barrier = next(j for j, line in enumerate(after) if line.startswith("bar.sync") or "ld.global" in line)
+        assert after[barrier].startswith("bar.sync"), after[:barrier + 1]
+        assert any("st.shared" in line for line in after[:barrier]), after[:barrier + 1]
