@@ -171,6 +171,7 @@ ARRIVAL_COUNTERS = {
     "stats._partial_lanes_kernel": {},
     "stats._partial_centred_kernel": {},
     "backward._grad_partial_kernel": {"COMBINE": True, "RUNNING": False},
+    "fused._fused_forward_kernel": {"HAS_RUNNING": True, "HAS_COUNTER": True, "CUMULATIVE": True},
 }
 
 

@@ -56,12 +56,19 @@ def _counters_left() -> int:
     return int(arrival_counters(torch.empty(0, device=DEVICE), 1).count_nonzero())
 
 
+@pytest.fixture(autouse=True)
+def kernels_on_cpu():
+    """CPU tensors through the kernels (Triton's interpreter), whatever the default backend."""
+    with bntriton.cpu_backend("interpreter"):
+        yield
+
+
 @pytest.fixture
 def arrivals(monkeypatch):
     """Every ``arrived_last`` answer of the interpreted kernels, as (counter address,
     programs, answer).  The interpreter runs a kernel's code in its module's namespace,
     so a wrapper there sees each call (CUDA kernels are compiled: nothing is recorded)."""
-    from bntriton.kernels import backward, counters, stats
+    from bntriton.kernels import backward, counters, fused, stats
 
     record = []
 
@@ -71,7 +78,7 @@ def arrivals(monkeypatch):
                        bool(last.handle.data.item())))
         return last
 
-    for module in (stats, backward):
+    for module in (stats, backward, fused):
         monkeypatch.setattr(module, "arrived_last", recording)
     return record
 
@@ -167,3 +174,41 @@ def test_eval_backward_merges_splits_in_each_blocks_last_program(layout, arrival
             _assert_grads_within_bounds(outputs, grad, step)
     for first, third in zip(calls[0], calls[2]):
         assert torch.equal(first, third)
+
+
+def test_single_read_cumulative_average_over_several_programs_in_one_launch(arrivals, monkeypatch):
+    """The single-read forward with momentum=None over several channel blocks: every
+    program reads num_batches_tracked for the factor, and the last to finish bumps it, in
+    the one launch."""
+    from bntriton.kernels.runtime import DualKernel
+
+    launches = []
+    original = DualKernel.__getitem__
+
+    def counting(kernel, grid):
+        launches.append(kernel.fn.__name__)
+        return original(kernel, grid)
+
+    monkeypatch.setattr(DualKernel, "__getitem__", counting)
+    module = bntriton.BatchNorm1d(40, momentum=None).to(DEVICE)
+    ref_mean, ref_var, magnitude = np.zeros(40), np.ones(40), None
+    with forced_plan(path="fused"):
+        for step, seed in enumerate((1, 2, 1), start=1):
+            g = torch.Generator().manual_seed(seed)
+            x = (torch.randn(1024, 40, generator=g) * 2.0 + 40.0).to(DEVICE)
+            launches.clear()
+            with torch.no_grad():
+                module(x)
+            if DEVICE == "cpu":  # the interpreter's plan: 16-channel tiles, three programs
+                assert launches == ["_fused_forward_kernel"], launches
+            assert _counters_left() == 0
+            assert int(module.num_batches_tracked) == step
+            ref = reference.forward(_np(x), ref_mean, ref_var, None, None, True, None, module.eps,
+                                    num_batches_tracked=step, running_mean_magnitude=magnitude)
+            ref_mean, ref_var, magnitude = ref.running_mean, ref.running_var, ref.running_mean_magnitude
+            for name, out, expected, scale in (("running_mean", module.running_mean, ref_mean, magnitude),
+                                               ("running_var", module.running_var, ref_var, None)):
+                error = normwise_error(out, expected, torch.float32, scale)
+                assert error <= bound_units(name, torch.float32, 1024), f"call {step}: {name} {error:.3g} eps"
+    _assert_one_merge_per_block_by_its_last_program(arrivals)
+    assert DEVICE != "cpu" or {programs for _, programs, _ in arrivals} == {3}

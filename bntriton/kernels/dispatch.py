@@ -44,8 +44,7 @@ def forward_train(
     ``running`` given, also updates the running statistics and the counter in the same
     launches: inside the partial statistics' last programs on the split path (two
     launches in all),
-    inside the single-read kernel otherwise (one; a second for the cumulative average
-    over several channel blocks)."""
+    inside the single-read kernel otherwise (one)."""
     if native(view.tensor):
         if epilogue is NO_EPILOGUE:
             y, stats = native_cpu.forward_train(view, weight, bias, eps)
