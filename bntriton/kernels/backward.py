@@ -20,9 +20,10 @@ one launch (:func:`running_grads`), the partial pass writing dx and its last pro
 dweight and dbias.
 
 SyncBatchNorm needs the two halves apart, with an all-reduce of the sums in between
-(``M`` is then the global count): :func:`grad_sums` is the reduction (with the local
-dweight / dbias), and :func:`input_grad` the coefficients and epilogue from given sums.  The coefficient
-formula itself is one device function shared by both paths.
+(``M`` is then the global count): :func:`grad_sums` is the reduction (one launch, its
+last programs writing the sums and the local dweight / dbias), and :func:`input_grad` the
+coefficients and epilogue from given sums.  The coefficient formula itself is one device
+function shared by both paths.
 """
 from __future__ import annotations
 
@@ -48,12 +49,13 @@ def _grad_partial_kernel(
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, pivot_stride, rows_per_split,
     dx_ptr, var_ptr, weight_ptr, eps_hi, eps_lo,
-    rstd_ptr, dweight_ptr, dbias_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, counters_ptr,
+    rstd_ptr, dweight_ptr, dbias_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, sums_ptr, counters_ptr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, MASK: tl.constexpr = False,
     INVERT: tl.constexpr = False, RUNNING: tl.constexpr = False, HAS_WEIGHT: tl.constexpr = False,
     COMBINE: tl.constexpr = False, BATCH_STATS: tl.constexpr = False, SPLITS: tl.constexpr = 1,
+    SUMS: tl.constexpr = False,
 ):
     # With an activation the sums are over dz = dy * act'(z), z recomputed (or read from
     # the mask, or recovered from the output when INVERT) exactly as normalize.py's
@@ -63,8 +65,9 @@ def _grad_partial_kernel(
     # ``var_ptr``; otherwise those pointers are unused.
     # COMBINE: the last program of each channel block (counters.arrived_last) sums the
     # block's partial sums in split order and writes dweight and dbias, and under RUNNING
-    # that is all; otherwise also dx's coefficients A, B, C (from rstd and the shifted
-    # mean) for the epilogue launch.
+    # that is all; SUMS (SyncBatchNorm) also writes the two sums, for the all-reduce;
+    # otherwise dx's coefficients A, B, C (from rstd and the shifted mean) for the
+    # epilogue launch.
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
@@ -123,6 +126,13 @@ def _grad_partial_kernel(
                 sum_dy, sum_dyc = sum_parts(parts_ptr, c, c_mask, channels, tl.num_programs(0), BLOCK_C, SPLITS, ACC)
                 tl.store(dweight_ptr + c, (sum_dyc * running_rstd).to(dweight_ptr.dtype.element_ty), mask=c_mask)
                 tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+            elif SUMS:
+                sum_dy, sum_dyc = sum_parts(parts_ptr, c, c_mask, channels, tl.num_programs(0), BLOCK_C, SPLITS, ACC)
+                tl.store(sums_ptr + c, sum_dy, mask=c_mask)
+                tl.store(sums_ptr + channels + c, sum_dyc, mask=c_mask)
+                dgamma = sum_dyc * tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+                tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+                tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
             else:
                 coef_a, coef_b, coef_c = grad_coefficients(
                     parts_ptr, tl.num_programs(0), rows, mean_s_ptr, rstd_ptr, weight_ptr, dweight_ptr, dbias_ptr,
@@ -130,21 +140,6 @@ def _grad_partial_kernel(
                 tl.store(coef_a_ptr + c, coef_a, mask=c_mask)
                 tl.store(coef_b_ptr + c, coef_b, mask=c_mask)
                 tl.store(coef_c_ptr + c, coef_c, mask=c_mask)
-
-
-@kernel
-def _grad_sums_kernel(
-    parts_ptr, rstd_ptr, sums_ptr, dweight_ptr, dbias_ptr, channels, num_splits,
-    BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
-):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < channels
-    sum_dy, sum_dyc = sum_parts(parts_ptr, c, c_mask, channels, num_splits, BLOCK_C, SPLITS, ACC)
-    tl.store(sums_ptr + c, sum_dy, mask=c_mask)
-    tl.store(sums_ptr + channels + c, sum_dyc, mask=c_mask)
-    dgamma = sum_dyc * tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
-    tl.store(dweight_ptr + c, dgamma.to(dweight_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(dbias_ptr + c, sum_dy.to(dbias_ptr.dtype.element_ty), mask=c_mask)
 
 
 @kernel
@@ -173,13 +168,15 @@ def _input_grad_coef_kernel(
 class _Combine(NamedTuple):
     """What the partial sums' last program of each channel block writes (``_grad_partial_kernel``'s
     COMBINE): dweight and dbias, and with ``coefficients`` given, dx's ``(A, B, C)`` from
-    ``rstd``, the weight and (``batch_stats``) the shifted mean."""
+    ``rstd``, the weight and (``batch_stats``) the shifted mean, or with ``sums`` given
+    (a (2, C) buffer) the two sums themselves."""
 
     dweight: torch.Tensor
     dbias: torch.Tensor
     coefficients: tuple | None = None
     rstd: torch.Tensor | None = None
     batch_stats: bool = False
+    sums: torch.Tensor | None = None
 
 
 def _partial_sums(
@@ -201,9 +198,9 @@ def _partial_sums(
         counters = arrival_counters(x, channel_blocks)
         coef_a, coef_b, coef_c = combine.coefficients or (parts,) * 3
         grads = (combine.rstd if combine.rstd is not None else parts, combine.dweight, combine.dbias,
-                 coef_a, coef_b, coef_c, counters)
+                 coef_a, coef_b, coef_c, combine.sums if combine.sums is not None else parts, counters)
     else:
-        grads = (parts,) * 7
+        grads = (parts,) * 8
     _grad_partial_kernel[(plan.num_splits, channel_blocks)](
         x, dy, pivot, mean_shifted if mean_shifted is not None else parts, parts,
         *epilogue.pointers(x, parts),
@@ -214,6 +211,7 @@ def _partial_sums(
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
         **epilogue.constexprs(), RUNNING=running is not None, HAS_WEIGHT=weight is not None,
         COMBINE=combine is not None, BATCH_STATS=combine is not None and combine.batch_stats,
+        SUMS=combine is not None and combine.sums is not None,
         # Splits summed as many at a time as for the widest block of channels
         # (channel_block): the order, and so the bits, do not depend on the tile's channels.
         SPLITS=splits_block(plan.num_splits, channel_block(channels)),
@@ -324,12 +322,8 @@ def grad_sums(
     dbias = torch.empty_like(dweight)
     if view.rows == 0:
         return sums.zero_(), dweight.zero_(), dbias.zero_()
-    parts = _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted)
-    block = channel_block(channels)
-    _grad_sums_kernel[(cdiv(channels, block),)](
-        parts, rstd, sums, dweight, dbias, channels, plan.num_splits,
-        BLOCK_C=block, SPLITS=splits_block(plan.num_splits, block), ACC=tl_accumulator(x.dtype),
-    )
+    _partial_sums(view, plan, dy, pivot, pivot_stride, mean_shifted,
+                  combine=_Combine(dweight, dbias, rstd=rstd, sums=sums))
     return sums, dweight, dbias
 
 
