@@ -26,7 +26,7 @@ interpreter alike: tiles are channels x rows and summed over their last axis (a 
 the GPU, pairwise in NumPy; tiles.py), and everything summed across tiles and splits is
 carried in two parts (``two_sum``), so its error does not grow with their number.
 
-One launch, and a second for the running statistics where they are updated apart:
+One launch, in two steps:
 
 1. The partial statistics, grid (splits, channel blocks); each program walks its share
    of the rows in tiles and writes, per split, its shift, the sum of ``x - shift`` in two
@@ -66,10 +66,10 @@ One launch, and a second for the running statistics where they are updated apart
    ``num_batches_tracked``; the last block to finish (a second counter, counting blocks)
    bumps the counter after every block has read it.  A training forward on the split
    path is then two launches: this one and the epilogue.
-``_running_update_kernel``: the same update as a launch of its own, for the
-   registered op (which must stay functional for autograd), the single-read path and
-   SyncBatchNorm; on device, the cumulative momentum read from the counter (no host
-   synchronization).
+
+``_running_update_kernel``: the same update as a launch of its own, for the registered
+op (which must stay functional for autograd) and SyncBatchNorm; on device, the
+cumulative momentum read from the counter (no host synchronization).
 """
 from __future__ import annotations
 
