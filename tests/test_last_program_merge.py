@@ -212,3 +212,37 @@ def test_single_read_cumulative_average_over_several_programs_in_one_launch(arri
                 assert error <= bound_units(name, torch.float32, 1024), f"call {step}: {name} {error:.3g} eps"
     _assert_one_merge_per_block_by_its_last_program(arrivals)
     assert DEVICE != "cpu" or {programs for _, programs, _ in arrivals} == {3}
+
+
+def test_merges_under_a_gpus_own_plan_repeat_bit_for_bit(arrivals):
+    """Under the plan an H100 would choose (hundreds of programs on a GPU-sized tensor,
+    several splits per channel block on a small one here), alternating inputs: each call
+    equal bit for bit to the first call on the same input.  A merge that read a split's
+    partial results before they were visible would take them from another call (the
+    buffers are reused) and differ; on a GPU this is where a missing ordering would show."""
+    from bntriton.kernels.plans import planned_for
+
+    shape = (64, 64, 56, 56) if DEVICE != "cpu" else (4, 32, 16, 16)
+    rounds = 6 if DEVICE != "cpu" else 2
+    g = torch.Generator().manual_seed(3)
+    inputs = [
+        ((torch.randn(shape, generator=g) * 2.0 + offset).contiguous(memory_format=torch.channels_last).to(DEVICE),
+         torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last).to(DEVICE))
+        for offset in (40.0, -3.0)
+    ]
+    module = bntriton.BatchNorm2d(shape[1], momentum=None).to(DEVICE)
+    first = {}
+    with planned_for(132):
+        for step in range(rounds):
+            for i, (x, dy) in enumerate(inputs):
+                outputs = _call(module, x, dy)
+                if i in first:
+                    for name, a, b in zip(("y", "dx", "dweight", "dbias"), first[i], outputs):
+                        assert torch.equal(a, b), f"round {step}, input {i}: {name} differs"
+                else:
+                    first[i] = outputs
+    assert _counters_left() == 0
+    assert int(module.num_batches_tracked) == 2 * rounds
+    _assert_one_merge_per_block_by_its_last_program(arrivals)
+    # (Here: 2 splits per channel block, forward and backward; blocks counted as well.)
+    assert DEVICE != "cpu" or {programs for _, programs, _ in arrivals} == {2}
