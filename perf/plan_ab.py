@@ -13,8 +13,9 @@ Experiments:
   plan before), same tile bytes.  Prediction (perf/NOTES.md section 13): no measurable
   difference on large tensors.
 * ``backward-sums``: the training backward with its epilogue summing the splits itself
-  (two launches) against a combine kernel between the passes (three).  Prediction: the
-  combine's few microseconds saved, and one launch's host time.
+  against the partial sums' last program of each channel block summing them once and
+  writing dx's coefficients (both two launches).  Prediction: within the noise of each
+  other where the epilogue route is chosen (its extra reads are under 1/32 of a tile's).
 
 Prints a markdown table per experiment: the path bntriton's own plan takes (split or
 single-read), milliseconds under each variant (median of the rounds, each a
@@ -64,7 +65,7 @@ EXPERIMENTS = {
     ),
     "backward-sums": (
         {"in the epilogue (default)": lambda _x: plans.forced_plan(backward_sums="epilogue"),
-         "combine kernel": lambda _x: plans.forced_plan(backward_sums="combine")},
+         "in the partial sums' last programs": lambda _x: plans.forced_plan(backward_sums="combine")},
         ("bwd_train",),
         [((256, 256, 56, 56), "fp32"), ((32, 256, 56, 56), "bf16"), ((8, 64, 56, 56), "fp32")],
     ),

@@ -4,11 +4,13 @@ Batch norm is memory-bound: a pass's time on a GPU is, to first order, the bytes
 kernels load and store over the memory bandwidth, plus a few microseconds per launch.
 Both can be counted exactly without a GPU.  The kernels run in Triton's interpreter on
 CPU tensors, tiled and split as a GPU with ``--sm-count`` SMs would tile them (132: an
-H100 SXM), and every load and store the interpreter executes is counted: the bytes of
-the distinct addresses each load or store instruction touches under its mask (a
-broadcast load of one scalar counts once), summed over all programs of all launches.
-Launches are the Triton kernels started plus any torch operation that would start a
-kernel on a GPU (allocations and views start none).
+H100 SXM), and every load, store and atomic the interpreter executes is counted: the
+bytes of the distinct addresses each load or store instruction touches under its mask (a
+broadcast load of one scalar counts once; an atomic counts as a load and a store),
+summed over all programs of all launches.  Launches are the Triton kernels started plus
+any torch operation that would start a kernel on a GPU (allocations and views start
+none), per call once the process is warm: the arrival counters' one-time zeroing is not
+counted.
 
 The floor is the large tensors once (B = the input's bytes): ``fwd_train`` 2B (read x,
 write y), ``bwd_train`` 3B (read x and dy, write dx), ``fwd_eval`` 2B, ``bwd_eval`` 3B
@@ -39,7 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bntriton  # noqa: E402
-from bntriton.kernels import plans, runtime  # noqa: E402
+from bntriton.kernels import counters, plans, runtime  # noqa: E402
 
 PASSES = ("fwd_train", "bwd_train", "fwd_eval", "bwd_eval")
 FLOOR_TENSORS = {"fwd_train": 2, "bwd_train": 3, "fwd_eval": 2, "bwd_eval": 3}
@@ -107,11 +109,11 @@ def _touched_bytes(ptrs, mask) -> int:
     return np.unique(addresses[active]).size * element_bytes
 
 
-def _argument_reader(method):
+def _argument_reader(method, pointers: str = "ptrs"):
     """``(self, *args, **kwargs) -> {name: value}`` for ``method``'s parameters, checking up
-    front that it takes the ``ptrs`` and ``mask`` the byte count reads."""
+    front that it takes the pointers (``pointers``) and ``mask`` the byte count reads."""
     signature = inspect.signature(method)
-    missing = {"ptrs", "mask"} - set(signature.parameters)
+    missing = {pointers, "mask"} - set(signature.parameters)
     if missing:
         raise RuntimeError(f"this Triton's interpreter {method.__qualname__}{signature} has no "
                            f"{sorted(missing)}: perf/traffic.py cannot count its bytes")
@@ -125,6 +127,7 @@ def counting(traffic: Traffic):
 
     original_load = InterpreterBuilder.create_masked_load
     original_store = InterpreterBuilder.create_masked_store
+    original_atomic = InterpreterBuilder.create_atomic_rmw
     original_getitem = runtime.DualKernel.__getitem__
     inside = [False]
 
@@ -133,6 +136,7 @@ def counting(traffic: Traffic):
     # Only the pointers and the mask are read, by name, from the original's signature.
     load_arguments = _argument_reader(original_load)
     store_arguments = _argument_reader(original_store)
+    atomic_arguments = _argument_reader(original_atomic, pointers="ptr")
 
     def load(self, *args, **kwargs):
         arguments = load_arguments(self, *args, **kwargs)
@@ -143,6 +147,14 @@ def counting(traffic: Traffic):
         arguments = store_arguments(self, *args, **kwargs)
         traffic.stored += _touched_bytes(arguments["ptrs"], arguments["mask"])
         return original_store(self, *args, **kwargs)
+
+    def atomic(self, *args, **kwargs):
+        # A read-modify-write (the arrival counters, kernels/counters.py): loaded and stored.
+        arguments = atomic_arguments(self, *args, **kwargs)
+        touched = _touched_bytes(arguments["ptr"], arguments["mask"])
+        traffic.loaded += touched
+        traffic.stored += touched
+        return original_atomic(self, *args, **kwargs)
 
     def getitem(kernel, grid):
         launch = original_getitem(kernel, grid)
@@ -159,6 +171,7 @@ def counting(traffic: Traffic):
 
     InterpreterBuilder.create_masked_load = load
     InterpreterBuilder.create_masked_store = store
+    InterpreterBuilder.create_atomic_rmw = atomic
     runtime.DualKernel.__getitem__ = getitem
     try:
         with _TorchLaunches(traffic, inside):
@@ -166,6 +179,7 @@ def counting(traffic: Traffic):
     finally:
         InterpreterBuilder.create_masked_load = original_load
         InterpreterBuilder.create_masked_store = original_store
+        InterpreterBuilder.create_atomic_rmw = original_atomic
         runtime.DualKernel.__getitem__ = original_getitem
 
 
@@ -198,6 +212,9 @@ def measure(shape, layout: str = "nchw", dtype: str = "fp32", sm_count: int = H1
     dy = torch.empty_like(x).copy_(dy)
     module = _module_for(shape)
     results = {}
+    # The arrival counters (kernels/counters.py) are allocated and zeroed once per device
+    # and stream, on first use, not per call: allocated here, outside the counts.
+    counters.arrival_counters(x, 1)
     with bntriton.cpu_backend("interpreter"), plans.planned_for(sm_count):
         if "fwd_train" in passes or "bwd_train" in passes:
             module.train()

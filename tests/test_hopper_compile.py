@@ -53,6 +53,8 @@ def _signature(kernel: DualKernel, variant):
                                 "SPLITS": 8}.get(name, 0 if name in EPILOGUE else flag)
         elif name == "num_batches_ptr":
             signature[name] = "*i64"
+        elif name == "counters_ptr":
+            signature[name] = "*i32"
         elif name == "mask_ptr":
             signature[name] = "*u8"
         elif name.endswith("_ptr"):
@@ -161,3 +163,51 @@ def test_interpreted_runs_leave_gpu_compilation_intact(tmp_path, monkeypatch):
         source = ASTSource(fn=kernel.compiled, signature=signature, constexprs=constexprs)
         assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
     assert any(tmp_path.iterdir())  # the compiles really ran into the fresh cache
+
+
+# Kernels whose last program per channel block merges the splits (kernels/counters.py),
+# with the switches that turn the merge on.
+ARRIVAL_COUNTERS = {
+    "stats._partial_lanes_kernel": {},
+    "stats._partial_centred_kernel": {},
+    "backward._grad_partial_kernel": {"COMBINE": True, "RUNNING": False},
+    "fused._fused_forward_kernel": {"HAS_RUNNING": True, "HAS_COUNTER": True, "CUMULATIVE": True},
+}
+
+
+def _instructions(ptx: str) -> list:
+    """The PTX's instructions, one per entry, without comments, debug locations and labels."""
+    out = []
+    for line in ptx.splitlines():
+        line = line.split("//")[0].strip()
+        if line and not line.startswith((".loc", "$L")) and not line.endswith(":"):
+            out.append(line)
+    return out
+
+
+@pytest.mark.skipif(ASTSource is None, reason="this Triton has no ahead-of-time compile API")
+@pytest.mark.parametrize("name", sorted(ARRIVAL_COUNTERS))
+def test_arrival_counter_orders_the_programs_stores(name):
+    """The last-program merge is only correct if every thread's partial results are stored
+    before the counter is bumped, and the merge's loads come after the bump: a CTA barrier,
+    then one thread's atomic add with acquire-release semantics at GPU scope, then its
+    result handed to every thread through shared memory and a second barrier."""
+    kernel = KERNELS[name]
+    signature, constexprs = _signature(kernel, VARIANTS["bf16-flags-on"])
+    constexprs.update(ARRIVAL_COUNTERS[name])
+    source = ASTSource(fn=kernel.compiled, signature=signature, constexprs=constexprs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    code = _instructions(ptx)
+    atomics = [i for i, line in enumerate(code) if "atom." in line]
+    assert atomics, "no atomic in the kernel"
+    for i in atomics:
+        assert "atom.global.gpu.acq_rel.add" in code[i], code[i]
+        # Going back from the atomic, a barrier comes before any global store ...
+        before = next(line for line in reversed(code[:i]) if line.startswith("bar.sync") or "st.global" in line)
+        assert before.startswith("bar.sync"), code[max(0, i - 8):i + 1]
+        # ... and going on, the result goes through shared memory and a barrier before any
+        # global load.
+        after = code[i + 1:]
+        barrier = next(j for j, line in enumerate(after) if line.startswith("bar.sync") or "ld.global" in line)
+        assert after[barrier].startswith("bar.sync"), after[:barrier + 1]
+        assert any("st.shared" in line for line in after[:barrier]), after[:barrier + 1]

@@ -36,7 +36,7 @@ def test_generated_cases_match_reference(path, case):
 
 
 # Small tiles force every kernel through several row tiles, several grid splits (merged
-# by the combine kernels), ragged last tiles and partial channel blocks.
+# by each channel block's last program), ragged last tiles and partial channel blocks.
 FORCED_PLANS = [
     dict(path="fused", int64=True),
     dict(block_rows=16, block_channels=2, num_splits=3),
@@ -44,7 +44,8 @@ FORCED_PLANS = [
     dict(block_rows=32, block_channels=8, num_splits=1),
     dict(block_rows=16, block_channels=2, num_splits=2, int64=True),
     # One-channel tiles (channels-first, long runs) and the backward in two launches, every
-    # epilogue program summing its channels' splits (the others take the combine kernel).
+    # epilogue program summing its channels' splits (the others sum them in the partial
+    # sums' last program of each channel block).
     dict(block_rows=64, block_channels=1, num_splits=3, backward_sums="epilogue"),
 ]
 
@@ -62,8 +63,9 @@ def test_multi_tile_and_split_paths_match_reference(forced, case, shape):
 @pytest.mark.parametrize("layout,block_channels,offset", [("contiguous", 1, 0.0), ("channels_last", 4, 30.0)])
 def test_split_backward_routes_match_reference(route, layout, block_channels, offset):
     """Both routes of the split training backward on a fixed fp32 case (12 row tiles in 4
-    splits per channel): every epilogue program summing its channels' splits itself (two
-    launches), and the combine kernel between the passes (three)."""
+    splits per channel): every epilogue program summing its channels' splits itself, and
+    the partial sums' last program of each channel block summing them once for the
+    epilogue (two launches either way)."""
     case = Case(shape=(6, 5, 7, 9), dtype=torch.float32, layout=layout, offset=offset, seed=11)
     with forced_plan(block_rows=32, block_channels=block_channels, num_splits=4, backward_sums=route):
         _assert_passes(case)

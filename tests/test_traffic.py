@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bntriton.kernels.plans import fused_plan_for, plan_for
+from bntriton.kernels.plans import fused_plan_for, plan_for, sums_in_epilogue
 
 _SPEC = importlib.util.spec_from_file_location("perf_traffic", Path(__file__).resolve().parents[1] / "perf" / "traffic.py")
 traffic = importlib.util.module_from_spec(_SPEC)
@@ -27,7 +27,7 @@ H100 = 132
 # bwd_eval).
 # The split path reads x twice forward (1.5) and x, dy twice backward (5/3); what is left
 # above that is the partial sums (four planes of splits x channels, written once and read
-# back by the combine) and the per-channel vectors; each split takes its sums against its
+# back by each channel block's last program) and the per-channel vectors; each split takes its sums against its
 # own first row, so only the first split reads the channel's first rows for the pivot
 # (kernels/stats.py).  The pins below are the measured ratios rounded up: 1.52 / 1.69 for
 # the channels-last and 2-D split path, 1.505 / 1.671 for NCHW (one channel per tile
@@ -76,16 +76,25 @@ def test_split_and_single_read_paths_are_the_ones_measured(name, measured):
 def test_launch_counts(measured):
     split = measured("split-nhwc-fp32")
     single = measured("single-read-nchw-fp32")
-    assert len(split["fwd_train"].launches) <= 3, split["fwd_train"].launches
-    # Channels-first splits are few for their tiles' rows: the backward's epilogue sums them
-    # itself, no combine launch between the two passes (kernels/backward.py).
-    nchw = measured("split-nchw-fp32")["bwd_train"].launches
-    assert nchw == ["_grad_partial_kernel", "_channel_affine_kernel"], nchw
+    # The split forward: the partial statistics (each channel block's last program merges
+    # the splits and updates the running statistics: kernels/counters.py), then the epilogue.
+    for name, partial in (("split-nhwc-fp32", "_partial_lanes_kernel"), ("split-nchw-fp32", "_partial_centred_kernel"),
+                          ("split-2d-fp32", "_partial_lanes_kernel")):
+        launches = measured(name)["fwd_train"].launches
+        assert launches == [partial, "_channel_affine_kernel"], (name, launches)
+    # The split backward in two launches on both routes: channels-first (few splits for its
+    # tiles' rows) sums the splits in every epilogue program; channels-last fp32 (8 splits)
+    # sums them in the partial sums' last program of each channel block, which also writes
+    # the epilogue's coefficients.
+    assert not sums_in_epilogue(plan_for(4 * 32 * 32, 32, True, False, sm_count=H100, itemsize=4), 4)
+    for name in ("split-nchw-fp32", "split-nhwc-fp32", "split-nhwc-bf16", "split-2d-fp32"):
+        launches = measured(name)["bwd_train"].launches
+        assert launches == ["_grad_partial_kernel", "_channel_affine_kernel"], (name, launches)
     assert len(split["fwd_eval"].launches) == 1, split["fwd_eval"].launches  # coefficients folded in
     assert len(single["fwd_train"].launches) == 1, single["fwd_train"].launches  # running update folded in
     # The backward of an eval forward: dx written with the partial sums, rstd taken from the
-    # running variance inside the kernels (no torch launch for it).
-    assert split["bwd_eval"].launches == ["_grad_partial_kernel", "_grad_combine_kernel"], split["bwd_eval"].launches
+    # running variance inside the kernel, dweight and dbias by each block's last program.
+    assert split["bwd_eval"].launches == ["_grad_partial_kernel"], split["bwd_eval"].launches
     assert single["bwd_eval"].launches == ["_fused_backward_kernel"], single["bwd_eval"].launches
     # No memset or copy kernels: gradients of the statistics outputs are never materialized.
     for result in (split, single):

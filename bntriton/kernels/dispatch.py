@@ -42,9 +42,9 @@ def forward_train(
     ``stats.scale`` / ``shift`` are those y was formed with on every path when the
     epilogue has an activation (its backward recomputes z from them); with
     ``running`` given, also updates the running statistics and the counter in the same
-    launches: inside the statistics' combine on the split path (three launches in all),
-    inside the single-read kernel otherwise (one; a second for the cumulative average
-    over several channel blocks)."""
+    launches: inside the partial statistics' last programs on the split path (two
+    launches in all),
+    inside the single-read kernel otherwise (one)."""
     if native(view.tensor):
         if epilogue is NO_EPILOGUE:
             y, stats = native_cpu.forward_train(view, weight, bias, eps)
@@ -107,8 +107,8 @@ def backward(
 def backward_running(view: ChannelView, dy, weight, running_mean, running_var, eps: float,
                      param_dtype: torch.dtype):
     """``(dx, dweight, dbias)`` of a forward that normalized with the running statistics:
-    rstd from the running variance inside the kernels (one launch on the single-read path,
-    two on the split path: :func:`.backward.running_grads`)."""
+    rstd from the running variance inside the kernels (one launch on either path:
+    :func:`.backward.running_grads` on the split path)."""
     if native(view.tensor):
         rstd = torch.rsqrt(running_var.to(accumulator_dtype(view.tensor.dtype)) + eps)
         return native_cpu.backward(view, dy, weight, running_mean, 1, torch.zeros_like(rstd), rstd, False,

@@ -3,7 +3,7 @@
 When every row of a block of channels fits in one tile (small batches, BatchNorm1d on
 moderate N, late CNN layers at small batch), one program can hold the whole channel
 block in registers: the statistics, the normalization and the output then cost one
-read and one write of x (2B instead of 3B), and one launch instead of three.  The
+read and one write of x (2B instead of 3B), and one launch instead of two.  The
 backward likewise reads x and dy once and writes dx (3B instead of 5B).
 
 The numerics are those of the split path (stats.py / backward.py): the same pivot
@@ -21,6 +21,7 @@ import triton.language as tl
 from .activations import (
     NO_EPILOGUE, Epilogue, activate, store_mask, through_activation,
 )
+from .counters import arrival_counters, arrived_last
 from .plans import Plan, cdiv
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
@@ -36,7 +37,7 @@ def _fused_forward_kernel(
     x_ptr, y_ptr, weight_ptr, bias_ptr, pivot_ptr, mean_s_ptr, rstd_ptr, mean_ptr, var_unbiased_ptr,
     res_ptr, mask_ptr, act_scale_ptr, act_shift_ptr, slope_hi, slope_lo,
     rows, channels, spatial, stride_n, stride_c, stride_s, eps_hi, eps_lo,
-    running_mean_ptr, running_var_ptr, num_batches_ptr, momentum_hi, momentum_lo,
+    running_mean_ptr, running_var_ptr, num_batches_ptr, momentum_hi, momentum_lo, counters_ptr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
@@ -89,14 +90,20 @@ def _fused_forward_kernel(
     tl.store(var_unbiased_ptr + c, batch_var, mask=c_mask)
     if HAS_RUNNING:
         # The running-statistics update of these channels, as stats._running_update_kernel
-        # does it, a launch less.  Program 0 alone bumps the counter; CUMULATIVE (which
-        # reads it) is folded only into a grid of one program (fused_forward).
+        # does it, a launch less.  The counter is bumped once: by program 0 where no
+        # program reads it for the momentum; under CUMULATIVE, where every program reads
+        # it, by the last program to finish (kernels/counters.py), after every read.
         tracked, factor = _momentum_factor(num_batches_ptr, momentum_hi, momentum_lo, BLOCK_C,
                                            HAS_COUNTER, CUMULATIVE, ACC)
         _blend_running(running_mean_ptr, batch_mean, factor, c, c_mask, ACC)
         _blend_running(running_var_ptr, batch_var, factor, c, c_mask, ACC)
         if HAS_COUNTER:
-            tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=c == 0)
+            first = c == tl.program_id(0) * BLOCK_C
+            if CUMULATIVE:
+                if arrived_last(counters_ptr, tl.num_programs(0)):
+                    tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=first)
+            else:
+                tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=c == 0)
 
 
 @kernel
@@ -160,9 +167,7 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
     ``coefficients``: the stats carry the scale and shift y was formed with (else None).
 
     With ``running`` given, the same launch updates the running statistics and the counter
-    (``updated`` is then True), except for the cumulative average over a grid of several
-    programs, whose counter read would race with program 0's increment: the caller updates
-    those itself."""
+    (``updated`` is then True)."""
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     y = epilogue.out if epilogue.out is not None else view.empty_like()
@@ -174,10 +179,11 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
     if coefficients:
         epilogue = replace(epilogue, act_scale=scale, act_shift=shift)
     programs = cdiv(view.channels, plan.block_channels)
-    fold = running is not None and (running.momentum is not None or programs == 1)
+    fold = running is not None
     has_counter = fold and running.num_batches_tracked is not None
     if fold and running.momentum is None and not has_counter:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    cumulative = fold and running.momentum is None
     _fused_forward_kernel[(programs,)](
         x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
         pivot, mean_s, rstd, mean, var_unbiased, *epilogue.pointers(x, rstd),
@@ -186,10 +192,11 @@ def fused_forward(view: ChannelView, plan: Plan, weight, bias, eps: float, epilo
         running.mean if fold else rstd, running.var if fold else rstd,
         running.num_batches_tracked if has_counter else rstd,
         *split_float(running.momentum if fold and running.momentum is not None else 0.0),
+        arrival_counters(x, 1) if cumulative else rstd,
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
         ACC=tl_accumulator(x.dtype), **epilogue.constexprs(),
-        HAS_RUNNING=fold, HAS_COUNTER=has_counter, CUMULATIVE=fold and running.momentum is None,
+        HAS_RUNNING=fold, HAS_COUNTER=has_counter, CUMULATIVE=cumulative,
         STORE_COEFFICIENTS=coefficients, num_warps=plan.num_warps,
     )
     return y, BatchStats(mean_s, rstd, scale, shift, mean, var_unbiased, pivot), fold

@@ -38,8 +38,8 @@ def forced_plan(**fields):
     """Test hook: force tile sizes / splits / int64 offsets, ``path="split"`` or
     ``path="fused"``, and ``backward_sums="epilogue"`` or ``"combine"`` (see
     :func:`sums_in_epilogue`), so that small tensors take the multi-tile, multi-split,
-    64-bit, single-read and two- or three-launch backward paths a GPU-sized tensor would
-    take."""
+    64-bit and single-read paths, and either route of the split backward, that a GPU-sized
+    tensor would take."""
     previous = dict(_FORCED)
     _FORCED.update(fields)
     try:
@@ -174,7 +174,7 @@ def fused_plan_for(
 _TILE_BYTES_GPU = 16384
 # Each split reads at least this many bytes per channel.  Every split costs ~40 bytes per
 # channel outside the big tensors (its shift, partial sums and M2 written and read back by
-# the combine, the epilogue's per-channel vectors), so 2 KiB keeps that near 1% of a
+# the merge, the epilogue's per-channel vectors), so 2 KiB keeps that near 1% of a
 # pass.  Only small tensors reach this limit (larger ones are split by the programs per
 # SM), and their calls are decided by host time, not by a few more programs.
 _MIN_SPLIT_BYTES = 2048
@@ -196,7 +196,8 @@ def plan_for(
 
     The reduction runs over rows, split across ``num_splits`` programs per channel block
     so that few channels with many rows still fill the GPU (about four programs per SM);
-    a second small kernel combines the splits in a fixed order (deterministic, no atomics).
+    the last program of each channel block merges the splits in a fixed order
+    (deterministic, no float atomics; kernels/counters.py).
     Splits are never shorter than ``_MIN_SPLIT_BYTES`` per channel: on a small tensor,
     hundreds of short splits would spend more on partial sums and per-channel vectors
     than on the data.  Channels-last tiles narrow from 64 to 16 channels (64 / 32-byte
@@ -235,15 +236,16 @@ def plan_for(
     return _with_splits(Plan(block_r, block_c, 0, splits, warps, int64), rows)
 
 
-# The backward's epilogue sums the splits itself (no combine launch) while each program's
-# reads of the partial sums stay under 1/32 of its tile's input.
+# The backward's epilogue sums the splits itself while each program's reads of the
+# partial sums stay under 1/32 of its tile's input.
 _SUMS_PER_TILE_FRACTION = 32
 
 
 def sums_in_epilogue(p: Plan, itemsize: int) -> bool:
     """Whether the backward's epilogue programs should each sum their channels' partial
-    sums (2 x splits accumulator values per channel) rather than a combine launch doing it
-    once: true where that stays a small fraction of the tile's own bytes.  Channels-first
+    sums (2 x splits accumulator values per channel) rather than the partial sums' last
+    program of each channel block doing it once (and writing dx's coefficients for them
+    to read): true where that stays a small fraction of the tile's own bytes.  Channels-first
     plans (a tile of one to four channels, thousands of rows) always qualify; channels-last
     ones only with a few splits, since their tiles have fewer rows per channel."""
     if _FORCED and "backward_sums" in _FORCED:
@@ -253,13 +255,14 @@ def sums_in_epilogue(p: Plan, itemsize: int) -> bool:
 
 
 def channel_block(channels: int) -> int:
-    """Channels per program of the small per-channel kernels (combines, updates)."""
+    """Channels per program of the small per-channel kernels (updates, SyncBatchNorm's
+    combines); the last-program merges take their splits in blocks sized for it."""
     return min(next_power_of_2(max(channels, 1)), 1024)
 
 
 def splits_block(num_splits: int, block_c: int) -> int:
-    """Splits a combine kernel loads at once (a splits x channels tile of at most 4096
-    values): one dependent load per split would leave a long combine latency-bound."""
+    """Splits a merge loads at once (a splits x channels tile of at most 4096 values):
+    one dependent load per split would leave a long merge latency-bound."""
     return max(1, min(next_power_of_2(max(num_splits, 1)), 4096 // block_c, 64))
 
 

@@ -26,7 +26,7 @@ interpreter alike: tiles are channels x rows and summed over their last axis (a 
 the GPU, pairwise in NumPy; tiles.py), and everything summed across tiles and splits is
 carried in two parts (``two_sum``), so its error does not grow with their number.
 
-Three launches:
+One launch, in two steps:
 
 1. The partial statistics, grid (splits, channel blocks); each program walks its share
    of the rows in tiles and writes, per split, its shift, the sum of ``x - shift`` in two
@@ -49,24 +49,27 @@ Three launches:
    On an H200 the per-tile rounds of three reductions these replace held the statistics
    of a 411 MB channels-last bf16 tensor to ~950 GB/s; the lanes kernel reads it at
    ~2000 GB/s, and the centred kernel a 822 MB NCHW fp32 one at ~3100 GB/s (perf/NOTES.md).
-2. ``_stats_combine_kernel``: one program per channel block moves every split's sum to
-   ``K`` (adding ``count * (shift - K)``, compensated) and merges the splits in a
-   fixed order (deterministic, no atomics), a block of splits per load (one dependent
-   load per split left a 523-split combine at 310 us): the block's sum as count * mean
-   plus its splits' sums centred by an fma, its M2 within and between splits, then
-   merged into the totals in order by Chan's formula, compensated.  It writes the shifted mean and ``rstd``
-   that the forward epilogue and the backward use, folds weight and bias into a
-   per-channel ``scale`` / ``shift``, and writes the mean ``(K + mean_shifted) +
-   correction`` (the correction restores what rounding ``mean_shifted`` lost, so the mean
-   is accurate to its own size) and the unbiased variance.
-   Given the running statistics (eager calls: see ops.py), the combine also updates
-   them and bumps ``num_batches_tracked``, so a training forward takes three launches.
-   It then runs as one program walking every channel block: the counter is read and
-   bumped by that program alone, so no program can see it half-updated.
-3. ``_running_update_kernel``: the same update as a launch of its own, for the
-   registered op (which must stay functional for autograd), the single-read path and
-   SyncBatchNorm; on device, the cumulative momentum read from the counter (no host
-   synchronization).
+2. The merge (``_merge_splits``), in the same launch: each program counts its arrival
+   on its channel block's counter once its partial results are stored, and the last of
+   the block's programs to arrive (kernels/counters.py) moves every split's sum to ``K``
+   (adding ``count * (shift - K)``, compensated) and merges the splits in a fixed order
+   (deterministic, no float atomics: the same bits whichever program arrives last), a
+   block of splits per load (one dependent load per split left a 523-split combine at
+   310 us): the block's sum as count * mean plus its splits' sums centred by an fma, its
+   M2 within and between splits, then merged into the totals in order by Chan's formula,
+   compensated.  It writes the shifted mean and ``rstd`` that the forward epilogue and
+   the backward use, folds weight and bias into a per-channel ``scale`` / ``shift``, and
+   writes the mean ``(K + mean_shifted) + correction`` (the correction restores what
+   rounding ``mean_shifted`` lost, so the mean is accurate to its own size) and the
+   unbiased variance.  Given the running statistics (eager calls: see ops.py), it also
+   updates its channels' running statistics, with the momentum read from
+   ``num_batches_tracked``; the last block to finish (a second counter, counting blocks)
+   bumps the counter after every block has read it.  A training forward on the split
+   path is then two launches: this one and the epilogue.
+
+``_running_update_kernel``: the same update as a launch of its own, for the registered
+op (which must stay functional for autograd) and SyncBatchNorm; on device, the
+cumulative momentum read from the counter (no host synchronization).
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .counters import arrival_counters, arrived_last
 from .plans import Plan, cdiv, channel_block, splits_block
 from .runtime import accumulator_dtype, kernel, split_float, tl_accumulator
 from .layout import ChannelView
@@ -113,10 +117,14 @@ def _split_start(x_ptr, pivot_ptr, part_pivot_ptr, rows, channels, spatial, stri
 
 @kernel
 def _partial_centred_kernel(
-    x_ptr, pivot_ptr, part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
+    x_ptr, pivot_ptr, part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr, weight_ptr, bias_ptr,
+    mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
+    running_mean_ptr, running_var_ptr, num_batches_ptr, counters_ptr,
     rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
+    eps_hi, eps_lo, momentum_hi, momentum_lo,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
 ):
     split, c, c_mask, pivot, row_start, row_end = _split_start(
         x_ptr, pivot_ptr, part_pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
@@ -160,14 +168,25 @@ def _partial_centred_kernel(
     tl.store(part_hi_ptr + out, total_hi, mask=c_mask)
     tl.store(part_lo_ptr + out, total_lo, mask=c_mask)
     tl.store(part_m2_ptr + out, m2, mask=c_mask)
+    if arrived_last(counters_ptr + tl.program_id(1), tl.num_programs(0)):
+        _merge_splits(
+            part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr, pivot_ptr, weight_ptr, bias_ptr,
+            mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
+            running_mean_ptr, running_var_ptr, num_batches_ptr, counters_ptr,
+            rows, channels, rows_per_split, tl.num_programs(0), eps_hi, eps_lo, momentum_hi, momentum_lo,
+            BLOCK_C, SPLITS, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING, HAS_COUNTER, CUMULATIVE, ACC)
 
 
 @kernel
 def _partial_lanes_kernel(
-    x_ptr, pivot_ptr, part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr,
+    x_ptr, pivot_ptr, part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr, weight_ptr, bias_ptr,
+    mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
+    running_mean_ptr, running_var_ptr, num_batches_ptr, counters_ptr,
     rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
+    eps_hi, eps_lo, momentum_hi, momentum_lo,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, INT64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
 ):
     split, c, c_mask, pivot, row_start, row_end = _split_start(
         x_ptr, pivot_ptr, part_pivot_ptr, rows, channels, spatial, stride_n, stride_c, stride_s, rows_per_split,
@@ -214,6 +233,13 @@ def _partial_lanes_kernel(
     tl.store(part_hi_ptr + out, total_hi, mask=c_mask)
     tl.store(part_lo_ptr + out, total_lo, mask=c_mask)
     tl.store(part_m2_ptr + out, m2_total, mask=c_mask)
+    if arrived_last(counters_ptr + tl.program_id(1), tl.num_programs(0)):
+        _merge_splits(
+            part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr, pivot_ptr, weight_ptr, bias_ptr,
+            mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
+            running_mean_ptr, running_var_ptr, num_batches_ptr, counters_ptr,
+            rows, channels, rows_per_split, tl.num_programs(0), eps_hi, eps_lo, momentum_hi, momentum_lo,
+            BLOCK_C, SPLITS, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING, HAS_COUNTER, CUMULATIVE, ACC)
 
 
 @triton.jit
@@ -239,91 +265,95 @@ def _blend_running(running_ptr, batch, factor, c, c_mask, ACC: tl.constexpr):
     tl.store(running_ptr + c, new.to(running_ptr.dtype.element_ty), mask=c_mask)
 
 
-@kernel
-def _stats_combine_kernel(
+@triton.jit
+def _merge_splits(
     part_pivot_ptr, part_hi_ptr, part_lo_ptr, part_m2_ptr, pivot_ptr, weight_ptr, bias_ptr,
     mean_s_ptr, rstd_ptr, scale_ptr, shift_ptr, mean_ptr, var_unbiased_ptr,
-    running_mean_ptr, running_var_ptr, num_batches_ptr,
+    running_mean_ptr, running_var_ptr, num_batches_ptr, counters_ptr,
     rows, channels, rows_per_split, num_splits, eps_hi, eps_lo, momentum_hi, momentum_lo,
     BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    # Program p takes channel blocks p, p + programs, ...: a grid of one walks them all.
-    programs = tl.num_programs(0)
-    lanes = tl.arange(0, BLOCK_C)
+    """The last program of a channel block (counters.arrived_last): every split's partial
+    statistics of the block's channels merged in split order, the per-channel results
+    written, and the running statistics updated."""
+    block = tl.program_id(1)
+    c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    pivot = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
+    # One pass over the splits, in order: their sums added with compensation, their
+    # M2 merged with Chan's formula (every term positive), also compensated; neither
+    # error grows with the number of splits.
+    total_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    total_lo = tl.zeros([BLOCK_C], dtype=ACC)
+    m2_hi = tl.zeros([BLOCK_C], dtype=ACC)
+    m2_lo = tl.zeros([BLOCK_C], dtype=ACC)
+    for i0 in range(0, num_splits, SPLITS):
+        s = i0 + tl.arange(0, SPLITS)
+        s_mask = s < num_splits
+        m = s_mask[:, None] & c_mask[None, :]
+        offs = s[:, None] * channels + c[None, :]
+        part_hi = tl.load(part_hi_ptr + offs, mask=m, other=0.0)
+        part_lo = tl.load(part_lo_ptr + offs, mask=m, other=0.0)
+        part_m2 = tl.load(part_m2_ptr + offs, mask=m, other=0.0)
+        counts = tl.where(s_mask, tl.minimum(rows - s * rows_per_split, rows_per_split), 0).to(ACC)
+        counts = counts[:, None] + tl.zeros([SPLITS, BLOCK_C], dtype=ACC)
+        # Each split summed x - K_s: its sum moves to the channel's pivot by adding
+        # count * (K_s - K), compensated.  K_s - K is exact where the two agree to a
+        # factor of two (offset data) or K is 0, and accurate to the data's spread
+        # otherwise, as SyncBatchNorm carries its ranks' means (sync.py).
+        moved_by = tl.where(m, tl.load(part_pivot_ptr + offs, mask=m, other=0.0) - pivot[None, :], 0.0)
+        moved = counts * moved_by
+        part_hi, carry = two_sum(part_hi, moved)
+        part_lo += carry + tl.fma(counts, moved_by, -moved)
+        # This block of splits: its sum as count * mean plus what the rounded mean
+        # misses (each split's part centred by an fma, so small and exact to the
+        # spread), and its M2 within and between the splits.
+        count = tl.sum(counts, axis=0)
+        block_mean = tl.sum(part_hi, axis=0) / count
+        resid = tl.sum(tl.where(m, tl.fma(-counts, block_mean[None, :], part_hi) + part_lo, 0.0), axis=0)
+        dev = tl.where(m, (part_hi + part_lo) / tl.maximum(counts, 1.0) - (block_mean + resid / count)[None, :],
+                       0.0)
+        block_m2 = tl.sum(part_m2 + counts * dev * dev, axis=0)
+        part = count * block_mean
+        part_err = tl.fma(count, block_mean, -part) + resid
+        # Merged into the totals in split order: M2 by Chan's formula, both compensated.
+        seen = i0 * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
+        delta = (part + part_err) / count - (total_hi + total_lo) / tl.maximum(seen, 1.0)
+        m2_hi, carry = two_sum(m2_hi, block_m2 + delta * delta * (seen * count / (seen + count)))
+        m2_lo += carry
+        total_hi, carry = two_sum(total_hi, part)
+        total_lo += carry + part_err
+    m2 = m2_hi + m2_lo
+    n = rows + tl.zeros([BLOCK_C], dtype=ACC)
+    mean_s, correction = resolve_mean(total_hi, total_lo, n)
+
+    rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
+                                            BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
+    tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
+    tl.store(rstd_ptr + c, rstd, mask=c_mask)
+    tl.store(scale_ptr + c, scale, mask=c_mask)
+    tl.store(shift_ptr + c, shift, mask=c_mask)
+
+    # The un-shifted mean and the unbiased variance, for the running statistics.
+    batch_mean = (pivot + mean_s) + correction
+    batch_var = m2 / (n - 1.0)
+    tl.store(mean_ptr + c, batch_mean, mask=c_mask)
+    tl.store(var_unbiased_ptr + c, batch_var, mask=c_mask)
     if HAS_RUNNING:
+        # Every block reads the counter before the last block to finish bumps it: each
+        # block's read precedes its arrival below (release), the bump follows the last
+        # arrival (acquire).
         tracked, factor = _momentum_factor(
             num_batches_ptr, momentum_hi, momentum_lo, BLOCK_C, HAS_COUNTER, CUMULATIVE, ACC
         )
-    for c0 in range(tl.program_id(0) * BLOCK_C, channels, programs * BLOCK_C):
-        c = c0 + lanes
-        c_mask = c < channels
-        pivot = tl.load(pivot_ptr + c, mask=c_mask, other=0.0)
-        # One pass over the splits, in order: their sums added with compensation, their
-        # M2 merged with Chan's formula (every term positive), also compensated; neither
-        # error grows with the number of splits.
-        total_hi = tl.zeros([BLOCK_C], dtype=ACC)
-        total_lo = tl.zeros([BLOCK_C], dtype=ACC)
-        m2_hi = tl.zeros([BLOCK_C], dtype=ACC)
-        m2_lo = tl.zeros([BLOCK_C], dtype=ACC)
-        for i0 in range(0, num_splits, SPLITS):
-            s = i0 + tl.arange(0, SPLITS)
-            s_mask = s < num_splits
-            m = s_mask[:, None] & c_mask[None, :]
-            offs = s[:, None] * channels + c[None, :]
-            part_hi = tl.load(part_hi_ptr + offs, mask=m, other=0.0)
-            part_lo = tl.load(part_lo_ptr + offs, mask=m, other=0.0)
-            part_m2 = tl.load(part_m2_ptr + offs, mask=m, other=0.0)
-            counts = tl.where(s_mask, tl.minimum(rows - s * rows_per_split, rows_per_split), 0).to(ACC)
-            counts = counts[:, None] + tl.zeros([SPLITS, BLOCK_C], dtype=ACC)
-            # Each split summed x - K_s: its sum moves to the channel's pivot by adding
-            # count * (K_s - K), compensated.  K_s - K is exact where the two agree to a
-            # factor of two (offset data) or K is 0, and accurate to the data's spread
-            # otherwise, as SyncBatchNorm carries its ranks' means (sync.py).
-            moved_by = tl.where(m, tl.load(part_pivot_ptr + offs, mask=m, other=0.0) - pivot[None, :], 0.0)
-            moved = counts * moved_by
-            part_hi, carry = two_sum(part_hi, moved)
-            part_lo += carry + tl.fma(counts, moved_by, -moved)
-            # This block of splits: its sum as count * mean plus what the rounded mean
-            # misses (each split's part centred by an fma, so small and exact to the
-            # spread), and its M2 within and between the splits.
-            count = tl.sum(counts, axis=0)
-            block_mean = tl.sum(part_hi, axis=0) / count
-            resid = tl.sum(tl.where(m, tl.fma(-counts, block_mean[None, :], part_hi) + part_lo, 0.0), axis=0)
-            dev = tl.where(m, (part_hi + part_lo) / tl.maximum(counts, 1.0) - (block_mean + resid / count)[None, :],
-                           0.0)
-            block_m2 = tl.sum(part_m2 + counts * dev * dev, axis=0)
-            part = count * block_mean
-            part_err = tl.fma(count, block_mean, -part) + resid
-            # Merged into the totals in split order: M2 by Chan's formula, both compensated.
-            seen = i0 * rows_per_split + tl.zeros([BLOCK_C], dtype=ACC)
-            delta = (part + part_err) / count - (total_hi + total_lo) / tl.maximum(seen, 1.0)
-            m2_hi, carry = two_sum(m2_hi, block_m2 + delta * delta * (seen * count / (seen + count)))
-            m2_lo += carry
-            total_hi, carry = two_sum(total_hi, part)
-            total_lo += carry + part_err
-        m2 = m2_hi + m2_lo
-        n = rows + tl.zeros([BLOCK_C], dtype=ACC)
-        mean_s, correction = resolve_mean(total_hi, total_lo, n)
-
-        rstd, scale, shift = batch_coefficients(m2 / n, mean_s, weight_ptr, bias_ptr, c, c_mask, eps_hi, eps_lo,
-                                                BLOCK_C, HAS_WEIGHT, HAS_BIAS, ACC)
-        tl.store(mean_s_ptr + c, mean_s, mask=c_mask)
-        tl.store(rstd_ptr + c, rstd, mask=c_mask)
-        tl.store(scale_ptr + c, scale, mask=c_mask)
-        tl.store(shift_ptr + c, shift, mask=c_mask)
-
-        # The un-shifted mean and the unbiased variance, for the running statistics.
-        batch_mean = (pivot + mean_s) + correction
-        batch_var = m2 / (n - 1.0)
-        tl.store(mean_ptr + c, batch_mean, mask=c_mask)
-        tl.store(var_unbiased_ptr + c, batch_var, mask=c_mask)
-        if HAS_RUNNING:
-            _blend_running(running_mean_ptr, batch_mean, factor, c, c_mask, ACC)
-            _blend_running(running_var_ptr, batch_var, factor, c, c_mask, ACC)
-    if HAS_COUNTER:
-        tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=lanes == 0)
+        _blend_running(running_mean_ptr, batch_mean, factor, c, c_mask, ACC)
+        _blend_running(running_var_ptr, batch_var, factor, c, c_mask, ACC)
+        if HAS_COUNTER:
+            blocks = tl.num_programs(1)
+            if arrived_last(counters_ptr + blocks, blocks):
+                tl.store(num_batches_ptr + tl.zeros([BLOCK_C], dtype=tl.int32), tracked, mask=c == block * BLOCK_C)
 
 
 @kernel
@@ -411,35 +441,32 @@ def batch_stats(
     )
     channel_blocks = cdiv(channels, plan.block_channels)
     partial_kernel, block_rows = _partial_launch(view, plan)
-    partial_kernel[(plan.num_splits, channel_blocks)](
-        x, stats.pivot, partial_pivot, partial_hi, partial_lo, partial_m2,
-        view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
-        plan.rows_per_split,
-        BLOCK_R=block_rows, BLOCK_C=plan.block_channels,
-        SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(x.dtype),
-        num_warps=plan.num_warps,
-    )
-
-    block = channel_block(channels)
     has_running = running is not None
     has_counter = has_running and running.num_batches_tracked is not None
     if has_running and running.momentum is None and not has_counter:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     momentum = running.momentum if has_running and running.momentum is not None else 0.0
-    _stats_combine_kernel[(1 if has_running else cdiv(channels, block),)](
-        partial_pivot, partial_hi, partial_lo, partial_m2, stats.pivot,
+    # One counter per channel block, and one for the blocks themselves (the last block to
+    # finish bumps num_batches_tracked).
+    counters = arrival_counters(x, channel_blocks + 1)
+    partial_kernel[(plan.num_splits, channel_blocks)](
+        x, stats.pivot, partial_pivot, partial_hi, partial_lo, partial_m2,
         weight if weight is not None else stats.rstd,
         bias if bias is not None else stats.rstd,
         stats.mean_shifted, stats.rstd, stats.scale, stats.shift, stats.mean, stats.var_unbiased,
         running.mean if has_running else stats.rstd,
         running.var if has_running else stats.rstd,
-        running.num_batches_tracked if has_counter else stats.rstd,
-        view.rows, channels, plan.rows_per_split, plan.num_splits, *split_float(eps),
-        *split_float(momentum),
-        BLOCK_C=block, SPLITS=splits_block(plan.num_splits, block),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running, HAS_COUNTER=has_counter,
-        CUMULATIVE=has_running and running.momentum is None,
-        ACC=tl_accumulator(x.dtype),
+        running.num_batches_tracked if has_counter else stats.rstd, counters,
+        view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
+        plan.rows_per_split, *split_float(eps), *split_float(momentum),
+        BLOCK_R=block_rows, BLOCK_C=plan.block_channels,
+        # Splits merged as many at a time as for the widest block of channels
+        # (channel_block): the order, and so the bits, do not depend on the tile's channels.
+        SPLITS=splits_block(plan.num_splits, channel_block(channels)),
+        SPLIT_ROWS=view.split_rows, INT64=plan.int64,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
+        HAS_COUNTER=has_counter, CUMULATIVE=has_running and running.momentum is None,
+        ACC=tl_accumulator(x.dtype), num_warps=plan.num_warps,
     )
     return stats
 
