@@ -38,12 +38,18 @@ import triton.language as tl
 from .plans import next_power_of_2
 
 _BUFFERS: dict = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _MIN_COUNTERS = 1024
 
 
 def arrival_counters(like: torch.Tensor, count: int) -> torch.Tensor:
     """A buffer of at least ``count`` zeroed int32 counters on ``like``'s device, for
-    launches on its current stream (see the module docstring); allocated on first use."""
+    launches on its current stream (see the module docstring); allocated on first use.
+    While a graph is traced (``like`` a fake or functional tensor: torch.compile's view
+    of the ops), the graph allocates zeroed counters of its own: a cached buffer would
+    be a fake one, and Inductor schedules the graph's launches itself."""
+    if type(like) not in _PLAIN:
+        return like.new_zeros(count, dtype=torch.int32)
     if like.is_cuda:
         device = like.get_device()
         key = (device, torch._C._cuda_getCurrentRawStream(device))
