@@ -1,0 +1,41 @@
+"""The host path's length, pinned: bntriton's own Python frames per call on the CUDA
+route (planned as an H100, launches stubbed at the launcher; perf/frames.py), beside
+torch's nn.BatchNorm2d.  A frame is host time on every call of every layer, so a change
+that adds frames to the hot path fails here and has to update the pin on purpose.
+
+The goal is torch's count plus one frame per launch; the pins say where the path stands.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+PERF = Path(__file__).resolve().parents[1] / "perf"
+
+# call kind: (bntriton's own frames at most, launches)
+PINNED = {
+    "training forward": (66, 2),
+    "training backward": (50, 2),
+    "eval forward": (41, 1),
+    "eval forward, no_grad": (35, 1),
+}
+
+
+def _frames_module():
+    spec = importlib.util.spec_from_file_location("perf_frames", PERF / "frames.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_frames_per_call_stay_within_their_pins():
+    rows = {name: (ours, theirs) for name, ours, theirs in _frames_module().measure()}
+    assert set(rows) == set(PINNED)
+    for name, (most, launches) in PINNED.items():
+        ours, theirs = rows[name]
+        own, _, launched = ours
+        assert launched == launches, (name, launched)
+        assert own <= most, f"{name}: {own} of bntriton's frames per call, pinned at {most} (torch's module: {theirs[1]})"
+        assert theirs[1] > 0, name  # the counter sees torch's frames too
