@@ -46,8 +46,8 @@ def test_python_block_runs_as_pasted(code, tmp_path):
     if first.startswith("# needs a CUDA GPU") and not torch.cuda.is_available():
         pytest.skip("the block needs a CUDA GPU")
     if first.startswith("# needs a process group"):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(29500 + os.getpid() % 1000), str(script)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(script)]
     else:
         command = [sys.executable, str(script)]
     result = _run(command, tmp_path)
