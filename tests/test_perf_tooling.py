@@ -6,6 +6,7 @@ on a CPU.
 import csv
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -365,3 +366,13 @@ def test_resnet50_step_runs_every_provider_compiled_or_not(tmp_path):
     assert sorted({r["provider"] for r in rows}) == sorted(providers.split(","))
     for row in rows:
         assert float(row["ms"]) > 0, (row, proc.stderr)
+
+
+def test_compiled_cnn_cpu_times_every_provider():
+    """perf/compiled_cnn_cpu.py end to end (aot_eager and one round: the tooling only)."""
+    result = _run(PERF / "compiled_cnn_cpu.py", "--batch", "4", "--size", "8", "--rounds", "1",
+                  "--compile-backend", "aot_eager")
+    assert result.returncode == 0, result.stderr
+    for provider in ("torch", "bntriton", "torch_compile", "bntriton_compile"):
+        assert re.search(rf"^  {provider} +[0-9.]+ ms$", result.stdout, re.M), result.stdout
+    assert "bntriton_compile / torch_compile:" in result.stdout
