@@ -113,7 +113,7 @@ def test_cached_training_forward_passes_what_the_general_route_passes(layout, si
 @pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
 def test_cached_backward_passes_what_the_general_route_passes(layout, size, planned):
-    stepped_aside = 0
+    routes = set()
     with _Recording() as rec, plans.planned_for(planned) if planned else _nothing():
         for params in _PARAMS:
             x, w, _, param_dtype = _inputs(layout, size, params)
@@ -121,20 +121,32 @@ def test_cached_backward_passes_what_the_general_route_passes(layout, size, plan
             acc = accumulator_dtype(x.dtype)
             pivot, mean_s, rstd = torch.randn(5, dtype=acc), torch.randn(5, dtype=acc), torch.rand(5, dtype=acc)
             launch = dispatch.backward_launch(x, dy, w)
-            if launch is None:
-                # Only the split route whose partial sums' last programs sum the splits.
-                view = channel_view(x)
-                assert plans.fused_plan(view) is None
-                assert not plans.sums_in_epilogue(plans.plan(view), x.element_size())
-                stepped_aside += 1
-                continue
+            assert launch is not None
             cached_out = launch(dy, x, w, pivot, mean_s, rstd)
             cached = rec.take()
             general_out = dispatch.backward(channel_view(x), dy, w, pivot, 1, mean_s, rstd, batch_stats=True,
                                             param_dtype=param_dtype)
             general = rec.take()
             _assert_same_launches(cached, general, (x, dy, w, pivot, mean_s, rstd), cached_out, general_out)
-    assert stepped_aside < len(_PARAMS) or (layout, size, planned) == ("channels_last", "large", 132)
+            routes.add(_backward_route(x))
+    if size == "small" or not planned:
+        assert routes == {"single-read"}
+    else:
+        assert "single-read" not in routes
+
+
+def _backward_route(x):
+    view = channel_view(x)
+    if plans.fused_plan(view) is not None:
+        return "single-read"
+    return "sums in epilogue" if plans.sums_in_epilogue(plans.plan(view), x.element_size()) else "combine"
+
+
+def test_the_backward_cases_reach_every_route():
+    with bntriton.cpu_backend("interpreter"), plans.planned_for(132):
+        routes = {_backward_route(_inputs(layout, "large", params)[0])
+                  for layout in ("nchw", "channels_last") for params in ("both", "bf16")}
+    assert routes == {"sums in epilogue", "combine"}
 
 
 class _nothing:
@@ -180,28 +192,33 @@ def test_cached_launches_are_per_geometry_and_plan_and_step_aside():
         assert dispatch.backward_launch(x, torch.randn_like(x), w) is None
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("planned", [None, 132])
-def test_module_training_step_on_the_cached_route_is_bit_identical(layout, planned):
+@pytest.mark.parametrize("layout, planned, shape", [
+    ("nchw", None, (2, 3, 40, 40)), ("channels_last", None, (2, 3, 40, 40)),
+    ("nchw", 132, (2, 3, 40, 40)), ("channels_last", 132, (2, 3, 40, 40)),
+    ("channels_last", 132, (8, 5, 40, 40)),  # the backward's splits summed by last programs
+])
+def test_module_training_step_on_the_cached_route_is_bit_identical(layout, planned, shape):
     """A module's training step (running statistics, counter, both gradients) on the
     cached launches, in the interpreter, against the same step through the general
     route's functions: the same bits everywhere."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 40, 40) * 3 + 5
+    channels = shape[1]
+    x = torch.randn(shape) * 3 + 5
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     dy = torch.randn_like(x)
     dispatch._LAUNCHES.clear()
     with bntriton.cpu_backend("interpreter"), plans.planned_for(planned) if planned else _nothing():
-        module = bntriton.BatchNorm2d(3)
+        module = bntriton.BatchNorm2d(channels)
         with torch.no_grad():
             module.weight.uniform_(0.5, 1.5)
             module.bias.normal_()
         leaf = x.clone().requires_grad_()
         y = module(leaf)
         y.backward(dy)
-        running = RunningStats(torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long), 0.1)
+        running = RunningStats(torch.zeros(channels), torch.ones(channels), torch.zeros((), dtype=torch.long), 0.1)
         view = channel_view(x)
+        routes = {_backward_route(x)}
         y_ref, stats = dispatch.forward_train(view, module.weight.detach(), module.bias.detach(), 1e-5,
                                               running=running)
         grads = dispatch.backward(view, dy, module.weight.detach(), stats.pivot, 1, stats.mean_shifted, stats.rstd,
@@ -209,6 +226,7 @@ def test_module_training_step_on_the_cached_route_is_bit_identical(layout, plann
     # The module's step took the cached launches.
     kinds = {key[0] for key, launch in dispatch._LAUNCHES.items() if launch is not None}
     assert {dispatch._TRAIN, dispatch._BACKWARD} <= kinds
+    assert routes == ({"combine"} if shape[0] == 8 else {"single-read"} if planned is None else {"sums in epilogue"})
     for got, want in ((y, y_ref), (leaf.grad, grads[0]), (module.weight.grad, grads[1]),
                       (module.bias.grad, grads[2]), (module.running_mean, running.mean),
                       (module.running_var, running.var), (module.num_batches_tracked, running.num_batches_tracked)):

@@ -147,42 +147,69 @@ class FusedTrainLaunch:
 
 
 class SplitBackwardLaunch:
-    """The split path's backward under batch statistics where the epilogue sums the
-    splits itself (backward.batch_norm_grads with plans.sums_in_epilogue): the partial
-    sums, then the dx epilogue, which also writes dweight and dbias."""
+    """The split path's backward under batch statistics (backward.batch_norm_grads): the
+    partial sums, then the dx epilogue.  Where the splits are few for the tile's rows
+    (plans.sums_in_epilogue) each epilogue program sums them and the epilogue writes
+    dweight and dbias; otherwise (``combine``) the partial sums' last program of each
+    channel block does, and writes dx's coefficients for the epilogue."""
 
-    __slots__ = ("channels", "splits", "acc", "sums_grid", "sums_constants", "sums_meta", "affine_grid",
-                 "affine_constants", "affine_meta")
+    __slots__ = ("channels", "splits", "blocks", "acc", "combine", "sums_grid", "sums_constants", "sums_meta",
+                 "affine_grid", "affine_constants", "affine_meta")
 
-    def __init__(self, view: ChannelView, plan: Plan, has_weight: bool):
+    def __init__(self, view: ChannelView, plan: Plan, has_weight: bool, combine: bool):
         self.channels = view.channels
         self.splits = plan.num_splits
+        self.blocks = cdiv(view.channels, plan.block_channels)
         self.acc = accumulator_dtype(view.tensor.dtype)
-        self.sums_grid = (plan.num_splits, cdiv(view.channels, plan.block_channels))
+        self.combine = combine
+        self.sums_grid = (plan.num_splits, self.blocks)
         self.sums_constants = (*_SLOPE, *_geometry(view), 1, plan.rows_per_split)
         self.sums_meta = dict(
             BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
-            ACC=tl_accumulator(view.tensor.dtype), **NO_EPILOGUE.constexprs(), RUNNING=False, HAS_WEIGHT=False,
-            COMBINE=False, BATCH_STATS=False, SUMS=False,
+            ACC=tl_accumulator(view.tensor.dtype), **NO_EPILOGUE.constexprs(), RUNNING=False,
+            HAS_WEIGHT=combine and has_weight, COMBINE=combine, BATCH_STATS=combine, SUMS=False,
             SPLITS=splits_block(plan.num_splits, channel_block(view.channels)), num_warps=plan.num_warps,
         )
         self.affine_grid = _grid(view, plan)
         self.affine_constants = (*_SLOPE, *_geometry(view), 1, *_ZERO)
-        self.affine_meta = _meta(view, plan, NO_EPILOGUE, True, False, has_weight, False, plan.num_splits, True)
+        if combine:
+            self.affine_meta = _meta(view, plan, NO_EPILOGUE, True, False, False, False)
+        else:
+            self.affine_meta = _meta(view, plan, NO_EPILOGUE, True, False, has_weight, False, plan.num_splits, True)
 
     def __call__(self, dy, x, weight, pivot, mean_shifted, rstd):
-        channels = self.channels
-        dweight = x.new_empty(channels, dtype=weight.dtype if weight is not None else self.acc)
+        channels, acc = self.channels, self.acc
+        dweight = x.new_empty(channels, dtype=weight.dtype if weight is not None else acc)
         dbias = torch.empty_like(dweight)
-        parts = x.new_empty((2, self.splits, channels), dtype=self.acc)
-        # backward._partial_sums' order, without a combine: x, dy, pivot, mean_shifted,
-        # parts, the epilogue's placeholders, the sizes, dx, running_var, weight, eps, grads.
+        parts = x.new_empty((2, self.splits, channels), dtype=acc)
+        if self.combine:
+            coef_a = x.new_empty(channels, dtype=acc)
+            coef_b = x.new_empty(channels, dtype=acc)
+            coef_c = x.new_empty(channels, dtype=acc)
+            # backward._partial_sums' order: x, dy, pivot, mean_shifted, parts, the
+            # epilogue's placeholders, the sizes, dx, running_var, weight, eps, then what
+            # the last programs read and write: rstd, dweight, dbias, A, B, C, sums, counters.
+            _grad_partial_kernel[self.sums_grid](
+                x, dy, pivot, mean_shifted, parts, x, x, parts, parts, *self.sums_constants,
+                x, parts, weight if weight is not None else parts, *_ZERO,
+                rstd, dweight, dbias, coef_a, coef_b, coef_c, parts, arrival_counters(x, self.blocks),
+                **self.sums_meta,
+            )
+            dx = torch.empty_like(x)
+            # dx = dy * A + (x - K) * B + C (normalize._arguments' order).
+            _channel_affine_kernel[self.affine_grid](
+                x, dy, dx, pivot, coef_b, coef_c, coef_a, x, x, coef_b, coef_b, *self.affine_constants, x, x, x, 0,
+                **self.affine_meta,
+            )
+            return dx, dweight, dbias
         _grad_partial_kernel[self.sums_grid](
             x, dy, pivot, mean_shifted, parts, x, x, parts, parts, *self.sums_constants,
             x, parts, parts, *_ZERO, parts, parts, parts, parts, parts, parts, parts, parts,
             **self.sums_meta,
         )
         dx = torch.empty_like(x)
+        # Each program sums the splits' parts and forms A, B, C itself; the first row
+        # tile's programs write dweight and dbias.
         _channel_affine_kernel[self.affine_grid](
             x, dy, dx, pivot, rstd, mean_shifted, weight if weight is not None else rstd, x, x, rstd, rstd,
             *self.affine_constants, parts, dweight, dbias, self.splits,

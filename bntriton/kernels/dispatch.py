@@ -221,16 +221,15 @@ def train_launch(x: torch.Tensor, weight, bias, running: RunningStats | None):
 def backward_launch(x: torch.Tensor, dy: torch.Tensor, weight):
     """The cached launches of :func:`backward` under batch statistics without an
     epilogue: a callable ``(dy, x, weight, pivot, mean_shifted, rstd) -> (dx, dweight,
-    dbias)``, or None where the general route decides (also: a ``dy`` of other strides
-    than ``x``, which that route copies first, and the split route whose partial sums'
-    last programs sum the splits)."""
+    dbias)``, or None where the general route decides (also for a ``dy`` of other
+    strides than ``x``, which that route copies first)."""
     if (type(x) not in _PLAIN or _FORCED or x.is_cpu and current_cpu_backend() == "native"
             or type(dy) not in _PLAIN or dy.stride() != x.stride()):
         return None
     key = (_BACKWARD, x.shape, x.stride(), x.dtype, x.get_device(), weight is None,
            _PLANNED_SM_COUNT[-1] if _PLANNED_SM_COUNT else None)
-    launch = _LAUNCHES.get(key, False)
-    if launch is False:
+    launch = _LAUNCHES.get(key)
+    if launch is None:
         view = _cached_view(x)
         if view is None:
             return None
@@ -239,9 +238,9 @@ def backward_launch(x: torch.Tensor, dy: torch.Tensor, weight):
             launch = FusedBackwardLaunch(view, single_read, weight is not None)
         else:
             split = plan(view)
-            launch = (SplitBackwardLaunch(view, split, weight is not None)
-                      if sums_in_epilogue(split, x.element_size()) else None)
-        launch = _remember(key, launch)  # (None remembered too: the general route, every time)
+            launch = SplitBackwardLaunch(view, split, weight is not None,
+                                         combine=not sums_in_epilogue(split, x.element_size()))
+        launch = _remember(key, launch)
     return launch
 
 
