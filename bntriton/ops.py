@@ -627,12 +627,6 @@ def evaluate(x, weight, bias, running_mean, running_var, eps):
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
 
 
-def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
-    tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd, pivot)
-    op = _backward_impl if _plain(*tensors) else batch_norm_backward
-    return op(*tensors)
-
-
 # vmap rules of the registered ops (the torch.func path above carries its own): B problems
 # of C channels folded into one of B*C channels.
 
