@@ -131,6 +131,9 @@ def distinct_outputs(outputs: tuple) -> tuple:
 def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
     """:func:`_train_impl`, also updating ``running`` (contiguous, non-empty batch) in the
     same launches: the eager path's training forward (the op must stay functional)."""
+    launch = dispatch.train_launch(x, weight, bias, running)  # the common case: cached per geometry
+    if launch is not None:
+        return launch(x, weight, bias, eps, running)
     view = channel_view(x)
     if view.rows == 0:
         # An empty batch has no statistics: an empty output (as torch).
@@ -207,6 +210,10 @@ def _backward_impl(
     """Gradients of either forward: batch statistics when ``running_mean`` is None, else
     the running statistics.  ``pivot`` is what the forward subtracted first: the train
     op's ``pivot`` output, or the running mean."""
+    if running_mean is None:
+        launch = dispatch.backward_launch(x, grad_out, weight)  # the common case: cached per geometry
+        if launch is not None:
+            return launch(grad_out, x, weight, pivot, mean_shifted, rstd)
     view = channel_view(x)
     dy = view.same_layout(grad_out)
     batch_stats_used = running_mean is None
@@ -297,10 +304,15 @@ def _train_save(ctx, inputs, output):
 
 def _train_backward(ctx, grad_y, *_grads_of_statistics):
     x, weight, mean_shifted, rstd, pivot = ctx.saved_tensors
-    if _composite_backward(grad_y, x, weight):
+    # _composite_backward, written out (a frame less on every backward): outside
+    # create_graph, grad mode is off while a backward runs.
+    if (_functorch_active() or _is_legacy_batched(grad_y)
+            or torch.is_grad_enabled() and _requires_grad((grad_y, x, weight))):
         dx, dweight, dbias = autograd.train_backward(grad_y, x, weight, ctx.eps)
+    elif _route(grad_y, x, weight, mean_shifted, rstd, pivot) == _EAGER:
+        dx, dweight, dbias = _backward_impl(grad_y, x, weight, None, mean_shifted, rstd, pivot)
     else:
-        dx, dweight, dbias = _backward(grad_y, x, weight, None, mean_shifted, rstd, pivot)
+        dx, dweight, dbias = batch_norm_backward(grad_y, x, weight, None, mean_shifted, rstd, pivot)
     return (
         dx if ctx.needs_input_grad[0] else None,
         dweight if weight is not None else None,
@@ -376,6 +388,7 @@ _EAGER, _TRANSFORMED, _TRACED = 0, 1, 2
 _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 _functorch_active = torch._C._are_functorch_transforms_active
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def _plain(*tensors) -> bool:
@@ -420,8 +433,11 @@ class _EagerTrain(torch.autograd.Function):
         # The running statistics (buffers, never differentiated) are updated in place by
         # the statistics' own launches: one launch fewer than the op and its update.
         output = _train_and_update(x, weight, bias, eps, running)
-        _train_save(ctx, (x, weight, bias, eps), output)
-        if _forward_ad_active():
+        # _train_save, written out (a frame less per call).
+        ctx.save_for_backward(x, weight, output[1], output[2], output[5])
+        ctx.has_bias = bias is not None
+        ctx.eps = eps
+        if forward_ad._current_level >= 0:
             ctx.save_for_forward(x, weight, bias, output[1], output[2], output[5])
         sink.append(output)
         return output[0]
@@ -449,11 +465,14 @@ class _EagerEval(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running):
-        inputs = (x, weight, bias, *running)
-        output = _eval_impl(*inputs)
-        _eval_setup(ctx, inputs, output)
-        if _forward_ad_active():
-            ctx.save_for_forward(*inputs[:5])
+        running_mean, running_var, eps = running
+        output = _eval_impl(x, weight, bias, running_mean, running_var, eps)
+        # _eval_setup, written out (a frame less per call).
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.has_bias = bias is not None
+        ctx.eps = eps
+        if forward_ad._current_level >= 0:
+            ctx.save_for_forward(x, weight, bias, running_mean, running_var)
         return output
 
     @staticmethod
@@ -466,7 +485,12 @@ class _EagerEval(torch.autograd.Function):
 
 
 _eager_train_apply = bare_apply(_EagerTrain)
-_eager_eval_apply = bare_apply(_EagerEval)
+# The C++ apply itself, for the hot paths that unwrap their tensor arguments themselves
+# (see bare_apply; a torch without unwrap_if_dead gets the Functions' own apply).
+_eager_train_c_apply = (super(torch.autograd.Function, _EagerTrain).apply
+                        if hasattr(torch._C._functorch, "unwrap_if_dead") else _EagerTrain.apply)
+_eager_eval_c_apply = (super(torch.autograd.Function, _EagerEval).apply
+                       if hasattr(torch._C._functorch, "unwrap_if_dead") else _EagerEval.apply)
 
 
 class _TransformedTrain(torch.autograd.Function):
@@ -523,10 +547,22 @@ def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
     eager fast path (one set of launches does both), torch.func path or the registered
     ops."""
     route = _route(x, weight, bias)
-    if route == _EAGER and (running is None or _foldable(running)):
-        if not _records_graph(x, weight, bias):
+    # (_foldable and _records_graph written out: two to four frames less per call.)
+    if route == _EAGER and (running is None or (
+            type(running.mean) in _PLAIN_TYPES and type(running.var) in _PLAIN_TYPES
+            and (running.num_batches_tracked is None or type(running.num_batches_tracked) in _PLAIN_TYPES)
+            and running.mean.is_contiguous() and running.var.is_contiguous())):
+        if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and (
+                x.requires_grad or weight is not None and weight.requires_grad
+                or bias is not None and bias.requires_grad)):
             return _train_and_update(x, weight, bias, eps, running)
-        return _eager_train(x, weight, bias, eps, running)
+        # _eager_train's apply, written out: bare_apply's unwrapping of dead functorch
+        # wrappers without its frames.
+        sink = []
+        y = _eager_train_c_apply(
+            _unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
+            None if bias is None else _unwrap_if_dead(bias), eps, running, sink)
+        return (y, *sink[0][1:])
     if route == _TRANSFORMED:
         output = _TransformedTrain.apply(x, weight, bias, eps)
     elif route == _EAGER:
@@ -576,19 +612,19 @@ def evaluate(x, weight, bias, running_mean, running_var, eps):
     if traceable.eager_capturing() if route == _EAGER else traceable.capturing():
         return traceable.evaluate(x, weight, bias, running_mean, running_var, eps)
     if route == _EAGER:
-        if not _records_graph(x, weight, bias):
+        # (_records_graph written out: a frame or three less per call.)
+        if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and (
+                x.requires_grad or weight is not None and weight.requires_grad
+                or bias is not None and bias.requires_grad)):
             return _eval_impl(x, weight, bias, running_mean, running_var, eps)
-        # (bare_apply unwraps dead functorch wrappers among the top-level arguments only.)
-        return _eager_eval_apply(x, weight, bias, (_unwrap_if_dead(running_mean), _unwrap_if_dead(running_var), eps))
+        # bare_apply's unwrapping of dead functorch wrappers, written out.
+        return _eager_eval_c_apply(
+            _unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
+            None if bias is None else _unwrap_if_dead(bias),
+            (_unwrap_if_dead(running_mean), _unwrap_if_dead(running_var), eps))
     if route == _TRANSFORMED:
         return _TransformedEval.apply(x, weight, bias, running_mean, running_var, eps)
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
-
-
-def _backward(grad_out, x, weight, running_mean, mean_shifted, rstd, pivot):
-    tensors = (grad_out, x, weight, running_mean, mean_shifted, rstd, pivot)
-    op = _backward_impl if _plain(*tensors) else batch_norm_backward
-    return op(*tensors)
 
 
 # vmap rules of the registered ops (the torch.func path above carries its own): B problems

@@ -265,8 +265,11 @@ def test_cached_eval_launch_is_per_geometry_and_steps_aside_for_plan_hooks():
         assert dispatch.eval_launch(x[:0], w, b) is None  # no rows
         with forced_plan(block_rows=16):
             assert dispatch.eval_launch(x, w, b) is None
-        with plans.planned_for(132):
-            assert dispatch.eval_launch(x, w, b) is None
+        with plans.planned_for(132):  # plans for another GPU: launches of their own
+            h100 = dispatch.eval_launch(x, w, b)
+            assert h100 not in (None, nchw)
+            with plans.planned_for(108):
+                assert dispatch.eval_launch(x, w, b) not in (None, h100)
     with bntriton.cpu_backend("native"):
         assert dispatch.eval_launch(x, w, b) is None  # the native CPU path decides itself
 

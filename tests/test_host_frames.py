@@ -15,10 +15,10 @@ PERF = Path(__file__).resolve().parents[1] / "perf"
 
 # call kind: (bntriton's own frames at most, launches)
 PINNED = {
-    "training forward": (66, 2),
-    "training backward": (50, 2),
-    "eval forward": (41, 1),
-    "eval forward, no_grad": (35, 1),
+    "training forward": (11, 2),
+    "training backward": (7, 2),
+    "eval forward": (11, 1),
+    "eval forward, no_grad": (10, 1),
 }
 
 

@@ -190,7 +190,7 @@ class EvalLaunch:
         # The arguments after the epilogue's placeholders up to eps: the slope (unused
         # without an activation), the geometry and the pivot's stride.
         self.constants = (*split_float(NO_EPILOGUE.slope), *_geometry(view), 1)
-        self.meta = _meta(view, plan, NO_EPILOGUE, False, True, has_weight, has_bias, None)
+        self.meta = _meta(view, plan, NO_EPILOGUE, False, True, has_weight, has_bias)
 
     def __call__(self, x, weight, bias, running_mean, running_var, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
@@ -224,14 +224,15 @@ def _arguments(x, dy, out, pivot, pivot_stride, scale, shift, dy_scale, ep, geom
     )
 
 
-def _meta(view, plan, ep, has_dy, evaluating, has_weight, has_bias, sums):
-    """``_channel_affine_kernel``'s constexprs and warps."""
+def _meta(view, plan, ep, has_dy, evaluating, has_weight, has_bias, summed_splits=None, batch_stats=False):
+    """``_channel_affine_kernel``'s constexprs and warps; ``summed_splits``: the number of
+    splits whose partial sums each program sums (the backward's GRAD_SUMS), else None."""
     return dict(
         BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_DY=has_dy,
         SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(view.tensor.dtype),
         **ep.constexprs(), EVAL=evaluating, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-        GRAD_SUMS=sums is not None, BATCH_STATS=sums is not None and sums[3],
-        SPLITS=splits_block(sums[0].shape[1], plan.block_channels) if sums is not None else 1,
+        GRAD_SUMS=summed_splits is not None, BATCH_STATS=summed_splits is not None and batch_stats,
+        SPLITS=splits_block(summed_splits, plan.block_channels) if summed_splits is not None else 1,
         num_warps=plan.num_warps,
     )
 
@@ -247,6 +248,7 @@ def _launch_affine(view, plan, pivot, pivot_stride, scale, shift, dy, dy_scale, 
         plan = replace(plan, block_rows=8)  # the mask packs 8 rows per byte
     _channel_affine_kernel[_grid(view, plan)](
         *_arguments(x, dy, out, pivot, pivot_stride, scale, shift, dy_scale, ep, _geometry(view), eval_eps, sums),
-        **_meta(view, plan, ep, dy is not None, eval_eps is not None, has_weight, has_bias, sums),
+        **_meta(view, plan, ep, dy is not None, eval_eps is not None, has_weight, has_bias,
+                *((sums[0].shape[1], sums[3]) if sums is not None else ())),
     )
     return out

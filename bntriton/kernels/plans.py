@@ -29,6 +29,8 @@ class Plan:
     int64: bool
 
 
+# The hooks' state, mutated in place: dispatch.py reads both for its launches cached per
+# geometry (none is used under a forced plan; the planned SM count is part of their keys).
 _FORCED: dict = {}
 _PLANNED_SM_COUNT: list = []  # planned_for()'s SM count, innermost last
 
@@ -59,12 +61,6 @@ def planned_for(sm_count: int):
         yield
     finally:
         _PLANNED_SM_COUNT.pop()
-
-
-def overridden() -> bool:
-    """Whether a test hook or :func:`planned_for` changes plans here: plans cached per
-    geometry elsewhere (dispatch.eval_launch) must not be used or kept then."""
-    return bool(_FORCED or _PLANNED_SM_COUNT)
 
 
 def _device_sm_count(t: torch.Tensor) -> int | None:

@@ -459,16 +459,26 @@ def batch_stats(
         running.num_batches_tracked if has_counter else stats.rstd, counters,
         view.rows, channels, view.spatial, view.stride_n, view.stride_c, view.stride_s,
         plan.rows_per_split, *split_float(eps), *split_float(momentum),
+        **stats_meta(view, plan, block_rows, weight is not None, bias is not None, has_running, has_counter,
+                     has_running and running.momentum is None),
+    )
+    return stats
+
+
+def stats_meta(view: ChannelView, plan: Plan, block_rows: int, has_weight: bool, has_bias: bool,
+               has_running: bool, has_counter: bool, cumulative: bool) -> dict:
+    """The partial-statistics kernel's constexprs and warps (``block_rows`` from
+    :func:`_partial_launch`)."""
+    return dict(
         BLOCK_R=block_rows, BLOCK_C=plan.block_channels,
         # Splits merged as many at a time as for the widest block of channels
         # (channel_block): the order, and so the bits, do not depend on the tile's channels.
-        SPLITS=splits_block(plan.num_splits, channel_block(channels)),
+        SPLITS=splits_block(plan.num_splits, channel_block(view.channels)),
         SPLIT_ROWS=view.split_rows, INT64=plan.int64,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-        HAS_COUNTER=has_counter, CUMULATIVE=has_running and running.momentum is None,
-        ACC=tl_accumulator(x.dtype), num_warps=plan.num_warps,
+        HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RUNNING=has_running,
+        HAS_COUNTER=has_counter, CUMULATIVE=cumulative,
+        ACC=tl_accumulator(view.tensor.dtype), num_warps=plan.num_warps,
     )
-    return stats
 
 
 def update_running_stats(
