@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # A first look at a new NVIDIA GPU in one go, each step under its own time limit so
-# that the whole run ends in a known time (at most 12 minutes with the defaults):
+# that the whole run ends in a known time (at most 11 minutes with the defaults; a limit of 0 skips a step):
 #   1. the device and versions;
 #   2. the quick sweep (perf/sweep.py --quick): bntriton, torch, torch.compile, each case
 #      checked against float64 before it is timed;
 #   3. the error ratios against torch's CUDA batch norm (perf/numerics.py);
 #   4. a ResNet-50 training step: time and peak memory, fused and plain layers, eager; then
-#      compiled (convert_model, then torch.compile of the network) beside torch.compile,
-#      and with mode="reduce-overhead" (CUDA graphs);
+#      compiled (convert_model, then torch.compile of the network) beside torch.compile
+#      (RESNET_COMPILE_PROVIDERS adds fused_compile and the *_compile_graphs providers,
+#      mode="reduce-overhead"; each compile takes about a minute); then eager, captured
+#      whole as CUDA graphs (torch.cuda.make_graphed_callables) and replayed;
 #   5. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py);
 #   6. host time per call on a tiny tensor, ours and torch's (perf/host_profile.py);
 #   7. plan choices A/B'd on the warm machine (perf/plan_ab.py);
@@ -15,7 +17,7 @@
 #
 #   bash perf/gpu_run.sh [OUT_DIR]        # default perf/results/gpu-run
 #
-# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, RESNET_COMPILE_S, BREAKDOWN_S, HOST_S, PLAN_AB_S.  A step that runs out
+# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, RESNET_COMPILE_S, RESNET_GRAPHED_S, BREAKDOWN_S, HOST_S, PLAN_AB_S.  A step that runs out
 # of time is stopped and the next one starts; its log says how far it got.  A limit of 0 skips the step.
 # SWEEP_ARGS replaces the sweep's preset, e.g. SWEEP_ARGS="--max-minutes 4" for as much of the full sweep
 # as fits (it starts with the quick cases, then takes the suites in turn).
@@ -45,9 +47,11 @@ print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), 
 step sweep "${SWEEP_S:-100}" python3 perf/sweep.py ${SWEEP_ARGS:---quick --max-minutes 1.3} --out "$out" --stem sweep
 step numerics "${NUMERICS_S:-30}" python3 perf/numerics.py --device cuda --seeds 2
 step resnet50_step "${RESNET_S:-70}" python3 perf/resnet50_step.py --reps 6 --out "$out/resnet50_step.csv"
-step resnet50_compiled "${RESNET_COMPILE_S:-240}" python3 perf/resnet50_step.py --reps 6 \
-    --providers torch_compile,bntriton_compile,fused_compile,torch_compile_graphs,bntriton_compile_graphs \
+step resnet50_compiled "${RESNET_COMPILE_S:-150}" python3 perf/resnet50_step.py --reps 6 \
+    --providers "${RESNET_COMPILE_PROVIDERS:-torch_compile,bntriton_compile}" \
     --out "$out/resnet50_compiled.csv"
+step resnet50_graphed "${RESNET_GRAPHED_S:-60}" python3 perf/resnet50_step.py --reps 6 \
+    --providers torch_graphed,bntriton_graphed,fused_graphed --out "$out/resnet50_graphed.csv"
 step breakdown "${BREAKDOWN_S:-40}" python3 perf/kernel_breakdown.py ${BREAKDOWN_ARGS:-}
 step host_profile "${HOST_S:-30}" python3 perf/host_profile.py --calls 1000
 step plan_ab "${PLAN_AB_S:-40}" python3 perf/plan_ab.py

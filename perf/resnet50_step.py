@@ -9,7 +9,10 @@ Providers: ``fused`` (bntriton.convert_model(fuse=True)), ``bntriton`` (convert_
 batch norms only), ``torch`` (eager, cuDNN), ``torch_compile`` (Inductor); the compiled
 networks with bntriton's layers, ``bntriton_compile`` and ``fused_compile``
 (convert_model, then torch.compile of the whole network).  A ``_graphs`` suffix on a
-compiled provider compiles with ``mode="reduce-overhead"`` (CUDA graphs).  Passes:
+compiled provider compiles with ``mode="reduce-overhead"`` (CUDA graphs); a ``_graphed``
+suffix on an eager one (``torch_graphed``, ``bntriton_graphed``, ``fused_graphed``)
+captures the network's forward and backward with ``torch.cuda.make_graphed_callables`` and
+replays them (CUDA only).  Passes:
 ``fwd_train_act`` (the training forward of the whole network) and ``bwd_train_act`` (its
 backward).  Rows use the sweep's CSV columns (perf/schema.py) with ``bytes`` holding the
 pass's peak memory (``torch.cuda.max_memory_allocated`` after a reset, minus what was
@@ -79,10 +82,12 @@ class ResNet50(nn.Module):
 
 
 PROVIDERS = ("fused", "bntriton", "torch", "torch_compile", "bntriton_compile", "fused_compile",
-             "torch_compile_graphs", "bntriton_compile_graphs", "fused_compile_graphs")
+             "torch_compile_graphs", "bntriton_compile_graphs", "fused_compile_graphs",
+             "torch_graphed", "bntriton_graphed", "fused_graphed")
 
 
-def build(provider: str, width: int, device, dtype, channels_last: bool, backend: str = "inductor") -> nn.Module:
+def build(provider: str, width: int, device, dtype, channels_last: bool, backend: str = "inductor",
+          sample: torch.Tensor | None = None) -> nn.Module:
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
     torch.manual_seed(0)
@@ -94,6 +99,10 @@ def build(provider: str, width: int, device, dtype, channels_last: bool, backend
         model = bntriton.convert_model(model, fuse=True)
     elif layers == "bntriton":
         model = bntriton.convert_model(model)
+    if provider.endswith("_graphed"):
+        # The whole forward and backward captured as CUDA graphs and replayed (running
+        # statistics updated inside the graph: no host reads on the training path).
+        return torch.cuda.make_graphed_callables(model, (sample,))
     if "_compile" not in provider:
         return model
     mode = "reduce-overhead" if provider.endswith("_graphs") else None
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
     for provider in args.providers.split(","):
         try:
             fwd, bwd, fwd_peak, bwd_peak = measure(
-                build(provider, width, device, dtype, channels_last, args.compile_backend), x, reps, cuda)
+                build(provider, width, device, dtype, channels_last, args.compile_backend, x), x, reps, cuda)
         except Exception as error:  # a provider that fails gets an error row, not a silent gap
             print(f"{provider}: {type(error).__name__}: {error}", file=sys.stderr)
             fwd = bwd = "error"
