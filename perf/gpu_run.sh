@@ -8,7 +8,7 @@
 #   4. a ResNet-50 training step: time and peak memory, fused and plain layers, eager; then
 #      compiled (convert_model, then torch.compile of the network) beside torch.compile
 #      (RESNET_COMPILE_PROVIDERS adds fused_compile and the *_compile_graphs providers,
-#      mode="reduce-overhead"; each compile takes about a minute); then eager, captured
+#      mode="reduce-overhead"; Inductor compiles the whole network for each); then eager, captured
 #      whole as CUDA graphs (torch.cuda.make_graphed_callables) and replayed;
 #   5. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py);
 #   6. host time per call on a tiny tensor, ours and torch's (perf/host_profile.py);
