@@ -21,3 +21,11 @@ GENERATED = {
 def test_generated_document_describes_this_code(document):
     text = (ROOT / document).read_text()
     assert stamp() in text, f"{document} is stale: regenerate it with `{GENERATED[document]}`"
+
+
+def test_the_digest_ignores_comments_and_docstrings_but_not_code():
+    from bntriton.provenance import _code_of
+
+    base = _code_of('"""Module."""\ndef f(x):\n    """Doc."""\n    return x + 1  # add one\n')
+    assert base == _code_of('"""Other words."""\ndef f(x):\n    return x + 1\n')
+    assert base != _code_of('"""Module."""\ndef f(x):\n    """Doc."""\n    return x + 2\n')

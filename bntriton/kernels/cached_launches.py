@@ -8,7 +8,7 @@ hold what a geometry fixes, worked out once by the general route's own builders
 (dispatch.py caches one per geometry, as it does :class:`~.normalize.EvalLaunch`); a
 call then allocates its outputs, looks up the arrival counters (per device and stream:
 never cached here) and launches.  The arguments are written out in the kernels' order;
-tests/test_direct_launch.py holds every launch's kernel, grid, arguments and
+tests/test_cached_launches.py holds every launch's kernel, grid, arguments and
 constexprs equal to the general route's (the outputs aside), on both paths.
 
 Plain batch norm only (no epilogue): a fused activation or residual takes the general
