@@ -2,7 +2,7 @@
 
 ``y = act(BN(x) + residual)`` with ``act`` one of ``None, "relu", "leaky_relu", "silu",
 "gelu"`` (gelu: torch's default erf form).  Checks run before anything changes state, as
-in functional.py; the operators are in fused_ops.py.
+in checks.py; the operators are in fused_ops.py.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import fused_ops, ops, traceable
-from .functional import _dense, check_arguments
+from .checks import _dense, check_arguments
 from .kernels import RunningStats
 from .kernels.activations import activation_code
 

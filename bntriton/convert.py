@@ -1,6 +1,7 @@
-"""Ways out of bntriton's layers for deployment: torch's classes back, or batch norm
-folded into the convolution or linear layer before it.
+"""Model conversion, both ways: into bntriton's layers, and out of them for deployment.
 
+* :func:`convert_model` replaces torch's batch norms with bntriton's (and, with
+  ``fuse=True``, fuses batch norm -> (add ->) activation through fuse.py).
 * :func:`revert_model` is the inverse of :func:`~bntriton.convert_model`: every bntriton
   batch norm becomes torch's class again, keeping the very Parameter and buffer objects,
   so a model trained with bntriton can go wherever torch's modules go
@@ -11,8 +12,7 @@ folded into the convolution or linear layer before it.
   disappears into that layer's weight and bias; the rest stay as they are, named in a
   warning with the reason.
 
-convert_model's work lives here too (convert / convert_tree / fuse_sequential_blocks):
-modules.convert_model is its public face.
+convert_model's work: convert / convert_tree / fuse_sequential_blocks.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from . import modules
 from .act_modules import from_batch_norm
 from .conversion_report import ConversionReport
 from .distributed import SyncBatchNorm
+from .fuse import fuse as fuse_graph
 from .layer_patterns import ACTIVATED_BATCH_NORMS, PLAIN_BATCH_NORMS, activation_of, batch_norm_with_activation
 from .mode_aware_trace import FOLDABLE, ModeAwareTracer
 
@@ -146,8 +147,6 @@ def convert(module: nn.Module, fuse: bool) -> tuple[nn.Module, ConversionReport]
     if not fuse or isinstance(module, _BatchNorm):  # a lone batch norm: nothing follows it to fuse
         report = ConversionReport("convert_model(fuse=True)" if fuse else "convert_model")
         return convert_tree(module, report), report
-    from .fuse import fuse as fuse_graph
-
     report = ConversionReport("convert_model(fuse=True)")
     try:
         graph_report = ConversionReport(report.call)
@@ -294,3 +293,31 @@ def _replace_module(root: nn.Module, qualname: str, new: nn.Module) -> None:
     parent_name, _, name = qualname.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, name, new)
+
+
+def convert_model(module: nn.Module, fuse: bool = False, report: bool = False):
+    """Replace every torch ``BatchNorm1d/2d/3d`` in ``module`` by bntriton's, in place.
+
+    A subclass of them that holds its activation as an ``act`` child (timm's
+    ``BatchNormAct2d``) becomes bntriton's ``BatchNormAct*d`` when bntriton has the
+    activation (relu, leaky_relu, silu, gelu, identity).  Every batch norm left as it was
+    (``nn.SyncBatchNorm``, other subclasses, activations bntriton lacks) is named, with the
+    reason, in one warning.
+
+    ``fuse=True`` also fuses BN -> activation and BN -> add -> activation into
+    ``BatchNormAct`` modules: it traces ``module`` with torch.fx, keeping every module whose
+    behaviour depends on the train/eval mode a module (bntriton/mode_aware_trace.py), and
+    returns a new ``torch.fx.GraphModule`` sharing the parameters and buffers, with the
+    original's ``state_dict`` keys.  When the model does not trace, or only traces into a
+    graph that depends on the mode, it warns why, fuses only ``Sequential(..., BN,
+    activation, ...)`` blocks, and converts the rest in place.
+
+    The replacement takes over the original's attributes wholesale: the same Parameter and
+    buffer objects (so optimizers keep working), device, dtype, train/eval mode and hooks.
+    Returns the converted module (a new object when ``module`` itself is replaced), or
+    ``(module, ConversionReport)`` with ``report=True``: which layers were converted, fused
+    or left, and why (``print`` it).
+    """
+    converted, what = convert(module, fuse)
+    what.warn_left(stacklevel=2)
+    return (converted, what) if report else converted

@@ -92,33 +92,3 @@ class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 _OWN_CLASSES = frozenset(_REPLACEMENTS.values())
-
-
-def convert_model(module: nn.Module, fuse: bool = False, report: bool = False):
-    """Replace every torch ``BatchNorm1d/2d/3d`` in ``module`` by bntriton's, in place.
-
-    A subclass of them that holds its activation as an ``act`` child (timm's
-    ``BatchNormAct2d``) becomes bntriton's ``BatchNormAct*d`` when bntriton has the
-    activation (relu, leaky_relu, silu, gelu, identity).  Every batch norm left as it was
-    (``nn.SyncBatchNorm``, other subclasses, activations bntriton lacks) is named, with the
-    reason, in one warning.
-
-    ``fuse=True`` also fuses BN -> activation and BN -> add -> activation into
-    ``BatchNormAct`` modules: it traces ``module`` with torch.fx, keeping every module whose
-    behaviour depends on the train/eval mode a module (bntriton/mode_aware_trace.py), and
-    returns a new ``torch.fx.GraphModule`` sharing the parameters and buffers, with the
-    original's ``state_dict`` keys.  When the model does not trace, or only traces into a
-    graph that depends on the mode, it warns why, fuses only ``Sequential(..., BN,
-    activation, ...)`` blocks, and converts the rest in place.
-
-    The replacement takes over the original's attributes wholesale: the same Parameter and
-    buffer objects (so optimizers keep working), device, dtype, train/eval mode and hooks.
-    Returns the converted module (a new object when ``module`` itself is replaced), or
-    ``(module, ConversionReport)`` with ``report=True``: which layers were converted, fused
-    or left, and why (``print`` it).
-    """
-    from .convert import convert  # convert.py imports the module classes
-
-    converted, what = convert(module, fuse)
-    what.warn_left(stacklevel=2)
-    return (converted, what) if report else converted

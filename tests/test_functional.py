@@ -244,7 +244,7 @@ def test_common_case_shortcut_accepts_only_what_the_full_checks_accept(monkeypat
     # combination of a few ordinary and a few wrong values per argument is tried.
     import itertools
 
-    from bntriton import functional
+    from bntriton import checks
 
     c = 3
     x = torch.randn(4, c, 2)
@@ -257,10 +257,10 @@ def test_common_case_shortcut_accepts_only_what_the_full_checks_accept(monkeypat
             inputs, per_channel, per_channel[:3] + per_channel[5:6], (True, False), (1e-5, 0.0, -1.0, 1), (0.1, None, 1)):
         args = (inp, rm, None if rm is None else good.to(rm.dtype) if rm.dim() == 1 and rm.numel() == c else rm,
                 w, None, training, momentum, eps)
-        if not functional._common_valid_case(*args):
+        if not checks._common_valid_case(*args):
             continue
         accepted += 1
-        monkeypatch.setattr(functional, "_common_valid_case", lambda *a: False)
-        functional.check_arguments(*args)  # the full checks accept it too
+        monkeypatch.setattr(checks, "_common_valid_case", lambda *a: False)
+        checks.check_arguments(*args)  # the full checks accept it too
         monkeypatch.undo()
     assert accepted > 20  # the shortcut does take the common cases

@@ -412,7 +412,7 @@ def _environment(device) -> dict:
     except ImportError:  # verify can judge other implementations without triton
         env["triton"] = None
     try:
-        from .. import __version__
+        from ..version import __version__
 
         env["bntriton"] = __version__
     except ImportError:
