@@ -15,7 +15,7 @@ What the backward keeps (bytes, B = the input's size):
   O(C) (B + numel/8 + O(C));
 * a residual with silu / gelu: x and the residual (z cannot be recomputed without it,
   and its sign is not enough); z is then formed by one more pass and the derivative
-  taken with torch ops (kernels/native_act.py).  In a
+  taken with torch ops (native/activations.py).  In a
   residual network the residual is the block's input, which the block's first
   convolution keeps anyway.
 
@@ -37,7 +37,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .kernels import RunningStats, accumulator_dtype, channel_view, dispatch, native_act
+from . import dispatch
+from .kernels import RunningStats, accumulator_dtype, channel_view
+from .native import activations as native_act
 from .kernels.activations import MASKABLE, Epilogue
 
 ACTIVATION_NAMES = {code: name for name, code in (

@@ -50,7 +50,8 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import autograd, batching, traceable
-from .kernels import RunningStats, accumulator_dtype, channel_view, dispatch
+from . import dispatch
+from .kernels import RunningStats, accumulator_dtype, channel_view
 
 
 def _param_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtype:

@@ -1,12 +1,13 @@
 """The training launches cached per input geometry (kernels/cached_launches.py, looked up
-in kernels/dispatch.py) against the general route: the same kernels, grids, constexprs
+in bntriton/dispatch.py) against the general route: the same kernels, grids, constexprs
 and arguments (each route's own fresh buffers aside, which must line up one for one),
 so their results are the same bits; and where they step aside for the general route."""
 import pytest
 import torch
 
 import bntriton
-from bntriton.kernels import RunningStats, channel_view, dispatch, forced_plan, plans
+from bntriton import dispatch
+from bntriton.kernels import RunningStats, channel_view, forced_plan, plans
 from bntriton.kernels.runtime import DualKernel, accumulator_dtype
 
 pytestmark = pytest.mark.interpreter_only("the kernels' launches themselves; the native path is checked to step aside")

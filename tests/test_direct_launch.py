@@ -222,7 +222,8 @@ def test_cached_eval_launch_passes_what_the_general_route_passes(layout, params)
     """dispatch.eval_launch caches an eval launch per input geometry and writes its
     arguments out itself: the same kernel, grid, arguments (the output aside) and
     constexprs as the general route (view, plan, normalize._launch_affine)."""
-    from bntriton.kernels import channel_view, dispatch
+    from bntriton import dispatch
+    from bntriton.kernels import channel_view
 
     dtype = torch.float16 if params == "fp32_params" else torch.float32
     x = torch.randn((6, 5) if layout == "2d" else (3, 5, 4, 4)).to(dtype)
@@ -251,7 +252,8 @@ def test_cached_eval_launch_passes_what_the_general_route_passes(layout, params)
 
 
 def test_cached_eval_launch_is_per_geometry_and_steps_aside_for_plan_hooks():
-    from bntriton.kernels import dispatch, plans
+    from bntriton import dispatch
+    from bntriton.kernels import plans
 
     x = torch.randn(3, 5, 4, 4)
     w = b = torch.ones(5)

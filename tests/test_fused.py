@@ -476,7 +476,7 @@ def test_fused_training_forward_updates_running_stats_in_its_own_launches(path, 
                 finally:
                     DualKernel.__getitem__ = original
             counts.append(list(launches))
-    from bntriton.kernels import dispatch
+    from bntriton import dispatch
 
     assert dispatch.native(x) or counts[0], "the kernels ran"
     assert counts[0] == counts[1], counts
@@ -497,7 +497,7 @@ def test_native_cpu_inference_composes_torchs_eval_in_place(act, res, dtype, mon
     at an offset where torch's eval folds (4 running stds) and where the exact shift runs
     (1e4); with a gradient to take, or for fp16 / bf16, the exact composition runs.  The
     kernels (interpreter) take the same calls without the mask the backward would read."""
-    from bntriton.kernels import native_act
+    from bntriton.native import activations as native_act
 
     calls = []
     original = native_act._eval_in_place
@@ -567,7 +567,7 @@ def test_fused_training_backward_recomputes_z_from_the_forwards_coefficients(pat
         dy = torch.ones_like(y)
         with traffic.counting(counted):
             y.backward(dy)
-    from bntriton.kernels import dispatch
+    from bntriton import dispatch
 
     if not dispatch.native(x):  # the native path is torch ops throughout
         assert not [k for k in counted.launches if k.startswith("torch.")], counted.launches

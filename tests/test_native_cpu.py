@@ -1,4 +1,4 @@
-"""The native CPU path (kernels/native_cpu.py): a second implementation of the kernels'
+"""The native CPU path (bntriton/native/cpu.py): a second implementation of the kernels'
 algorithm on torch's CPU operations, held to the same oracle and bounds, and compared
 with the kernels themselves (in the interpreter) on the same inputs."""
 from __future__ import annotations
@@ -162,7 +162,7 @@ def test_eval_takes_torchs_single_pass_only_where_it_stays_within_the_bound(offs
     meets the y bound, and the exact shift beyond.  The result stays within the analysis'
     allowance and the y bound at every offset.  Forced at 1e4 stds, the fold leaves the
     bound: there the exact shift is what keeps y within it."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
 
     bound = bound_units("y", torch.float32, 256)
     assert native_cpu._fold_stds(torch.float32, torch.float32, 256) == _FOLD_STDS_256
@@ -196,7 +196,7 @@ def test_low_precision_eval_folds_far_further_out(dtype, offset_in_stds, folds, 
     (16384 for fp16, 131072 for bf16), so eval takes torch's single pass out there too,
     and the exact shift beyond.  Either way y stays within its bound against float64 on
     the same (rounded) input."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
 
     gen = torch.Generator().manual_seed(int(offset_in_stds) + 7)
     args, _, _ = _eval_at_offset(offset_in_stds, gen)
@@ -266,7 +266,7 @@ def test_training_skips_the_shift_only_where_the_fold_is_as_accurate(offset_in_s
     fold's analysis is _fold_is_exact_enough's, tested at its edge above), and is within
     the y bound either side of that edge.  A threshold moved past 2.1 stds fails the
     choice."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
     from bntriton.kernels.layout import channel_view
 
     gen = torch.Generator().manual_seed(int(offset_in_stds * 10) + 7)
@@ -374,7 +374,7 @@ def test_half_precision_training_reads_the_data_as_they_are_within_the_bounds(dt
     and the running statistics are within the bound table against the float64 oracle,
     at a count (50176) where torch's whole-channel fp32 sums leave its running variance
     outside it."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
     from bntriton.kernels.layout import channel_view
 
     gen = torch.Generator().manual_seed(int(offset_in_stds) * 7 + (layout == "nchw") + 3 * (dtype == torch.float16))
@@ -433,7 +433,7 @@ def test_offset_half_statistics_hold_when_every_runs_rounding_aligns(dtype, layo
     and dweight then stay within the quarter of their bounds it budgets; at 16 they are not kept
     (the limit on x_hat's error is 11.96 fp32 eps at this count:
     native_cpu._offset_runs_limits) and the fp32 shift runs.  Within the bounds either way."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
 
     estimates = []
     original = native_cpu._offset_run_errors
@@ -487,7 +487,7 @@ def test_long_channels_are_within_the_bounds(case, offset_in_stds):
     stds) or not (0 and 1.5), with the input's strides and the accumulator's dtypes kept.
     torch's own kernels at this size put the running variance or the parameter gradients
     outside it (native_cpu._runs), so a native path that handed them through fails."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
     from bntriton.kernels.layout import channel_view
     from bntriton.verification import oracle
     from bntriton.verification.bounds import reduction_error
@@ -559,7 +559,7 @@ def test_training_tries_the_unshifted_problem_without_asking_the_first_rows_belo
     beyond two stds); from it on, the first rows decide first, so that data far from zero
     spend no pass on a try that is thrown away.  Either way the result is within the y
     bound and shifted exactly where the mean is beyond two stds."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
     from bntriton.kernels.layout import channel_view
 
     gen = torch.Generator().manual_seed(int(offset_in_stds) + 11 * gated)
@@ -592,7 +592,7 @@ def test_running_update_rounds_as_the_kernels_formula_within_an_ulp(dtype, momen
     accumulator dtype, is within one ulp of the terms' magnitudes of that formula evaluated
     exactly (what its two roundings can cost; the buffers' signs may cancel), over several
     steps, for both buffers and the counter (momentum None: f = 1 / count)."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
 
     gen = torch.Generator().manual_seed(3)
     running_mean = torch.randn(64, generator=gen, dtype=dtype) * 5
@@ -617,7 +617,7 @@ def test_running_update_rounds_as_the_kernels_formula_within_an_ulp(dtype, momen
 def test_running_update_of_buffers_in_another_dtype_rounds_once():
     """fp32 statistics into bf16 running buffers (the buffers' dtype is kept): computed in
     fp32 and rounded once, within half a bf16 ulp of the exact update."""
-    from bntriton.kernels import native_cpu
+    from bntriton.native import cpu as native_cpu
 
     gen = torch.Generator().manual_seed(4)
     running_mean = (torch.randn(64, generator=gen) * 5).bfloat16()

@@ -38,7 +38,7 @@ def test_pivot_is_the_mean_of_the_first_16_rows_or_zero_near_zero(layout):
             if path == "split":
                 stats = batch_stats(view, plan(view), None, None, 1e-5)
             else:
-                _, stats = bntriton.kernels.dispatch.forward_train(view, None, None, 1e-5)
+                _, stats = bntriton.dispatch.forward_train(view, None, None, 1e-5)
         pivot = stats.pivot.cpu().to(torch.float64)
         assert torch.allclose(pivot, expected, rtol=4 * 2.0**-24, atol=0)
         assert pivot[2] == rows[2, 0]
@@ -88,7 +88,7 @@ def test_running_mean_of_centred_data_is_accurate_to_its_size():
     case = Case(shape=(4096, 4), seed=3)
     t = make_tensors(case)
     x = t.xs[0].to(DEVICE)
-    _, stats = bntriton.kernels.dispatch.forward_train(channel_view(x), None, None, 1e-5)
+    _, stats = bntriton.dispatch.forward_train(channel_view(x), None, None, 1e-5)
     exact = x.double().mean(0).cpu()
     std = x.double().std(0).cpu()
     err = ((stats.mean.cpu().double() - exact).abs() / std).max().item()

@@ -1,4 +1,6 @@
-"""Triton kernels for batch normalization, each file one kernel family with its launcher."""
+"""Triton kernels for batch normalization, their launchers and plans only: each file one kernel
+family with its launcher.  bntriton/dispatch.py chooses between them and the native CPU path
+(bntriton/native)."""
 from .backward import batch_norm_grads, grad_sums, input_grad
 from .plans import forced_plan, plan
 from .runtime import accumulator_dtype

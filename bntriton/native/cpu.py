@@ -2,7 +2,7 @@
 
 Triton's interpreter runs the kernels on CPU tensors faithfully but slowly (milliseconds
 per program instance), which is right for verifying them and wrong for people who run a
-model on a CPU.  This module is a second implementation of :mod:`.dispatch`'s functions,
+model on a CPU.  This module is a second implementation of :mod:`bntriton.dispatch`'s functions,
 used for CPU tensors unless ``bntriton.cpu_backend("interpreter")`` /
 ``BNTRITON_CPU_BACKEND=interpreter`` asks for the kernels.
 
@@ -31,9 +31,9 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import ChannelView
-from .runtime import accumulator_dtype
-from .stats import BatchStats
+from ..kernels.layout import ChannelView
+from ..kernels.runtime import accumulator_dtype
+from ..kernels.stats import BatchStats
 
 
 def _matrix(view: ChannelView, t: torch.Tensor) -> torch.Tensor:
@@ -574,7 +574,7 @@ def backward(
     view: ChannelView, dy, weight, pivot, pivot_stride: int, mean_shifted, rstd,
     batch_stats: bool, param_dtype: torch.dtype,
 ):
-    """``(dx, dweight, dbias)``; same contract as :func:`.dispatch.backward`."""
+    """``(dx, dweight, dbias)``; same contract as :func:`bntriton.dispatch.backward`."""
     x = view.tensor
     acc = accumulator_dtype(x.dtype)
     channels = view.channels

@@ -1,28 +1,29 @@
-"""Which implementation runs: for CPU tensors the native path (native_cpu.py, torch's CPU
-operations) unless the interpreter is asked for (runtime.current_cpu_backend); else the
-kernels: the single-read path when a channel block's rows fit on chip (fused.py), else
-the grid-split path (stats.py + normalize.py, backward.py).
+"""Which implementation runs, bntriton/kernels (Triton) or bntriton/native (torch's CPU
+operations): for CPU tensors the native path (native/cpu.py) unless the interpreter is
+asked for (kernels/runtime.py's current_cpu_backend); else the kernels: the single-read
+path when a channel block's rows fit on chip (kernels/fused.py), else the grid-split path
+(kernels/stats.py + kernels/normalize.py, kernels/backward.py).
 
-An ``epilogue`` (activation, residual, 1-bit mask, in-place output; activations.py) is
-a constexpr switch in the kernels; on the native path native_act.py composes it from
-torch ops around native_cpu.py's functions.
+An ``epilogue`` (activation, residual, 1-bit mask, in-place output; kernels/activations.py)
+is a constexpr switch in the kernels; on the native path native/activations.py composes it
+from torch ops around native/cpu.py's functions.
 """
 from __future__ import annotations
 
 import torch
 
-from . import native_act, native_cpu
-from .activations import NO_EPILOGUE, Epilogue
-from .backward import batch_norm_grads, running_grads
-from .fused import fused_backward, fused_forward
-from . import plans
-from .plans import fused_plan, plan, sums_in_epilogue
-from .cached_launches import FusedBackwardLaunch, FusedTrainLaunch, SplitBackwardLaunch, SplitTrainLaunch
-from .layout import ChannelView, view_params
-from .normalize import EvalLaunch, channel_affine, eval_affine
-from .runtime import accumulator_dtype, current_cpu_backend
-from .stats import BatchStats, RunningStats, batch_stats
-from .stats import update_running_stats as _update_running_stats_kernel
+from .native import activations as native_act, cpu as native_cpu
+from .kernels.activations import NO_EPILOGUE, Epilogue
+from .kernels.backward import batch_norm_grads, running_grads
+from .kernels.fused import fused_backward, fused_forward
+from .kernels import plans
+from .kernels.plans import fused_plan, plan, sums_in_epilogue
+from .kernels.cached_launches import FusedBackwardLaunch, FusedTrainLaunch, SplitBackwardLaunch, SplitTrainLaunch
+from .kernels.layout import ChannelView, view_params
+from .kernels.normalize import EvalLaunch, channel_affine, eval_affine
+from .kernels.runtime import accumulator_dtype, current_cpu_backend
+from .kernels.stats import BatchStats, RunningStats, batch_stats
+from .kernels.stats import update_running_stats as _update_running_stats_kernel
 
 
 def _tiles(view: ChannelView, epilogue: Epilogue):

@@ -1,7 +1,7 @@
 """The fused epilogue on the native CPU path: activation, residual, 1-bit mask and
-in-place output composed from torch ops around native_cpu.py's functions.
+in-place output composed from torch ops around native/cpu.py's functions.
 
-Same semantics as the kernels' constexpr switches (activations.py): the pre-activation
+Same semantics as the kernels' constexpr switches (kernels/activations.py): the pre-activation
 ``z = (x - K) * scale + shift [+ residual]`` is formed in the accumulator dtype and
 rounded once, after the activation; the mask has the kernels' layout (bit ``r % 8`` of
 byte ``(r // 8, c)``, rows in the view's order); the backward takes dy through
@@ -16,10 +16,10 @@ from dataclasses import replace
 
 import torch
 
-from . import native_cpu
-from .activations import Epilogue
-from .layout import ChannelView
-from .runtime import accumulator_dtype
+from . import cpu as native_cpu
+from ..kernels.activations import Epilogue
+from ..kernels.layout import ChannelView
+from ..kernels.runtime import accumulator_dtype
 
 
 def _bcast(view: ChannelView, c: torch.Tensor) -> torch.Tensor:
