@@ -269,7 +269,7 @@ def test_every_batch_norm_left_is_named_in_one_warning(fuse):
     assert "approximate='tanh'" in reasons["4"]
     assert [type(converted.get_submodule(str(i))).__name__ for i in range(1, 6)] == [
         "BatchNormWithAct2d", "OwnForwardBatchNorm", "SyncBatchNorm", "BatchNormWithAct2d", "BatchNorm2d"]
-    assert type(converted.get_submodule("5")).__module__ == "bntriton.modules"
+    assert type(converted.get_submodule("5")).__module__ == "bntriton.nn.modules"
 
 
 def _assert_folds_everything(model, x, pairs):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..modules import BatchNorm1d
+from ..nn.modules import BatchNorm1d
 from ..verification.bounds import EPS, identity_units
 from .data import Dataset
 from .models import batch_norms, mlp

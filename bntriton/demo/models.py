@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules import BatchNorm1d
+from ..nn.modules import BatchNorm1d
 
 NORMS = ("none", "before", "after")
 INITS = ("he", "small")

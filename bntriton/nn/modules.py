@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import batch_norm_with_counter, evaluate
+from ..functional import batch_norm_with_counter, evaluate
 
 
 def batch_norm_arguments(module) -> tuple:

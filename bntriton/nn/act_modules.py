@@ -13,8 +13,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .activated import batch_norm_act
-from .kernels.activations import activation_code
+from ..activated import batch_norm_act
+from ..kernels.activations import activation_code
 from .modules import batch_norm_arguments
 
 

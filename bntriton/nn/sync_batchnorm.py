@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import modules
-from .functional import check_arguments
-from .kernels import (
+from ..functional import check_arguments
+from ..kernels import (
     channel_affine, channel_view, combine_ranks, grad_sums, input_grad, pack_rank_stats, plan,
     update_running_stats,
 )

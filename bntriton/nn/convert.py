@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import modules
 from .act_modules import from_batch_norm
 from .conversion_report import ConversionReport
-from .distributed import SyncBatchNorm
+from .sync_batchnorm import SyncBatchNorm
 from .fuse import fuse as fuse_graph
 from .layer_patterns import ACTIVATED_BATCH_NORMS, PLAIN_BATCH_NORMS, activation_of, batch_norm_with_activation
 from .mode_aware_trace import FOLDABLE, ModeAwareTracer
@@ -306,7 +306,7 @@ def convert_model(module: nn.Module, fuse: bool = False, report: bool = False):
 
     ``fuse=True`` also fuses BN -> activation and BN -> add -> activation into
     ``BatchNormAct`` modules: it traces ``module`` with torch.fx, keeping every module whose
-    behaviour depends on the train/eval mode a module (bntriton/mode_aware_trace.py), and
+    behaviour depends on the train/eval mode a module (bntriton/nn/mode_aware_trace.py), and
     returns a new ``torch.fx.GraphModule`` sharing the parameters and buffers, with the
     original's ``state_dict`` keys.  When the model does not trace, or only traces into a
     graph that depends on the mode, it warns why, fuses only ``Sequential(..., BN,
