@@ -353,8 +353,9 @@ def _eval_backward(ctx, grad_y):
 
 def _eval_jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_mean, tangent_var, _tangent_eps):
     x, weight, bias, running_mean, running_var = ctx.saved_tensors
-    # Dual running statistics are refused before the forward (checks.check_arguments);
-    # what arrives here for them is a zero tangent.
+    # Tangents on the running statistics are refused before the forward where torch
+    # refuses them (checks.check_arguments: in eval, with a tangent on the input too);
+    # elsewhere they are ignored here, as torch ignores them.
     return autograd.eval_jvp(x, weight, bias, running_mean, running_var, ctx.eps,
                              tangent_x, tangent_weight, tangent_bias)
 

@@ -49,9 +49,9 @@ def count(fn) -> tuple[int, int, int]:
     finally:
         sys.setprofile(None)
         runtime.DualKernel.__getitem__ = original
-    # The two frames of this function's own calls (fn itself and the restore's lambda
-    # never run: setprofile(None) ends counting first) are not the call's.
-    return frames[True], frames[False] - 1, len(launches)
+    # Not the call's own: fn's frame, and the stub's two per launch (__getitem__ and
+    # the launch it returns), which stand in for Triton's launcher.
+    return frames[True], frames[False] - 1 - 2 * len(launches), len(launches)
 
 
 def calls(module_cls, x: torch.Tensor):
