@@ -7,8 +7,9 @@ interpreter.  So every front-end test (modules, functional, autograd, compile, e
 fused layers, verification, demo) runs once on each: the autouse fixture
 ``cpu_backend_under_test`` is parametrized ``[native]`` / ``[interpreter]`` and sets the
 backend (also in the environment, for subprocesses such as the distributed tests).  The
-kernel modules (:data:`KERNEL_MODULES`) test the kernels themselves and run on the
-interpreter only; a front-end test that is kernel-only by design carries
+modules in :data:`KERNEL_MODULES` run once: those that test the kernels themselves on the
+interpreter, the rest (documents, import graph, traced kernels) need no backend choice;
+a front-end test that is kernel-only by design carries
 ``@pytest.mark.interpreter_only("why, in one line")``.  On a CUDA host the front-end tests
 run once, on the native path for their CPU tensors (the interpreter's CPU pass is the
 CPU machines' job).  ``BNTRITON_CPU_BACKEND`` set by the caller narrows every test to

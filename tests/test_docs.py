@@ -27,7 +27,7 @@ _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 def _blocks():
     for path in DOCUMENTS:
         text = path.read_text()
-        for number, match in enumerate(_BLOCK.finditer(text), 1):
+        for match in _BLOCK.finditer(text):
             line = text[:match.start()].count("\n") + 1
             yield pytest.param(match.group(1), id=f"{path.relative_to(ROOT)}:{line}")
 
