@@ -51,7 +51,7 @@ from torch.autograd import forward_ad
 
 from . import autograd, batching, traceable
 from . import dispatch
-from .kernels import RunningStats, accumulator_dtype, channel_view
+from .kernels import RunningStats, accumulator_dtype, channel_view, launch_cache
 
 
 def _param_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtype:
@@ -132,7 +132,7 @@ def distinct_outputs(outputs: tuple) -> tuple:
 def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
     """:func:`_train_impl`, also updating ``running`` (contiguous, non-empty batch) in the
     same launches: the eager path's training forward (the op must stay functional)."""
-    launch = dispatch.train_launch(x, weight, bias, running)  # the common case: cached per geometry
+    launch = launch_cache.train_launch(x, weight, bias, running)  # the common case: cached per geometry
     if launch is not None:
         return launch(x, weight, bias, eps, running)
     view = channel_view(x)
@@ -182,7 +182,7 @@ def _eval_impl(
     running_var: Tensor,
     eps: float,
 ) -> Tensor:
-    launch = dispatch.eval_launch(x, weight, bias)  # the common case: its launch cached per geometry
+    launch = launch_cache.eval_launch(x, weight, bias)  # the common case: its launch cached per geometry
     if launch is not None:
         return launch(x, weight, bias, running_mean, running_var, eps)
     view = channel_view(x)
@@ -212,7 +212,7 @@ def _backward_impl(
     the running statistics.  ``pivot`` is what the forward subtracted first: the train
     op's ``pivot`` output, or the running mean."""
     if running_mean is None:
-        launch = dispatch.backward_launch(x, grad_out, weight)  # the common case: cached per geometry
+        launch = launch_cache.backward_launch(x, grad_out, weight)  # the common case: cached per geometry
         if launch is not None:
             return launch(grad_out, x, weight, pivot, mean_shifted, rstd)
     view = channel_view(x)
@@ -245,7 +245,7 @@ def _eval_backward_impl(
     """Gradients of ``batch_norm_eval``: rstd from the running variance inside the
     kernels, so that no launch computes it (``batch_norm_backward`` takes it computed)."""
     view = channel_view(x)
-    return dispatch.backward_running(view, view.same_layout(grad_out), weight, running_mean, running_var, eps,
+    return dispatch.backward_eval(view, view.same_layout(grad_out), weight, running_mean, running_var, eps,
                                      param_dtype=_param_dtype(x, weight))
 
 

@@ -33,7 +33,7 @@ KERNEL_MODULES = {
     "test_native_cpu", "test_reference", "test_perf_tooling", "test_pivot_rule",
     "test_inductor_kernels",  # fake CUDA tensors: no CPU backend involved
     "test_docs",  # the documents' examples, as a user runs them: the default backend
-    "test_generated_docs", "test_host_frames", "test_import_graph",
+    "test_generated_docs", "test_host_frames", "test_import_graph", "test_backend_contract",
 }
 _CHOSEN = os.environ.get("BNTRITON_CPU_BACKEND")
 if _CHOSEN:

@@ -1,5 +1,5 @@
 """The training launches cached per input geometry (kernels/cached_launches.py, looked up
-in bntriton/dispatch.py) against the general route: the same kernels, grids, constexprs
+in bntriton/kernels/launch_cache.py) against the general route: the same kernels, grids, constexprs
 and arguments (each route's own fresh buffers aside, which must line up one for one),
 so their results are the same bits; and where they step aside for the general route."""
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 import bntriton
 from bntriton import dispatch
+from bntriton.kernels import launch_cache
 from bntriton.kernels import RunningStats, channel_view, forced_plan, plans
 from bntriton.kernels.runtime import DualKernel, accumulator_dtype
 
@@ -98,7 +99,7 @@ def test_cached_training_forward_passes_what_the_general_route_passes(layout, si
         for params, running_kind in cases:
             x, w, b, param_dtype = _inputs(layout, size, params)
             running = _running(running_kind, param_dtype)
-            launch = dispatch.train_launch(x, w, b, running)
+            launch = launch_cache.train_launch(x, w, b, running)
             assert launch is not None, (params, running_kind)
             cached_out = launch(x, w, b, 1e-3, running)
             cached = rec.take()
@@ -121,7 +122,7 @@ def test_cached_backward_passes_what_the_general_route_passes(layout, size, plan
             dy = torch.randn_like(x)
             acc = accumulator_dtype(x.dtype)
             pivot, mean_s, rstd = torch.randn(5, dtype=acc), torch.randn(5, dtype=acc), torch.rand(5, dtype=acc)
-            launch = dispatch.backward_launch(x, dy, w)
+            launch = launch_cache.backward_launch(x, dy, w)
             assert launch is not None
             cached_out = launch(dy, x, w, pivot, mean_s, rstd)
             cached = rec.take()
@@ -163,34 +164,34 @@ def test_cached_launches_are_per_geometry_and_plan_and_step_aside():
     w = b = torch.ones(5)
     running = RunningStats(torch.zeros(5), torch.ones(5), torch.zeros((), dtype=torch.long), 0.1)
     with bntriton.cpu_backend("interpreter"):
-        train = dispatch.train_launch(x, w, b, running)
-        assert dispatch.train_launch(x.clone(), w, b, running._replace(mean=torch.zeros(5))) is train
-        assert dispatch.train_launch(x.to(memory_format=torch.channels_last), w, b, running) is not train
-        assert dispatch.train_launch(x, None, b, running) is not train
-        assert dispatch.train_launch(x, w, b, None) is not train
-        assert dispatch.train_launch(x, w, b, running._replace(momentum=None)) is not train
-        assert dispatch.train_launch(x, w, b, running._replace(num_batches_tracked=None)) is not train
-        assert dispatch.train_launch(x, w, b, running._replace(num_batches_tracked=None, momentum=None)) is None
-        assert dispatch.train_launch(x[:, :, :, :3], w, b, running) is None  # read through a copy
-        assert dispatch.train_launch(x[:0], w, b, running) is None  # no rows
-        backward = dispatch.backward_launch(x, torch.randn_like(x), w)
-        assert backward is not None and dispatch.backward_launch(x, torch.randn_like(x), None) is not backward
+        train = launch_cache.train_launch(x, w, b, running)
+        assert launch_cache.train_launch(x.clone(), w, b, running._replace(mean=torch.zeros(5))) is train
+        assert launch_cache.train_launch(x.to(memory_format=torch.channels_last), w, b, running) is not train
+        assert launch_cache.train_launch(x, None, b, running) is not train
+        assert launch_cache.train_launch(x, w, b, None) is not train
+        assert launch_cache.train_launch(x, w, b, running._replace(momentum=None)) is not train
+        assert launch_cache.train_launch(x, w, b, running._replace(num_batches_tracked=None)) is not train
+        assert launch_cache.train_launch(x, w, b, running._replace(num_batches_tracked=None, momentum=None)) is None
+        assert launch_cache.train_launch(x[:, :, :, :3], w, b, running) is None  # read through a copy
+        assert launch_cache.train_launch(x[:0], w, b, running) is None  # no rows
+        backward = launch_cache.backward_launch(x, torch.randn_like(x), w)
+        assert backward is not None and launch_cache.backward_launch(x, torch.randn_like(x), None) is not backward
         # A gradient of other strides (a sum's expanded one) is copied first by the general route.
-        assert dispatch.backward_launch(x, torch.ones(()).expand_as(x), w) is None
+        assert launch_cache.backward_launch(x, torch.ones(()).expand_as(x), w) is None
         for planned in (132, 108):
             with plans.planned_for(planned):
-                assert dispatch.train_launch(x, w, b, running) not in (None, train)
-                assert dispatch.backward_launch(x, torch.randn_like(x), w) not in (None, backward)
+                assert launch_cache.train_launch(x, w, b, running) not in (None, train)
+                assert launch_cache.backward_launch(x, torch.randn_like(x), w) not in (None, backward)
         with plans.planned_for(132):
-            h100 = dispatch.train_launch(x, w, b, running)
+            h100 = launch_cache.train_launch(x, w, b, running)
             with plans.planned_for(108):
-                assert dispatch.train_launch(x, w, b, running) is not h100
+                assert launch_cache.train_launch(x, w, b, running) is not h100
         with forced_plan(path="split"):
-            assert dispatch.train_launch(x, w, b, running) is None
-            assert dispatch.backward_launch(x, torch.randn_like(x), w) is None
+            assert launch_cache.train_launch(x, w, b, running) is None
+            assert launch_cache.backward_launch(x, torch.randn_like(x), w) is None
     with bntriton.cpu_backend("native"):
-        assert dispatch.train_launch(x, w, b, running) is None  # the native CPU path decides itself
-        assert dispatch.backward_launch(x, torch.randn_like(x), w) is None
+        assert launch_cache.train_launch(x, w, b, running) is None  # the native CPU path decides itself
+        assert launch_cache.backward_launch(x, torch.randn_like(x), w) is None
 
 
 @pytest.mark.parametrize("layout, planned, shape", [
@@ -208,7 +209,7 @@ def test_module_training_step_on_the_cached_route_is_bit_identical(layout, plann
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     dy = torch.randn_like(x)
-    dispatch._LAUNCHES.clear()
+    launch_cache._LAUNCHES.clear()
     with bntriton.cpu_backend("interpreter"), plans.planned_for(planned) if planned else _nothing():
         module = bntriton.BatchNorm2d(channels)
         with torch.no_grad():
@@ -225,8 +226,8 @@ def test_module_training_step_on_the_cached_route_is_bit_identical(layout, plann
         grads = dispatch.backward(view, dy, module.weight.detach(), stats.pivot, 1, stats.mean_shifted, stats.rstd,
                                   batch_stats=True, param_dtype=torch.float32)
     # The module's step took the cached launches.
-    kinds = {key[0] for key, launch in dispatch._LAUNCHES.items() if launch is not None}
-    assert {dispatch._TRAIN, dispatch._BACKWARD} <= kinds
+    kinds = {key[0] for key, launch in launch_cache._LAUNCHES.items() if launch is not None}
+    assert {launch_cache._TRAIN, launch_cache._BACKWARD} <= kinds
     assert routes == ({"combine"} if shape[0] == 8 else {"single-read"} if planned is None else {"sums in epilogue"})
     for got, want in ((y, y_ref), (leaf.grad, grads[0]), (module.weight.grad, grads[1]),
                       (module.bias.grad, grads[2]), (module.running_mean, running.mean),

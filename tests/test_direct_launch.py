@@ -219,10 +219,11 @@ def _recording():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
 @pytest.mark.parametrize("params", ["both", "no_weight", "no_bias", "fp32_params"])
 def test_cached_eval_launch_passes_what_the_general_route_passes(layout, params):
-    """dispatch.eval_launch caches an eval launch per input geometry and writes its
+    """launch_cache.eval_launch caches an eval launch per input geometry and writes its
     arguments out itself: the same kernel, grid, arguments (the output aside) and
     constexprs as the general route (view, plan, normalize._launch_affine)."""
     from bntriton import dispatch
+    from bntriton.kernels import launch_cache
     from bntriton.kernels import channel_view
 
     dtype = torch.float16 if params == "fp32_params" else torch.float32
@@ -235,7 +236,7 @@ def test_cached_eval_launch_passes_what_the_general_route_passes(layout, params)
     w = None if params == "no_weight" else w
     b = None if params == "no_bias" else b
     with _recording() as seen:
-        launch = dispatch.eval_launch(x, w, b)
+        launch = launch_cache.eval_launch(x, w, b)
         assert launch is not None
         launch(x, w, b, rm, rv, 1e-3)
         dispatch.forward_eval(channel_view(x), w, b, rm, rv, 1e-3)
@@ -252,28 +253,28 @@ def test_cached_eval_launch_passes_what_the_general_route_passes(layout, params)
 
 
 def test_cached_eval_launch_is_per_geometry_and_steps_aside_for_plan_hooks():
-    from bntriton import dispatch
+    from bntriton.kernels import launch_cache
     from bntriton.kernels import plans
 
     x = torch.randn(3, 5, 4, 4)
     w = b = torch.ones(5)
     with bntriton.cpu_backend("interpreter"):
-        nchw = dispatch.eval_launch(x, w, b)
-        assert dispatch.eval_launch(x.clone(), w, b) is nchw  # same geometry, same launch
-        assert dispatch.eval_launch(x.to(memory_format=torch.channels_last), w, b) is not nchw
-        assert dispatch.eval_launch(x.double(), w.double(), b.double()) is not nchw
-        assert dispatch.eval_launch(x, None, b) is not nchw
-        assert dispatch.eval_launch(x[:, :, :, :3], w, b) is None  # read through a copy
-        assert dispatch.eval_launch(x[:0], w, b) is None  # no rows
+        nchw = launch_cache.eval_launch(x, w, b)
+        assert launch_cache.eval_launch(x.clone(), w, b) is nchw  # same geometry, same launch
+        assert launch_cache.eval_launch(x.to(memory_format=torch.channels_last), w, b) is not nchw
+        assert launch_cache.eval_launch(x.double(), w.double(), b.double()) is not nchw
+        assert launch_cache.eval_launch(x, None, b) is not nchw
+        assert launch_cache.eval_launch(x[:, :, :, :3], w, b) is None  # read through a copy
+        assert launch_cache.eval_launch(x[:0], w, b) is None  # no rows
         with forced_plan(block_rows=16):
-            assert dispatch.eval_launch(x, w, b) is None
+            assert launch_cache.eval_launch(x, w, b) is None
         with plans.planned_for(132):  # plans for another GPU: launches of their own
-            h100 = dispatch.eval_launch(x, w, b)
+            h100 = launch_cache.eval_launch(x, w, b)
             assert h100 not in (None, nchw)
             with plans.planned_for(108):
-                assert dispatch.eval_launch(x, w, b) not in (None, h100)
+                assert launch_cache.eval_launch(x, w, b) not in (None, h100)
     with bntriton.cpu_backend("native"):
-        assert dispatch.eval_launch(x, w, b) is None  # the native CPU path decides itself
+        assert launch_cache.eval_launch(x, w, b) is None  # the native CPU path decides itself
 
 
 def test_non_dense_eval_input_is_copied_once():

@@ -1,0 +1,123 @@
+"""The kernels' launches cached per input geometry, for eager calls on plain tensors.
+
+A model calls each batch norm with the same few geometries on every step; working out
+the view and the plans on every call cost an eval call ~5 us of host time (a sixth of
+torch's whole call) and a training call dozens of frames.  The front end asks here
+first (:func:`eval_launch`, :func:`train_launch`, :func:`backward_launch`) and takes
+the general route (bntriton/dispatch.py) when the answer is None.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import plans
+from .cached_launches import FusedBackwardLaunch, FusedTrainLaunch, SplitBackwardLaunch, SplitTrainLaunch
+from .layout import ChannelView, view_params
+from .normalize import EvalLaunch
+from .plans import fused_plan, plan, sums_in_epilogue
+from .runtime import current_cpu_backend
+from .stats import RunningStats
+
+
+# Cached per geometry: shape, strides, dtype, device, which optional tensors exist,
+# and the SM count plans are made for under plans.planned_for.
+# Only eager calls on plain tensors on the kernels' route use them: the native CPU path
+# decides for itself, traced tensors take the general route, and plans forced by a test
+# hook are not part of the key, so nothing cached is used (or kept) under one.
+_LAUNCHES: dict = {}
+_MAX_LAUNCHES = 1024
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_EVAL, _TRAIN, _BACKWARD = 0, 1, 2
+# plans' hook state, read here without a call per lookup (both are mutated in place).
+_FORCED, _PLANNED_SM_COUNT = plans._FORCED, plans._PLANNED_SM_COUNT
+
+
+def _cached_view(x: torch.Tensor) -> ChannelView | None:
+    """``x``'s view, or None where the general route decides: an input the kernels read
+    through a copy (channel_view would copy it, and the general route then again) or
+    with no rows or channels."""
+    params = view_params(tuple(x.shape), x.stride())
+    if params is None or params[0] == 0 or params[1] == 0:
+        return None
+    return ChannelView(x, *params)
+
+
+def _remember(key, launch):
+    if len(_LAUNCHES) >= _MAX_LAUNCHES:
+        _LAUNCHES.clear()
+    _LAUNCHES[key] = launch
+    return launch
+
+
+def eval_launch(x: torch.Tensor, weight, bias) -> EvalLaunch | None:
+    """The cached launch of :func:`forward_eval` without an epilogue for ``x``, or None
+    where the general route decides (see :func:`_cached_view` and the note above)."""
+    if type(x) not in _PLAIN or _FORCED or x.is_cpu and current_cpu_backend() == "native":
+        return None
+    key = (_EVAL, x.shape, x.stride(), x.dtype, x.get_device(), weight is None, bias is None,
+           _PLANNED_SM_COUNT[-1] if _PLANNED_SM_COUNT else None)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        view = _cached_view(x)
+        if view is None:
+            return None
+        launch = _remember(key, EvalLaunch(view, plan(view), weight is not None, bias is not None))
+    return launch
+
+
+def train_launch(x: torch.Tensor, weight, bias, running: RunningStats | None):
+    """The cached launches of :func:`forward_train` without an epilogue for ``x``, updating
+    ``running`` (dense buffers) when given: a callable ``(x, weight, bias, eps, running)
+    -> (y, mean_shifted, rstd, mean, var_unbiased, pivot)``, or None where the general
+    route decides."""
+    if type(x) not in _PLAIN or _FORCED or x.is_cpu and current_cpu_backend() == "native":
+        return None
+    if running is None:
+        flags = None
+    else:
+        counter = running.num_batches_tracked is not None
+        cumulative = running.momentum is None
+        if cumulative and not counter:
+            return None  # an error the general route raises
+        flags = (counter, cumulative)
+    key = (_TRAIN, x.shape, x.stride(), x.dtype, x.get_device(), weight is None, bias is None, flags,
+           _PLANNED_SM_COUNT[-1] if _PLANNED_SM_COUNT else None)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        view = _cached_view(x)
+        if view is None:
+            return None
+        has = (weight is not None, bias is not None, running is not None, *(flags or (False, False)))
+        single_read = fused_plan(view)
+        if single_read is not None:
+            launch = FusedTrainLaunch(view, single_read, *has)
+        else:
+            launch = SplitTrainLaunch(view, plan(view), *has)
+        launch = _remember(key, launch)
+    return launch
+
+
+def backward_launch(x: torch.Tensor, dy: torch.Tensor, weight):
+    """The cached launches of :func:`backward` under batch statistics without an
+    epilogue: a callable ``(dy, x, weight, pivot, mean_shifted, rstd) -> (dx, dweight,
+    dbias)``, or None where the general route decides (also for a ``dy`` of other
+    strides than ``x``, which that route copies first)."""
+    if (type(x) not in _PLAIN or _FORCED or x.is_cpu and current_cpu_backend() == "native"
+            or type(dy) not in _PLAIN or dy.stride() != x.stride()):
+        return None
+    key = (_BACKWARD, x.shape, x.stride(), x.dtype, x.get_device(), weight is None,
+           _PLANNED_SM_COUNT[-1] if _PLANNED_SM_COUNT else None)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        view = _cached_view(x)
+        if view is None:
+            return None
+        single_read = fused_plan(view)
+        if single_read is not None:
+            launch = FusedBackwardLaunch(view, single_read, weight is not None)
+        else:
+            split = plan(view)
+            launch = SplitBackwardLaunch(view, split, weight is not None,
+                                         combine=not sums_in_epilogue(split, x.element_size()))
+        launch = _remember(key, launch)
+    return launch
