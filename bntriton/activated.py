@@ -2,7 +2,7 @@
 
 ``y = act(BN(x) + residual)`` with ``act`` one of ``None, "relu", "leaky_relu", "silu",
 "gelu"`` (gelu: torch's default erf form).  Checks run before anything changes state, as
-in checks.py; the operators are in fused_ops.py.
+in checks.py; the operators are in ops/activated.py.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import fused_ops, ops, traceable
+from .ops import activated as activated_ops, batch_norm as plain_ops, traceable
 from .checks import _dense, check_arguments
 from .kernels import RunningStats
 from .kernels.activations import activation_code
@@ -51,7 +51,7 @@ def batch_norm_act(
     inplace: bool = False,
 ) -> Tensor:
     """``act(batch_norm(input) + residual)``; ``inplace``: write into ``input`` and keep only
-    the output for the backward (see fused_ops.InplaceABN for the conditions)."""
+    the output for the backward (see activated_ops.InplaceABN for the conditions)."""
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -61,29 +61,29 @@ def batch_norm_act(
     if not training and running_mean is not None:
         running_mean, running_var = _dense(running_mean), _dense(running_var)
     if not training and running_mean is not None and traceable.capturing():
-        # Export / tracing: standard operations that run outside bntriton (traceable.py).
+        # Export / tracing: standard operations that run outside bntriton (ops/traceable.py).
         return traceable.evaluate_act(input, weight, bias, running_mean, running_var, eps, residual, code, slope)
     if inplace and torch.compiler.is_compiling():
         inplace = False  # traced graphs get the out-of-place op (same values; see README)
     if inplace:
-        fused_ops._check_inplace(input, weight, code, slope, residual, training)
+        activated_ops._check_inplace(input, weight, code, slope, residual, training)
     if not training:
         if inplace:
-            return fused_ops.InplaceABN.apply(
+            return activated_ops.InplaceABN.apply(
                 input, weight, bias, running_mean, running_var, eps, code, slope, training)[0]
-        return fused_ops.evaluate(input, weight, bias, running_mean, running_var, residual, eps, code, slope)[0]
+        return activated_ops.evaluate(input, weight, bias, running_mean, running_var, residual, eps, code, slope)[0]
     running = None
     if running_mean is not None and input.numel() > 0:
         running = RunningStats(running_mean, running_var, num_batches_tracked,
                                None if momentum is None else float(momentum))
     if inplace:
-        y, mean, var_unbiased = fused_ops.InplaceABN.apply(
+        y, mean, var_unbiased = activated_ops.InplaceABN.apply(
             input, weight, bias, running_mean, running_var, eps, code, slope, training)
         if running is not None:
-            ops.update(running.mean, running.var, running.num_batches_tracked, mean, var_unbiased, running.momentum)
+            plain_ops.update(running.mean, running.var, running.num_batches_tracked, mean, var_unbiased, running.momentum)
     else:
         # The eager path updates the running statistics inside the statistics' launches.
-        y = fused_ops.train(input, weight, bias, residual, eps, code, slope, running)[0]
+        y = activated_ops.train(input, weight, bias, residual, eps, code, slope, running)[0]
     if running is None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)  # no statistics, or an empty batch: they stay (as torch)
     return y

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .ops import _PLAIN_TYPES
+from .ops.routes import PLAIN_TYPES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -60,7 +60,7 @@ def _common_valid_case(input, running_mean, running_var, weight, bias, training,
     the common case (plain CPU / CUDA tensors, dense per-channel tensors of C elements on
     the input's device in one accepted dtype, nothing needing a gradient it cannot have);
     False whenever anything is unusual, and the full checks then decide."""
-    if type(input) not in _PLAIN_TYPES or not (input.is_cuda or input.is_cpu) or input.dim() < 2:
+    if type(input) not in PLAIN_TYPES or not (input.is_cuda or input.is_cpu) or input.dim() < 2:
         return False
     dtype = input.dtype
     if dtype not in SUPPORTED_DTYPES or type(eps) is not float or not (
@@ -82,7 +82,7 @@ def _common_valid_case(input, running_mean, running_var, weight, bias, training,
     for t in (running_mean, running_var, weight, bias):
         if t is None:
             continue
-        if type(t) not in _PLAIN_TYPES or t.shape != (channels,) or t.device != device or not t.is_contiguous():
+        if type(t) not in PLAIN_TYPES or t.shape != (channels,) or t.device != device or not t.is_contiguous():
             return False
         if param_dtype is None:
             param_dtype = t.dtype

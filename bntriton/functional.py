@@ -9,7 +9,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import ops
+from .ops import batch_norm as plain_ops
 from .activated import batch_norm_act
 from .checks import _common_valid_case, _dense, check_arguments
 from .kernels import RunningStats
@@ -91,7 +91,7 @@ def batch_norm_with_counter(
     elif num_batches_tracked is not None:
         # An empty batch leaves the running statistics as they are (as torch).
         num_batches_tracked.add_(1)
-    return ops.train(input, weight, bias, eps, running)[0]
+    return plain_ops.train(input, weight, bias, eps, running)[0]
 
 
 def evaluate(
@@ -112,4 +112,4 @@ def evaluate(
         check_arguments(input, running_mean, running_var, weight, bias, False, momentum, eps)
         weight, bias, running_mean, running_var = (_dense(t) for t in (weight, bias, running_mean, running_var))
         eps = float(eps)
-    return ops.evaluate(input, weight, bias, running_mean, running_var, eps)
+    return plain_ops.evaluate(input, weight, bias, running_mean, running_var, eps)

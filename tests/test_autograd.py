@@ -19,8 +19,8 @@ from torch.autograd import forward_ad, gradcheck, gradgradcheck
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, stack_module_state, vmap
 
 import bntriton
-from bntriton import autograd as composite
-from bntriton import ops
+from bntriton.ops import composite
+from bntriton.ops import batch_norm as ops
 from bntriton.verification.bounds import bound_units, normwise_error
 
 from conftest import DEVICE

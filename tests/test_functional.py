@@ -120,7 +120,7 @@ def test_bad_input_raises_clear_error_and_changes_nothing(index):
 @pytest.mark.parametrize("training", [True, False])
 def test_eager_fast_path_matches_the_registered_ops_bitwise(training):
     """Eager calls skip torch.library's dispatch; the ops (used when tracing) must agree."""
-    from bntriton import ops
+    from bntriton.ops import batch_norm as ops
 
     x = torch.randn(5, 3, 4, device=DEVICE)
     w, b = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
@@ -174,7 +174,7 @@ def test_eager_running_update_matches_the_registered_ops_bitwise(path, momentum)
     """Eager training forwards update the running statistics inside the statistics'
     launches (split path) or right after them (single-read path); the registered ops
     update them in a launch of their own.  Same bits either way, counter included."""
-    from bntriton import ops
+    from bntriton.ops import batch_norm as ops
     from bntriton.kernels import RunningStats, forced_plan
 
     x = torch.randn(4, 3, 5, device=DEVICE) * 3 + 2

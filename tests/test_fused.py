@@ -422,7 +422,7 @@ def test_native_cpu_path_matches_float64_composition_and_the_kernels_mask(act, r
     with bntriton.cpu_backend("native"):
         test_matches_float64_composition(act, res, layout, dtype, training, None)
     if res and act in ("relu", "leaky_relu"):
-        from bntriton import fused_ops
+        from bntriton.ops import activated as fused_ops
 
         gen = torch.Generator().manual_seed(4)
         x = _tensor(SHAPES[layout], layout, dtype, gen)
@@ -540,7 +540,7 @@ def test_fused_training_backward_recomputes_z_from_the_forwards_coefficients(pat
     import pathlib
     import sys
 
-    from bntriton import fused_ops
+    from bntriton.ops import activated as fused_ops
 
     spec = importlib.util.spec_from_file_location(
         "perf_traffic", pathlib.Path(__file__).resolve().parents[1] / "perf" / "traffic.py")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bntriton
-from bntriton import ops
+from bntriton.ops import batch_norm as ops
 from bntriton.kernels.plans import forced_plan
 
 from conftest import DEVICE

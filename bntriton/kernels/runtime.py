@@ -167,7 +167,7 @@ class DualKernel:
             if tensor.is_cuda:
                 if type(tensor) not in _TENSOR_TYPES:
                     # Traced (fake or functional tensors: torch.compile's view of the ops in
-                    # ops.py): recorded as a call of this kernel, which Inductor copies into
+                    # ops/): recorded as a call of this kernel, which Inductor copies into
                     # its generated code and launches itself.
                     return torch.library.wrap_triton(self.compiled)[grid](*args, **meta)
                 return self.direct.launch(self.compiled, grid, args, meta)

@@ -61,7 +61,7 @@ One launch, in two steps:
    the backward use, folds weight and bias into a per-channel ``scale`` / ``shift``, and
    writes the mean ``(K + mean_shifted) + correction`` (the correction restores what
    rounding ``mean_shifted`` lost, so the mean is accurate to its own size) and the
-   unbiased variance.  Given the running statistics (eager calls: see ops.py), it also
+   unbiased variance.  Given the running statistics (eager calls: see ops/batch_norm.py), it also
    updates its channels' running statistics, with the momentum read from
    ``num_batches_tracked``; the last block to finish (a second counter, counting blocks)
    bumps the counter after every block has read it.  A training forward on the split

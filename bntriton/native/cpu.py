@@ -16,7 +16,7 @@ norm then takes the statistics of the shifted problem (its CPU reductions accumu
 in fp64), normalizes ``(x - K) - mean_shifted`` and takes the gradients.  Its saved mean
 *is* ``mean_shifted`` and its saved inverse std is ``rstd``; the unbiased variance comes
 from its running-variance update with momentum 1 on a zero buffer.  Outputs are the
-kernels' (same fields, dtypes, strides), so ops.py, autograd and tracing cannot tell the
+kernels' (same fields, dtypes, strides), so the ops, autograd and tracing cannot tell the
 two apart; ``bntriton verify`` and the tests hold both to the same oracle and bounds.
 
 Each function works on a dense matrix form of the view that torch's fast CPU loops

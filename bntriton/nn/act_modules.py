@@ -3,7 +3,7 @@
 Subclasses of torch's ``BatchNorm1d/2d/3d`` (constructor, ``state_dict`` and
 ``isinstance`` are torch's), computing ``act(BN(input) + residual)`` in one pass.
 ``inplace=True`` writes the output into the input's storage and keeps only the output
-for the backward (in-place activated batch norm, see fused_ops.InplaceABN): it needs
+for the backward (in-place activated batch norm, see ops/activated.py, InplaceABN): it needs
 ``activation=None`` or ``"leaky_relu"`` with ``negative_slope > 0``, no residual, and a
 weight with no zero entry when training.
 """

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import accumulator_dtype
-from .kernels.activations import ACTIVATIONS
+from ..kernels import accumulator_dtype
+from ..kernels.activations import ACTIVATIONS
 
 
 def capturing() -> bool:

@@ -1,6 +1,6 @@
 """Batch norm with a fused epilogue: ``y = act(BN(x) + residual)``, as ``torch.library`` ops.
 
-The plain operators (ops.py) stay as they are; the activated path has its own ops so
+The plain operators (batch_norm.py) stay as they are; the activated path has its own ops so
 that either side can change without the other:
 
 * ``batch_norm_act_train``: ``(y, mean_shifted, rstd, mean, var_unbiased, mask)``;
@@ -27,7 +27,7 @@ positive slope) and a weight with no zero (checked: one host read of C values pe
 training call, a clear error instead of a NaN gradient).
 
 Double backward is not supported on the fused path: it raises (never a silently missing
-term).  Eager calls on plain tensors skip torch.library's dispatch as ops.py does.
+term).  Eager calls on plain tensors skip torch.library's dispatch as batch_norm.py does.
 """
 from __future__ import annotations
 
@@ -36,11 +36,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
-from . import dispatch
-from .kernels import RunningStats, accumulator_dtype, channel_view
-from .native import activations as native_act
-from .kernels.activations import MASKABLE, Epilogue
+from .. import dispatch
+from ..kernels import RunningStats, accumulator_dtype, channel_view
+from ..kernels.activations import MASKABLE, Epilogue
+from ..native import activations as native_act
+from . import batch_norm
+from .registration import distinct_outputs, kernel_op
+from .routes import bare_apply, foldable, plain, records_graph
 
 ACTIVATION_NAMES = {code: name for name, code in (
     (None, 0), ("relu", 1), ("leaky_relu", 2), ("silu", 3), ("gelu", 4))}
@@ -80,7 +82,7 @@ def _train_impl(
     """``(y, mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale, act_shift)``:
     the last two are the scale and shift y was formed with (``z = (x - K) * act_scale +
     act_shift``), which the backward recomputes z from; empty without an activation."""
-    return ops.distinct_outputs(_train_and_update(x, weight, bias, residual, eps, activation, slope, None))
+    return distinct_outputs(_train_and_update(x, weight, bias, residual, eps, activation, slope, None))
 
 
 def _train_and_update(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats]):
@@ -106,7 +108,7 @@ def _coefficients_like(x: Tensor, activation: int) -> tuple[Tensor, Tensor]:
     return tuple(x.new_zeros(channels, dtype=accumulator_dtype(x.dtype)) for _ in range(2))
 
 
-batch_norm_act_train, _batch_norm_act_train_opaque = ops.kernel_op("batch_norm_act_train", _train_impl)
+batch_norm_act_train, _batch_norm_act_train_opaque = kernel_op("batch_norm_act_train", _train_impl)
 
 
 @_batch_norm_act_train_opaque.register_fake
@@ -129,7 +131,7 @@ def _eval_impl(
     return dispatch.forward_eval(view, weight, bias, running_mean, running_var, eps, epilogue), mask
 
 
-batch_norm_act_eval, _batch_norm_act_eval_opaque = ops.kernel_op("batch_norm_act_eval", _eval_impl)
+batch_norm_act_eval, _batch_norm_act_eval_opaque = kernel_op("batch_norm_act_eval", _eval_impl)
 
 
 @_batch_norm_act_eval_opaque.register_fake
@@ -190,7 +192,7 @@ def _backward_impl(
     return dx, dweight, dbias, dresidual
 
 
-batch_norm_act_backward, _batch_norm_act_backward_opaque = ops.kernel_op(
+batch_norm_act_backward, _batch_norm_act_backward_opaque = kernel_op(
     "batch_norm_act_backward", _backward_impl)
 
 
@@ -302,29 +304,29 @@ class _EagerActEval(torch.autograd.Function):
         return _eval_backward(ctx, grad_y, grad_mask)
 
 
-_eager_act_train_apply = ops.bare_apply(_EagerActTrain)
-_eager_act_eval_apply = ops.bare_apply(_EagerActEval)
+_eager_act_train_apply = bare_apply(_EagerActTrain)
+_eager_act_eval_apply = bare_apply(_EagerActEval)
 
 
 def train(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats] = None):
     """``batch_norm_act_train``, and with ``running`` given the running-statistics update:
     inside the statistics' launches on the eager path, by one more launch otherwise."""
-    if ops._plain(x, weight, bias, residual):
-        fold = running is not None and ops._foldable(running)
+    if plain(x, weight, bias, residual):
+        fold = running is not None and foldable(running)
         output = _eager_act_train_apply(x, weight, bias, residual, eps, activation, slope, running if fold else None)
         if fold:
             return output
     else:
         output = batch_norm_act_train(x, weight, bias, residual, eps, activation, slope)
     if running is not None:
-        ops.update(running.mean, running.var, running.num_batches_tracked, output[3], output[4], running.momentum)
+        batch_norm.update(running.mean, running.var, running.num_batches_tracked, output[3], output[4], running.momentum)
     return output
 
 
 def evaluate(x, weight, bias, running_mean, running_var, residual, eps, activation, slope):
     args = (x, weight, bias, running_mean, running_var, residual, eps, activation, slope)
-    if ops._plain(x, weight, bias, running_mean, running_var, residual):
-        if not ops._records_graph(x, weight, bias, residual):
+    if plain(x, weight, bias, running_mean, running_var, residual):
+        if not records_graph(x, weight, bias, residual):
             return _inference(*args)
         return _eager_act_eval_apply(*args)
     return batch_norm_act_eval(*args)
@@ -344,7 +346,7 @@ def _inference(x, weight, bias, running_mean, running_var, residual, eps, activa
 
 def _backward(*args):
     tensors = [a for a in args if isinstance(a, Tensor)]
-    op = _backward_impl if ops._plain(*tensors) else batch_norm_act_backward
+    op = _backward_impl if plain(*tensors) else batch_norm_act_backward
     return op(*args)
 
 

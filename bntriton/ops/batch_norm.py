@@ -25,8 +25,8 @@ not record skip the Function altogether.
 
 Beyond the first derivative: a backward that must itself be differentiable or batched
 (``create_graph=True``, torch.func, gradcheck's batched checks) runs as torch ops
-(:mod:`bntriton.autograd`); forward mode (``jvp``) too.  vmap folds the vmapped dimension
-into the channels (:mod:`bntriton.batching`), for the eager path and the registered ops.
+(:mod:`.composite`); forward mode (``jvp``) too.  vmap folds the vmapped dimension
+into the channels (:mod:`.batching`), for the eager path and the registered ops.
 
 Arguments are checked by :mod:`bntriton.functional` before these run: the ops assume
 valid input, so a failing call never reaches the point where state changes.
@@ -41,17 +41,21 @@ parameters gives an fp16 / bf16 output and fp32 statistics), and so do these.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from torch.autograd import forward_ad
 
-from . import autograd, batching, traceable
-from . import dispatch
-from .kernels import RunningStats, accumulator_dtype, channel_view, launch_cache
+from .. import dispatch
+from ..kernels import RunningStats, accumulator_dtype, channel_view, launch_cache
+from . import batching, composite, traceable
+from .registration import distinct_outputs, kernel_op
+from .routes import (
+    EAGER, PLAIN_TYPES, TRANSFORMED, bare_apply, composite_backward, functorch_active,
+    is_legacy_batched, plain, requires_grad, route, unwrap_if_dead,
+)
 
 
 def _param_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtype:
@@ -63,70 +67,11 @@ def _per_channel(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1], dtype=accumulator_dtype(x.dtype))
 
 
-# ---------------------------------------------------------------------- registration
-#
-# Each op is a torch.library.triton_op: under torch.compile, on CUDA tensors of static
-# shape, AOTAutograd runs the op's implementation itself and every kernel launch in it is
-# recorded as a wrap_triton call (kernels/runtime.py, DualKernel), which Inductor copies
-# into its generated code and launches itself: no bntriton Python per call inside a
-# compiled graph, CUDA graphs under mode="reduce-overhead", AOTInductor packages.  Where
-# that cannot work, the implementation runs as an opaque op when the graph runs
-# (``bntriton::<name>_opaque``, whose fake the caller registers): CPU tensors (the native
-# path reads values on the host to choose its route; the interpreter is no kernel
-# Inductor can launch), and symbolic sizes (plans and grids are worked out from concrete
-# ones).  torch.export keeps the op itself in either case.
-
-
-def _kernels_visible(args) -> bool:
-    """Whether a traced call can be decomposed into its kernels' launches."""
-    for a in args:
-        if isinstance(a, Tensor):
-            if a.device.type != "cuda":
-                return False
-            for n in (*a.shape, *a.stride()):
-                if type(n) is not int:
-                    return False
-    return True
-
-
-def kernel_op(name: str, impl: Callable, mutates_args=()):
-    """``(op, opaque)``: ``impl`` registered as ``bntriton::<name>`` (a triton_op) and as
-    its opaque fallback ``bntriton::<name>_opaque``."""
-    opaque = torch.library.custom_op(f"bntriton::{name}_opaque", impl, mutates_args=mutates_args)
-
-    @functools.wraps(impl)
-    def decomposed_where_possible(*args):
-        return impl(*args) if _kernels_visible(args) else opaque(*args)
-
-    op = torch.library.triton_op(f"bntriton::{name}", decomposed_where_possible, mutates_args=mutates_args)
-    return op, opaque
-
-
 def _train_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean_shifted, rstd, mean, var_unbiased, pivot)`` from the batch's statistics."""
     return distinct_outputs(_train_and_update(x, weight, bias, eps, None))
-
-
-def distinct_outputs(outputs: tuple) -> tuple:
-    """``outputs`` with every tensor that shares memory with an earlier one cloned.
-
-    A registered op may not return one tensor twice (torch.compile, torch.export and
-    opcheck refuse it), yet the native CPU path returns its batch mean as both ``mean``
-    and ``mean_shifted`` when the pivot is 0 (the two are equal then).  Only the ops pay
-    for the copy (C values); the eager path keeps the shared tensor.
-    """
-    seen = set()
-    fresh = []
-    for t in outputs:
-        if type(t) is Tensor and t.numel():  # (traced outputs are the kernels': never shared)
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen:
-                t = t.clone()
-            seen.add(ptr)
-        fresh.append(t)
-    return tuple(fresh)
 
 
 def _train_and_update(x, weight, bias, eps, running: Optional[RunningStats]):
@@ -265,24 +210,8 @@ def _(grad_out, x, weight, running_mean, running_var, eps):
 # First-order backward: the kernels.  When the backward must itself be differentiable
 # (``create_graph=True``: double backward, gradient penalties, MAML) or runs under a
 # torch.func transform (batched gradients), the same formulas run as torch ops
-# (:mod:`bntriton.autograd`), which autograd and vmap differentiate and batch exactly.
+# (:mod:`.composite`), which autograd and vmap differentiate and batch exactly.
 # Forward mode (``jvp``) uses the saved statistics.
-
-
-def _composite_backward(*tensors) -> bool:
-    """Whether the backward must be built from differentiable / vmappable torch ops."""
-    if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(tensors[0]):
-        return True  # torch.func, or autograd.grad(is_grads_batched=True) (gradcheck's batched check)
-    return _requires_grad(tensors) if torch.is_grad_enabled() else False
-
-
-def _requires_grad(tensors) -> bool:
-    """Whether any of ``tensors`` (None allowed) requires grad; a loop, since a generator
-    expression costs ~1 us more per call on this hot path."""
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
 
 
 def _train_setup(ctx, inputs, output):
@@ -305,12 +234,12 @@ def _train_save(ctx, inputs, output):
 
 def _train_backward(ctx, grad_y, *_grads_of_statistics):
     x, weight, mean_shifted, rstd, pivot = ctx.saved_tensors
-    # _composite_backward, written out (a frame less on every backward): outside
+    # composite_backward, written out (a frame less on every backward): outside
     # create_graph, grad mode is off while a backward runs.
-    if (_functorch_active() or _is_legacy_batched(grad_y)
-            or torch.is_grad_enabled() and _requires_grad((grad_y, x, weight))):
-        dx, dweight, dbias = autograd.train_backward(grad_y, x, weight, ctx.eps)
-    elif _route(grad_y, x, weight, mean_shifted, rstd, pivot) == _EAGER:
+    if (functorch_active() or is_legacy_batched(grad_y)
+            or torch.is_grad_enabled() and requires_grad((grad_y, x, weight))):
+        dx, dweight, dbias = composite.train_backward(grad_y, x, weight, ctx.eps)
+    elif route(grad_y, x, weight, mean_shifted, rstd, pivot) == EAGER:
         dx, dweight, dbias = _backward_impl(grad_y, x, weight, None, mean_shifted, rstd, pivot)
     else:
         dx, dweight, dbias = batch_norm_backward(grad_y, x, weight, None, mean_shifted, rstd, pivot)
@@ -324,7 +253,7 @@ def _train_backward(ctx, grad_y, *_grads_of_statistics):
 
 def _train_jvp(ctx, tangent_x, tangent_weight, tangent_bias, _tangent_eps):
     x, weight, bias, mean_shifted, rstd, pivot = ctx.saved_tensors
-    tangent_y = autograd.train_jvp(x, weight, bias, pivot, mean_shifted, rstd, tangent_x, tangent_weight,
+    tangent_y = composite.train_jvp(x, weight, bias, pivot, mean_shifted, rstd, tangent_x, tangent_weight,
                                    tangent_bias)
     # The statistics are non-differentiable outputs: no tangent.
     return tangent_y, None, None, None, None, None
@@ -342,11 +271,11 @@ def _eval_setup(ctx, inputs, output):
 
 def _eval_backward(ctx, grad_y):
     x, weight, running_mean, running_var = ctx.saved_tensors
-    if _composite_backward(grad_y, x, weight):
-        dx, dweight, dbias = autograd.eval_backward(grad_y, x, weight, running_mean, running_var, ctx.eps)
+    if composite_backward(grad_y, x, weight):
+        dx, dweight, dbias = composite.eval_backward(grad_y, x, weight, running_mean, running_var, ctx.eps)
     else:
         tensors = (grad_y, x, weight, running_mean, running_var)
-        op = _eval_backward_impl if _plain(*tensors) else batch_norm_eval_backward
+        op = _eval_backward_impl if plain(*tensors) else batch_norm_eval_backward
         dx, dweight, dbias = op(*tensors, ctx.eps)
     return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None, None, None
 
@@ -356,72 +285,11 @@ def _eval_jvp(ctx, tangent_x, tangent_weight, tangent_bias, tangent_mean, tangen
     # Tangents on the running statistics are refused before the forward where torch
     # refuses them (checks.check_arguments: in eval, with a tangent on the input too);
     # elsewhere they are ignored here, as torch ignores them.
-    return autograd.eval_jvp(x, weight, bias, running_mean, running_var, ctx.eps,
+    return composite.eval_jvp(x, weight, bias, running_mean, running_var, ctx.eps,
                              tangent_x, tangent_weight, tangent_bias)
 
 
 batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
-
-
-# ----------------------------------------------------------- eager calls, without dispatch
-#
-# torch.library's Python dispatch costs 10-25 us per call on the host, more than a whole
-# small batch norm takes on a GPU.  Eager calls on plain tensors therefore run the same
-# implementations and autograd formulas through a bare autograd.Function; anything being
-# traced (torch.compile, torch.export, fake or functional tensors) goes through the ops.
-# Under torch.func transforms (grad, vmap, jvp, functional_call ensembles) a second
-# Function runs: torch.func needs a separate setup_context and takes a vmap rule
-# (:mod:`bntriton.batching`), which the plain path does without (binding arguments for
-# setup_context costs ~20 us per call).
-
-
-def _route(*tensors) -> int:
-    """_EAGER for ordinary tensors, _TRANSFORMED under torch.func, _TRACED for anything
-    being traced (fake, functional, proxy tensors; torch.compile)."""
-    if torch.compiler.is_compiling():
-        return _TRACED
-    for t in tensors:
-        if t is not None and type(t) not in _PLAIN_TYPES:
-            return _TRACED
-    return _TRANSFORMED if _functorch_active() else _EAGER
-
-
-_EAGER, _TRANSFORMED, _TRACED = 0, 1, 2
-_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_functorch_active = torch._C._are_functorch_transforms_active
-_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
-
-
-def _plain(*tensors) -> bool:
-    """True for eager calls on ordinary tensors (not fake, functional, traced or under torch.func)."""
-    return _route(*tensors) == _EAGER
-
-
-def _forward_ad_active() -> bool:
-    return forward_ad._current_level >= 0
-
-
-# forward(ctx, ...) rather than a separate setup_context: the latter binds arguments with
-# inspect.signature on every call (~20 us).  Forward mode (torch.autograd.forward_ad)
-# works on this path too: jvp reads what save_for_forward kept, only when a dual level is open.
-
-
-def bare_apply(function: type) -> Callable:
-    """``function.apply`` for eager calls, without ``autograd.Function.apply``'s Python
-    layer (~10 us per call on a CPU host, half of the whole apply).  Outside torch.func
-    transforms, and for a Function without ``setup_context`` (these take ``ctx`` in
-    ``forward``), all that layer does before the C++ ``apply`` is unwrap any tensor a
-    finished transform left behind (a dead functorch wrapper); done here alike."""
-    c_apply = super(torch.autograd.Function, function).apply
-    unwrap = getattr(torch._C._functorch, "unwrap_if_dead", None)
-    if unwrap is None:  # a torch without it: its own apply
-        return function.apply
-
-    def apply(*args):
-        return c_apply(*[unwrap(a) if isinstance(a, Tensor) else a for a in args])
-
-    return apply
 
 
 class _EagerTrain(torch.autograd.Function):
@@ -536,23 +404,15 @@ class _TransformedEval(torch.autograd.Function):
         return batching.eval_rule(evaluate, info, in_dims, x, weight, bias, running_mean, running_var, eps)
 
 
-def _records_graph(*tensors) -> bool:
-    """Whether autograd (reverse or forward mode) would record this call; when not
-    (inference, frozen layers), eager calls skip ``autograd.Function.apply``."""
-    if _forward_ad_active():
-        return True
-    return _requires_grad(tensors) if torch.is_grad_enabled() else False
-
-
 def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
     """``batch_norm_train`` and, with ``running`` given, the running-statistics update:
     eager fast path (one set of launches does both), torch.func path or the registered
     ops."""
-    route = _route(x, weight, bias)
-    # (_foldable and _records_graph written out: two to four frames less per call.)
-    if route == _EAGER and (running is None or (
-            type(running.mean) in _PLAIN_TYPES and type(running.var) in _PLAIN_TYPES
-            and (running.num_batches_tracked is None or type(running.num_batches_tracked) in _PLAIN_TYPES)
+    way = route(x, weight, bias)
+    # (foldable and records_graph written out: two to four frames less per call.)
+    if way == EAGER and (running is None or (
+            type(running.mean) in PLAIN_TYPES and type(running.var) in PLAIN_TYPES
+            and (running.num_batches_tracked is None or type(running.num_batches_tracked) in PLAIN_TYPES)
             and running.mean.is_contiguous() and running.var.is_contiguous())):
         if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and (
                 x.requires_grad or weight is not None and weight.requires_grad
@@ -562,30 +422,18 @@ def train(x, weight, bias, eps, running: Optional[RunningStats] = None):
         # wrappers without its frames.
         sink = []
         y = _eager_train_c_apply(
-            _unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
-            None if bias is None else _unwrap_if_dead(bias), eps, running, sink)
+            unwrap_if_dead(x), None if weight is None else unwrap_if_dead(weight),
+            None if bias is None else unwrap_if_dead(bias), eps, running, sink)
         return (y, *sink[0][1:])
-    if route == _TRANSFORMED:
+    if way == TRANSFORMED:
         output = _TransformedTrain.apply(x, weight, bias, eps)
-    elif route == _EAGER:
+    elif way == EAGER:
         output = _eager_train(x, weight, bias, eps, None)
     else:
         output = batch_norm_train(x, weight, bias, eps)
     if running is not None:
         update(running.mean, running.var, running.num_batches_tracked, output[3], output[4], running.momentum)
     return output
-
-
-def _foldable(running: RunningStats) -> bool:
-    """Whether the statistics' launches can update ``running`` themselves: plain, dense
-    buffers (the kernel writes C consecutive elements).  Called on the eager route only,
-    so the tensors' types are all there is to check."""
-    counter = running.num_batches_tracked
-    return (
-        type(running.mean) in _PLAIN_TYPES and type(running.var) in _PLAIN_TYPES
-        and (counter is None or type(counter) in _PLAIN_TYPES)
-        and running.mean.is_contiguous() and running.var.is_contiguous()
-    )
 
 
 def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
@@ -600,7 +448,7 @@ def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, m
         running_mean.copy_(dense[0])
         running_var.copy_(dense[1])
         return
-    op = _update_impl if _plain(*tensors) else update_running_stats
+    op = _update_impl if plain(*tensors) else update_running_stats
     op(*tensors, momentum)
 
 
@@ -608,23 +456,23 @@ def evaluate(x, weight, bias, running_mean, running_var, eps):
     """``batch_norm_eval``: eager fast path, torch.func path or the registered op; plain
     torch operations while a graph that leaves bntriton is captured (export, tracing: see
     traceable.py)."""
-    route = _route(x, weight, bias, running_mean, running_var)
+    way = route(x, weight, bias, running_mean, running_var)
     # torch.jit.trace and the TorchScript ONNX exporter record plain tensors; torch.export
     # and the dynamo ONNX exporter trace (fake tensors, or Dynamo itself).
-    if traceable.eager_capturing() if route == _EAGER else traceable.capturing():
+    if traceable.eager_capturing() if way == EAGER else traceable.capturing():
         return traceable.evaluate(x, weight, bias, running_mean, running_var, eps)
-    if route == _EAGER:
-        # (_records_graph written out: a frame or three less per call.)
+    if way == EAGER:
+        # (records_graph written out: a frame or three less per call.)
         if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and (
                 x.requires_grad or weight is not None and weight.requires_grad
                 or bias is not None and bias.requires_grad)):
             return _eval_impl(x, weight, bias, running_mean, running_var, eps)
         # bare_apply's unwrapping of dead functorch wrappers, written out.
         return _eager_eval_c_apply(
-            _unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
-            None if bias is None else _unwrap_if_dead(bias),
-            (_unwrap_if_dead(running_mean), _unwrap_if_dead(running_var), eps))
-    if route == _TRANSFORMED:
+            unwrap_if_dead(x), None if weight is None else unwrap_if_dead(weight),
+            None if bias is None else unwrap_if_dead(bias),
+            (unwrap_if_dead(running_mean), unwrap_if_dead(running_var), eps))
+    if way == TRANSFORMED:
         return _TransformedEval.apply(x, weight, bias, running_mean, running_var, eps)
     return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
 

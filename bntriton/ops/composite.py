@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import accumulator_dtype
+from ..kernels import accumulator_dtype
 
 
 def _channel_shape(x: Tensor) -> tuple:
