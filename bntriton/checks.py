@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from .kernels.activations import activation_code
 from .ops.routes import PLAIN_TYPES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -186,3 +187,20 @@ def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
     """A per-channel tensor the kernels can read as C consecutive values: an expanded
     (stride 0) or strided view is copied (differentiably, for weight and bias)."""
     return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def check_epilogue(input: Tensor, activation, residual: Optional[Tensor], negative_slope) -> int:
+    """Raise for a bad activation / residual / slope; return the activation's code."""
+    code = activation_code(activation)
+    if not isinstance(negative_slope, (float, int)) or isinstance(negative_slope, bool):
+        raise TypeError(f"negative_slope must be a float, got {type(negative_slope).__name__}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+        if residual.device != input.device:
+            raise RuntimeError(f"residual is on {residual.device} but input is on {input.device}")
+    return code

@@ -1,17 +1,20 @@
-"""``bntriton.batch_norm``: ``torch.nn.functional.batch_norm``'s signature and semantics.
+"""``bntriton.batch_norm``: ``torch.nn.functional.batch_norm``'s signature and semantics,
+with an optional fused epilogue ``act(BN(x) + residual)``.
 
-Arguments are checked first (checks.py), before any operator runs, so a call that raises
-has changed nothing.
+One path for both: a call with no activation and no residual is plain batch norm
+(ops/batch_norm.py, the hot path); anything else runs the activated operators
+(ops/activated.py).  Arguments are checked first (checks.py), before any operator runs,
+so a call that raises has changed nothing.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from .ops import batch_norm as plain_ops
-from .activated import batch_norm_act
-from .checks import _common_valid_case, _dense, check_arguments
+from .checks import _common_valid_case, _dense, check_arguments, check_epilogue
+from .ops import activated as activated_ops, batch_norm as plain_ops, traceable
 from .kernels import RunningStats
 
 
@@ -43,7 +46,8 @@ def batch_norm(
     statistics.  Differentiable in ``input``, ``weight`` and ``bias``.
 
     Keyword-only extras fuse the epilogue: ``act(BN(input) + residual)`` with
-    ``activation`` in ``None, "relu", "leaky_relu", "silu", "gelu"`` (see activated.py).
+    ``activation`` in ``None, "relu", "leaky_relu", "silu", "gelu"`` (gelu: torch's default
+    erf form; see :func:`batch_norm_act`).
     """
     if activation is not None or residual is not None:
         return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, None,
@@ -113,3 +117,58 @@ def evaluate(
         weight, bias, running_mean, running_var = (_dense(t) for t in (weight, bias, running_mean, running_var))
         eps = float(eps)
     return plain_ops.evaluate(input, weight, bias, running_mean, running_var, eps)
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor] = None,
+    *,
+    activation=None,
+    residual: Optional[Tensor] = None,
+    negative_slope: float = 0.01,
+    inplace: bool = False,
+) -> Tensor:
+    """``act(batch_norm(input) + residual)``; ``inplace``: write into ``input`` and keep only
+    the output for the backward (see activated_ops.InplaceABN for the conditions)."""
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    code = check_epilogue(input, activation, residual, negative_slope)
+    eps, slope = float(eps), float(negative_slope)
+    weight, bias = _dense(weight), _dense(bias)
+    if not training and running_mean is not None:
+        running_mean, running_var = _dense(running_mean), _dense(running_var)
+    if not training and running_mean is not None and traceable.capturing():
+        # Export / tracing: standard operations that run outside bntriton (ops/traceable.py).
+        return traceable.evaluate_act(input, weight, bias, running_mean, running_var, eps, residual, code, slope)
+    if inplace and torch.compiler.is_compiling():
+        inplace = False  # traced graphs get the out-of-place op (same values; see README)
+    if inplace:
+        activated_ops._check_inplace(input, weight, code, slope, residual, training)
+    if not training:
+        if inplace:
+            return activated_ops.InplaceABN.apply(
+                input, weight, bias, running_mean, running_var, eps, code, slope, training)[0]
+        return activated_ops.evaluate(input, weight, bias, running_mean, running_var, residual, eps, code, slope)[0]
+    running = None
+    if running_mean is not None and input.numel() > 0:
+        running = RunningStats(running_mean, running_var, num_batches_tracked,
+                               None if momentum is None else float(momentum))
+    if inplace:
+        y, mean, var_unbiased = activated_ops.InplaceABN.apply(
+            input, weight, bias, running_mean, running_var, eps, code, slope, training)
+        if running is not None:
+            plain_ops.update(running.mean, running.var, running.num_batches_tracked, mean, var_unbiased, running.momentum)
+    else:
+        # The eager path updates the running statistics inside the statistics' launches.
+        y = activated_ops.train(input, weight, bias, residual, eps, code, slope, running)[0]
+    if running is None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # no statistics, or an empty batch: they stay (as torch)
+    return y

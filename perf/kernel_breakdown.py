@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import bntriton  # noqa: E402
-from bntriton.activated import batch_norm_act  # noqa: E402
+from bntriton.functional import batch_norm_act  # noqa: E402
 
 SHAPES = [
     ((256, 64, 112, 112), torch.channels_last, torch.bfloat16),

@@ -129,7 +129,7 @@ def test_fold_batch_norm_leaves_a_layer_with_other_users():
 
 def test_batch_norm_with_a_fused_activation_folds_keeping_its_activation_and_is_not_reverted():
     """Folding must not drop the activation; reverting would (no torch class has it)."""
-    from bntriton.nn.act_modules import BatchNormAct2d
+    from bntriton.nn.modules import BatchNormAct2d
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2))

@@ -3,10 +3,9 @@ bntriton's functional layer), ``BatchNormAct1d/2d/3d`` (batch norm + activation,
 residual and in place), ``SyncBatchNorm``, and ``convert_model`` / ``revert_model`` /
 ``fold_batch_norm`` with what they need: the tracer that keeps mode-dependent modules as
 modules, the layer patterns that can be taken over, graph fusion and ``ConversionReport``."""
-from .act_modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .conversion_report import ConversionReport
 from .convert import convert_model, fold_batch_norm, revert_model
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .sync_batchnorm import SyncBatchNorm
 
 __all__ = [

@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import modules
-from .act_modules import from_batch_norm
+from .modules import from_batch_norm
 from .conversion_report import ConversionReport
 from .sync_batchnorm import SyncBatchNorm
 from .fuse import fuse as fuse_graph

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .act_modules import from_batch_norm
+from .modules import from_batch_norm
 from .conversion_report import ConversionReport
 from .layer_patterns import PLAIN_BATCH_NORMS, activation_of, batch_norm_with_activation
 from .mode_aware_trace import trace_mode_independent

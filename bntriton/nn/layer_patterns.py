@@ -18,7 +18,7 @@ from typing import Optional, Union
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .act_modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .modules import _REPLACEMENTS
 
 # Exact classes: a subclass of nn.ReLU (say) may compute something else.
