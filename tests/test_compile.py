@@ -486,7 +486,7 @@ def test_export_eval_matches_eager():
     model.eval()
     (x, _), = _batches(1, seed=1)
     exported = torch.export.export(model, (x,))
-    # Eval is recorded as standard operations (bntriton/traceable.py): the exported
+    # Eval is recorded as standard operations (bntriton/ops/traceable.py): the exported
     # program runs where bntriton is not installed (ONNX, AOTInductor; tests/test_deploy.py).
     assert _bntriton_ops(exported) == set()
     with torch.no_grad():

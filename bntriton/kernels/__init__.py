@@ -1,6 +1,7 @@
-"""Triton kernels for batch normalization, their launchers and plans only: each file one kernel
-family with its launcher.  bntriton/dispatch.py chooses between them and the native CPU path
-(bntriton/native)."""
+"""Triton kernels for batch normalization, their launchers and plans only: each kernel file
+one kernel family with its launcher; backend.py the four calls the front end makes on them
+(bntriton/dispatch.py chooses between them and the native CPU path, bntriton/native);
+cached_launches.py and launch_cache.py the launches worked out once per input geometry."""
 from .backward import batch_norm_grads, grad_sums, input_grad
 from .plans import forced_plan, plan
 from .runtime import accumulator_dtype

@@ -5,7 +5,7 @@ dtype, device, which of weight / bias / running statistics exist) on every step,
 working out the view, the plans, grids, sizes and constexprs each time cost a training
 call dozens of Python frames before its first launch (perf/frames.py).  These classes
 hold what a geometry fixes, worked out once by the general route's own builders
-(bntriton/dispatch.py caches one per geometry, as it does :class:`~.normalize.EvalLaunch`); a
+(launch_cache.py caches one per geometry, as it does :class:`~.normalize.EvalLaunch`); a
 call then allocates its outputs, looks up the arrival counters (per device and stream:
 never cached here) and launches.  The arguments are written out in the kernels' order;
 tests/test_cached_launches.py holds every launch's kernel, grid, arguments and

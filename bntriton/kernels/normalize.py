@@ -177,7 +177,7 @@ def grad_affine(
 
 class EvalLaunch:
     """The eval forward's launch for one input geometry, with no epilogue: its grid, the
-    view's sizes and strides and the constexprs worked out once (bntriton/dispatch.py caches one per
+    view's sizes and strides and the constexprs worked out once (kernels/launch_cache.py caches one per
     geometry), so that an eval call only allocates its output and launches.  Grid and
     constexprs come from :func:`eval_affine`'s builders; the arguments are written out
     (building them through ``_arguments`` costs a call and the epilogue's placeholders),

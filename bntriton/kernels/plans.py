@@ -29,7 +29,7 @@ class Plan:
     int64: bool
 
 
-# The hooks' state, mutated in place: bntriton/dispatch.py reads both for its launches cached per
+# The hooks' state, mutated in place: launch_cache.py reads both for its launches cached per
 # geometry (none is used under a forced plan; the planned SM count is part of their keys).
 _FORCED: dict = {}
 _PLANNED_SM_COUNT: list = []  # planned_for()'s SM count, innermost last

@@ -455,7 +455,7 @@ def update(running_mean, running_var, num_batches_tracked, mean, var_unbiased, m
 def evaluate(x, weight, bias, running_mean, running_var, eps):
     """``batch_norm_eval``: eager fast path, torch.func path or the registered op; plain
     torch operations while a graph that leaves bntriton is captured (export, tracing: see
-    traceable.py)."""
+    ops/traceable.py)."""
     way = route(x, weight, bias, running_mean, running_var)
     # torch.jit.trace and the TorchScript ONNX exporter record plain tensors; torch.export
     # and the dynamo ONNX exporter trace (fake tensors, or Dynamo itself).
