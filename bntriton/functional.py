@@ -136,15 +136,22 @@ def batch_norm_act(
     inplace: bool = False,
 ) -> Tensor:
     """``act(batch_norm(input) + residual)``; ``inplace``: write into ``input`` and keep only
-    the output for the backward (see activated_ops.InplaceABN for the conditions)."""
+    the output for the backward (see ops/activated.py, InplaceABN, for the conditions).
+    With no activation, no residual and not in place, this is plain batch norm."""
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if activation is None and residual is None and not inplace and type(negative_slope) in (float, int):
+        # Plain batch norm (a bad slope takes the path below, which raises in torch's order).
+        return batch_norm_with_counter(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                       num_batches_tracked)
+    if not _common_valid_case(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        # Anything unusual: the full checks, then dense copies of strided per-channel tensors.
+        check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        weight, bias = _dense(weight), _dense(bias)
+        if not training and running_mean is not None:
+            running_mean, running_var = _dense(running_mean), _dense(running_var)
     code = check_epilogue(input, activation, residual, negative_slope)
     eps, slope = float(eps), float(negative_slope)
-    weight, bias = _dense(weight), _dense(bias)
-    if not training and running_mean is not None:
-        running_mean, running_var = _dense(running_mean), _dense(running_var)
     if not training and running_mean is not None and traceable.capturing():
         # Export / tracing: standard operations that run outside bntriton (ops/traceable.py).
         return traceable.evaluate_act(input, weight, bias, running_mean, running_var, eps, residual, code, slope)

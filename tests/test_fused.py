@@ -139,6 +139,32 @@ def test_gradcheck_fp64(act, res, training):
     assert torch.autograd.gradcheck(fn, (x, w, b) + ((r,) if res else ()), fast_mode=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5, 6), (65, 3, 2, 2)])
+def test_no_activation_and_no_residual_is_plain_batch_norm_bit_for_bit(shape, dtype):
+    """BatchNormAct with activation=None and no residual runs plain batch norm's path:
+    outputs, gradients and running statistics equal BatchNorm's, bit for bit."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(DEVICE, dtype)
+    plain_cls = bntriton.BatchNorm1d if len(shape) == 2 else bntriton.BatchNorm2d
+    act_cls = bntriton.BatchNormAct1d if len(shape) == 2 else bntriton.BatchNormAct2d
+    plain, act = plain_cls(shape[1]).to(DEVICE, dtype), act_cls(shape[1], activation=None).to(DEVICE, dtype)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5, generator=g)
+        plain.bias.uniform_(-1, 1, generator=g)
+    act.load_state_dict(plain.state_dict())
+    for training in (True, False):
+        plain.train(training), act.train(training)
+        xp, xa = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yp, ya = plain(xp), act(xa)
+        dy = torch.randn(yp.shape, generator=g).to(DEVICE, dtype)
+        gp = torch.autograd.grad(yp, (xp, plain.weight, plain.bias), dy)
+        ga = torch.autograd.grad(ya, (xa, act.weight, act.bias), dy)
+        for ours, theirs in zip((ya, *ga, act.running_mean, act.running_var),
+                                (yp, *gp, plain.running_mean, plain.running_var)):
+            assert torch.equal(ours, theirs)
+
+
 def test_double_backward_raises_clearly():
     x = torch.randn(4, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
     y = bntriton.batch_norm(x, None, None, training=True, activation="silu")

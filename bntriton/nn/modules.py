@@ -29,7 +29,7 @@ def batch_norm_arguments(module) -> tuple:
         # nn.Module.__getattr__ looks parameters and buffers up in these dicts; reading
         # them directly saves ~1 us per tensor.  Only for the classes themselves: a
         # subclass (torch.nn.utils.parametrize makes one) may compute them otherwise.
-        if type(module) not in _OWN_CLASSES:
+        if type(module) not in _DICT_READ_CLASSES:
             raise KeyError
         params, buffers = module._parameters, module._buffers
         weight, bias = params["weight"], params["bias"]
@@ -162,6 +162,8 @@ class BatchNormAct3d(_BatchNormAct, nn.BatchNorm3d):
 
 
 ACT_CLASSES = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}
+# The classes whose state batch_norm_arguments reads from the module's dicts.
+_DICT_READ_CLASSES = _OWN_CLASSES | frozenset(ACT_CLASSES.values())
 
 
 def from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, activation, negative_slope=0.01) -> nn.Module:

@@ -42,7 +42,7 @@ from ..kernels.activations import MASKABLE, Epilogue
 from ..native import activations as native_act
 from . import batch_norm
 from .registration import distinct_outputs, kernel_op
-from .routes import bare_apply, foldable, plain, records_graph
+from .routes import bare_apply, foldable, plain, records_graph, unwrap_if_dead
 
 ACTIVATION_NAMES = {code: name for name, code in (
     (None, 0), ("relu", 1), ("leaky_relu", 2), ("silu", 3), ("gelu", 4))}
@@ -218,9 +218,16 @@ def _no_double_backward():
 
 
 def _train_setup(ctx, inputs, output):
-    x, weight, bias, residual, eps, activation, slope = inputs
     _, mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale, act_shift = output
     ctx.mark_non_differentiable(mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale, act_shift)
+    _train_save(ctx, inputs, output)
+
+
+def _train_save(ctx, inputs, output):
+    """What the training backward reads (the registered op's formula and the eager
+    Function alike)."""
+    x, weight, bias, residual, eps, activation, slope = inputs
+    _, mean_shifted, rstd, _, _, mask, pivot, act_scale, act_shift = output
     kept_residual = residual if _keeps_residual(activation, residual is not None) else None
     # The forward's own coefficients, not recomputed: no launches for them, and the same z.
     ctx.save_for_backward(x, weight, act_scale, act_shift, mean_shifted, rstd, pivot, mask, kept_residual)
@@ -271,21 +278,21 @@ batch_norm_act_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 
 class _EagerActTrain(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, activation, slope, running):
-        # Only y is differentiated: no zero-filled gradients for the other eight outputs
-        # (a memset launch each on a GPU); their slots reach the backward as None.
-        ctx.set_materialize_grads(False)
-        inputs = (x, weight, bias, residual, eps, activation, slope)
-        output = _train_and_update(*inputs, running)
-        _train_setup(ctx, inputs, output)
-        return output
+    """The eager training forward.  Its only output is y: the statistics, mask and
+    coefficients go to the caller through ``sink`` (never differentiated), which spares
+    autograd eight outputs to track and eight gradient slots in the backward."""
 
     @staticmethod
-    def backward(ctx, grad_y, *unused):
-        if grad_y is None:  # y's gradient undefined (not materialized): nothing flows back
-            return (None,) * 8
-        return (*_train_backward(ctx, grad_y, *unused), None)
+    def forward(ctx, x, weight, bias, residual, eps, activation, slope, running, sink):
+        inputs = (x, weight, bias, residual, eps, activation, slope)
+        output = _train_and_update(*inputs, running)
+        _train_save(ctx, inputs, output)
+        sink.append(output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return (*_train_backward(ctx, grad_y), None, None)
 
 
 class _EagerActEval(torch.autograd.Function):
@@ -304,7 +311,10 @@ class _EagerActEval(torch.autograd.Function):
         return _eval_backward(ctx, grad_y, grad_mask)
 
 
-_eager_act_train_apply = bare_apply(_EagerActTrain)
+# The C++ apply itself (see routes.bare_apply; a torch without unwrap_if_dead gets the
+# Function's own apply): the hot path unwraps its tensor arguments itself.
+_eager_act_train_c_apply = (super(torch.autograd.Function, _EagerActTrain).apply
+                            if hasattr(torch._C._functorch, "unwrap_if_dead") else _EagerActTrain.apply)
 _eager_act_eval_apply = bare_apply(_EagerActEval)
 
 
@@ -313,7 +323,15 @@ def train(x, weight, bias, residual, eps, activation, slope, running: Optional[R
     inside the statistics' launches on the eager path, by one more launch otherwise."""
     if plain(x, weight, bias, residual):
         fold = running is not None and foldable(running)
-        output = _eager_act_train_apply(x, weight, bias, residual, eps, activation, slope, running if fold else None)
+        if not records_graph(x, weight, bias, residual):  # inference, frozen layers: no Function
+            output = _train_and_update(x, weight, bias, residual, eps, activation, slope, running if fold else None)
+        else:
+            sink = []
+            y = _eager_act_train_c_apply(
+                unwrap_if_dead(x), None if weight is None else unwrap_if_dead(weight),
+                None if bias is None else unwrap_if_dead(bias), None if residual is None else unwrap_if_dead(residual),
+                eps, activation, slope, running if fold else None, sink)
+            output = (y, *sink[0][1:])
         if fold:
             return output
     else:
