@@ -8,9 +8,10 @@ launches with no-ops; what it leaves out is Triton's own launch cost, which only
 run shows (perf/sweep.py).  torch's module runs on a tiny CPU tensor (2 x C x 1 x 1), so
 its time is its host path plus a kernel of a few thousand elements: the bar to meet.
 
-    python perf/host_overhead.py [--calls 200] [--rounds 60] [--channels 2048]
+    python perf/host_overhead.py [--calls 200] [--rounds 60] [--channels 2048] [--fused]
 
-Prints one row per call kind (training forward, forward + backward, eval forward with
+``--fused`` times ``BatchNormAct2d(activation="relu")`` against what it replaces in
+torch, ``nn.BatchNorm2d`` followed by ``nn.ReLU``.  Prints one row per call kind (training forward, forward + backward, eval forward with
 the module's parameters requiring grad, and eval forward under ``torch.no_grad()``):
 bntriton's microseconds, torch's, and their ratio.  Timings are the best of 60 short
 rounds (other processes on the machine only ever add time), bntriton's and torch's
@@ -42,8 +43,8 @@ def _round_us(fn, calls: int) -> float:
     return (time.thread_time() - start) / calls * 1e6
 
 
-def _calls(module, x, x_grad):
-    """The three call kinds for ``module`` (training mode on entry)."""
+def _calls(module, x, x_grad, label: str = "BatchNorm2d"):
+    """The four call kinds for ``module`` (training mode on entry)."""
 
     def train_forward():
         module.train()
@@ -64,14 +65,15 @@ def _calls(module, x, x_grad):
             return module(x)
 
     return [
-        ("BatchNorm2d training forward", train_forward),
-        ("BatchNorm2d training forward + backward", train_forward_backward),
-        ("BatchNorm2d eval forward", eval_forward),
-        ("BatchNorm2d eval forward, no_grad", eval_forward_no_grad),
+        (f"{label} training forward", train_forward),
+        (f"{label} training forward + backward", train_forward_backward),
+        (f"{label} eval forward", eval_forward),
+        (f"{label} eval forward, no_grad", eval_forward_no_grad),
     ]
 
 
-def measure(calls: int = 200, channels: int = 2048, rounds: int = 60) -> list[tuple[str, float, float]]:
+def measure(calls: int = 200, channels: int = 2048, rounds: int = 60,
+            fused: bool = False) -> list[tuple[str, float, float]]:
     """``[(name, bntriton_us, torch_us)]``: for each call kind the best of ``rounds``
     rounds of ``calls`` calls, bntriton's (launches stubbed) and torch's interleaved round
     by round, so that a change in the machine's load falls on both alike.
@@ -80,9 +82,15 @@ def measure(calls: int = 200, channels: int = 2048, rounds: int = 60) -> list[tu
     call, which measures the machine's load rather than the host path."""
     torch.set_num_threads(1)
     x = torch.randn(4, channels, 7, 7)  # small_batch's 4x2048x7x7; sizes do not matter here
-    ours = _calls(bntriton.BatchNorm2d(channels), x, x.clone().requires_grad_())
     tiny = torch.randn(2, channels, 1, 1)
-    theirs = _calls(torch.nn.BatchNorm2d(channels), tiny, tiny.clone().requires_grad_())
+    if fused:
+        label = "BatchNormAct2d relu"
+        ours = _calls(bntriton.BatchNormAct2d(channels, activation="relu"), x, x.clone().requires_grad_(), label)
+        torch_pair = torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU())
+        theirs = _calls(torch_pair, tiny, tiny.clone().requires_grad_(), label)
+    else:
+        ours = _calls(bntriton.BatchNorm2d(channels), x, x.clone().requires_grad_())
+        theirs = _calls(torch.nn.BatchNorm2d(channels), tiny, tiny.clone().requires_grad_())
     original = runtime.DualKernel.__getitem__
     stub = lambda self, grid: (lambda *a, **k: None)  # noqa: E731
 
@@ -113,11 +121,14 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per round (default 200)")
     parser.add_argument("--rounds", type=int, default=60, help="rounds per provider; the best counts (default 60)")
     parser.add_argument("--channels", type=int, default=2048)
+    parser.add_argument("--fused", action="store_true",
+                        help="BatchNormAct2d(relu) against torch's BatchNorm2d + ReLU")
     args = parser.parse_args(argv)
-    print(f"{'host time per call (us)':42s} {'bntriton':>9s} {'torch':>9s} {'ratio':>6s}")
-    for name, ours, theirs in measure(args.calls, args.channels, args.rounds):
-        print(f"{name:42s} {ours:9.1f} {theirs:9.1f} {ours / theirs:6.2f}")
-    print(f"(bntriton: launches stubbed; torch: nn.BatchNorm2d on a 2x{args.channels}x1x1 CPU tensor; "
+    print(f"{'host time per call (us)':48s} {'bntriton':>9s} {'torch':>9s} {'ratio':>6s}")
+    for name, ours, theirs in measure(args.calls, args.channels, args.rounds, args.fused):
+        print(f"{name:48s} {ours:9.1f} {theirs:9.1f} {ours / theirs:6.2f}")
+    reference = "nn.BatchNorm2d + nn.ReLU" if args.fused else "nn.BatchNorm2d"
+    print(f"(bntriton: launches stubbed; torch: {reference} on a 2x{args.channels}x1x1 CPU tensor; "
           f"torch {torch.__version__}, Python on this CPU)")
 
 

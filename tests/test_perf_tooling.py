@@ -255,7 +255,8 @@ def test_cpu_sweep_without_smoke_is_refused():
     assert "--smoke" in result.stderr
 
 
-def test_host_overhead_script_runs():
+@pytest.mark.parametrize("fused", [False, True])
+def test_host_overhead_script_runs(fused):
     """perf/host_overhead.py stubs the launches process-wide, so it runs in a subprocess."""
     import subprocess
     import sys
@@ -263,16 +264,19 @@ def test_host_overhead_script_runs():
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, str(root / "perf" / "host_overhead.py"), "--calls", "20"],
+        [sys.executable, str(root / "perf" / "host_overhead.py"), "--calls", "20", "--rounds", "3",
+         *(["--fused"] if fused else [])],
         capture_output=True, text=True, timeout=120, cwd=root,
         env={**__import__("os").environ, "PYTHONPATH": str(root)},
     )
     assert out.returncode == 0, out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("BatchNorm2d")]
+    label = "BatchNormAct2d relu" if fused else "BatchNorm2d"
+    rows = [line[len(label):].split() for line in out.stdout.splitlines() if line.startswith(label + " ")]
     assert len(rows) == 4  # training forward, forward + backward, eval, eval no_grad: ours, torch's, ratio
     for row in rows:
         ours, theirs, ratio = map(float, row[-3:])
         assert ours > 0 and theirs > 0 and ratio > 0
+    assert ("nn.ReLU" in out.stdout) == fused
 
 
 def test_backward_host_script_times_every_call():
