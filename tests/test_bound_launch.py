@@ -163,6 +163,18 @@ def test_what_the_guard_is_for_takes_the_direct_path(fake_cuda, monkeypatch, req
         assert site.bound is not None and site.bound is not bound
 
 
+def test_a_tensor_passed_twice_is_read_once_while_it_stays_one_tensor(fake_cuda):
+    kernel, site = _site()
+    x = torch.randn(32)
+    site(x, x, 32, 0.5)  # bound with one tensor in both pointer positions
+    site(x, x, 32, 0.5)
+    assert kernel.unbound == 1 and len(site.bound.tensors((x, x, 32, 0.5))) == 1
+    site(x, x.double(), 32, 0.5)  # the second position's dtype is read only while it is x
+    assert kernel.unbound == 2 and len(kernel.runs) == 1
+    site(x, x[1:], 32, 0.5)  # ... and its address
+    assert kernel.unbound == 3 and len(kernel.runs) == 1
+
+
 def test_a_site_bound_on_one_device_rebinds_on_another(fake_cuda):
     kernel, site = _site()
     x, out = torch.randn(32), torch.empty(32)
@@ -293,3 +305,36 @@ def test_the_routes_above_reach_every_cached_launch(fake_cuda, monkeypatch):
                 dispatch._LAUNCHES.clear()
     assert kinds == {"SplitTrainLaunch", "FusedTrainLaunch", "SplitBackwardLaunch", "FusedBackwardLaunch",
                      "EvalLaunch", "combine=True", "combine=False"}
+
+
+def test_the_launch_timing_script_times_one_launch_four_ways(fake_cuda, monkeypatch):
+    """perf/launch_host.py (GPU only): its direct, bound and launcher-alone ways hand the
+    launcher the same call, and its bound way takes the bound path."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "perf_launch_host", Path(__file__).resolve().parents[1] / "perf" / "launch_host.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    runs = []
+    _route_through_direct_launches(monkeypatch, runs)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(cuda_stream=1000))
+    x, w, b = torch.randn(3, 5, 4, 4), torch.rand(5) + 0.5, torch.randn(5)
+    with bntriton.cpu_backend("interpreter"):
+        (launch,) = script.recorded_launches(lambda: bntriton.batch_norm(x, torch.zeros(5), torch.ones(5), w, b))
+        fns = script.ways(*launch)
+        unbound = launch[0].direct.variants.copy()
+        runs.clear()
+        fns["direct"]()
+        monkeypatch.setattr(DualKernel, "__getitem__", None)  # neither of these goes through DualKernel
+        fns["bound"]()
+        fns["launcher alone"]()
+    assert len(runs) == 3 and launch[0].direct.variants == unbound
+    assert all(all(_same(a, b) for a, b in zip(runs[0], other)) for other in runs[1:])
+    assert runs[0][:4] == (*_grid3(launch[1]), 1000)
+
+
+def _grid3(grid):
+    return (*grid, *(1,) * (3 - len(grid)))

@@ -23,7 +23,9 @@ looked up, over what a launch site does not fix:
   and on their width);
 * every tensor's dtype (the pointer types of the signature) and every pointer 16-byte
   aligned (Triton specializes on pointer alignment; the variant was bound with all
-  aligned, since an unaligned one has no direct key).
+  aligned, since an unaligned one has no direct key).  A tensor passed in several
+  positions (a placeholder for an unused pointer) is read once, after checking that
+  those positions still hold one and the same tensor.
 
 Floats are not specialized on (Triton passes them as fp32); the keywords (constexprs,
 num_warps) and the grid are the launch site's own and fixed.  That is everything the
@@ -49,17 +51,32 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _on_cuda = operator.attrgetter("is_cuda")
 _hook_knobs = _knobs.runtime
 _or = operator.or_
+_is = operator.is_
 _reduce = functools.reduce
 _data_ptr = runtime._data_ptr
 _dtype_of = runtime._dtype_of
 
 
+def _getter(indices: list):
+    """``args -> tuple(args[i] for i in indices)`` as one C-level call (no Python frame:
+    the guard runs on every launch)."""
+    if len(indices) >= 2:
+        return operator.itemgetter(*indices)
+    if indices:
+        return operator.itemgetter(slice(indices[0], indices[0] + 1))
+    return operator.itemgetter(slice(0, 0))
+
+
 class BoundVariant:
     """What a bound launch site calls: Triton's launcher for one compiled variant, with the
-    guard's expected values (see the module docstring)."""
+    guard's expected values (see the module docstring).
 
-    __slots__ = ("compiled", "launcher", "grid", "function", "metadata", "tail", "device", "types", "tensors",
-                 "keyed", "dtypes", "values")
+    A launch site passes some tensors several times (placeholders for unused pointers):
+    the guard reads dtype and address of each distinct one only, once it has checked that
+    the positions that held one tensor when bound still hold one tensor."""
+
+    __slots__ = ("compiled", "launcher", "grid", "function", "metadata", "tail", "device", "types", "keyed",
+                 "values", "tensors", "dtypes", "firsts", "repeats")
 
     def __init__(self, compiled, tail: tuple, device: int, grid: tuple, args: tuple):
         self.compiled = compiled  # keeps the loaded module alive with the function below
@@ -70,9 +87,21 @@ class BoundVariant:
         self.device = device
         self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         self.types = tuple(map(type, args))
-        self.tensors, self.keyed = runtime._signature_layout(self.types)
-        self.dtypes = tuple(map(_dtype_of, self.tensors(args)))
+        first_of, distinct, firsts, repeats, keyed = {}, [], [], [], []
+        for i, (kind, arg) in enumerate(zip(self.types, args)):
+            if kind in runtime._TENSOR_TYPES:
+                first = first_of.setdefault(id(arg), i)
+                if first == i:
+                    distinct.append(i)
+                else:
+                    firsts.append(first)
+                    repeats.append(i)
+            elif kind is not float:  # Triton passes floats as fp32, whatever their value
+                keyed.append(i)
+        self.keyed, self.tensors = _getter(keyed), _getter(distinct)
+        self.firsts, self.repeats = _getter(firsts), _getter(repeats)
         self.values = self.keyed(args)
+        self.dtypes = tuple(map(_dtype_of, self.tensors(args)))
 
 
 def bind(kernel, grid: tuple, args: tuple, meta: dict) -> BoundVariant | None:
@@ -113,7 +142,8 @@ class BoundLaunch:
         if (b is not None and runtime._DIRECT_ENABLED
                 and not (getattr(_hook_knobs.launch_enter_hook, "calls", True)
                          or getattr(_hook_knobs.launch_exit_hook, "calls", True))
-                and _cuda_device() == b.device and tuple(map(type, args)) == b.types and b.keyed(args) == b.values):
+                and _cuda_device() == b.device and tuple(map(type, args)) == b.types and b.keyed(args) == b.values
+                and all(map(_is, b.firsts(args), b.repeats(args)))):
             tensors = b.tensors(args)
             if tuple(map(_dtype_of, tensors)) == b.dtypes and not _reduce(_or, map(_data_ptr, tensors), 0) & 15:
                 b.launcher(*b.grid, _raw_stream(b.device), b.function, b.metadata, None, None, None, *args, *b.tail)
