@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A first look at a new NVIDIA GPU in one go, each step under its own time limit so
-# that the whole run ends in a known time (at most 11 minutes with the defaults; a limit of 0 skips a step):
+# that the whole run ends in a known time (at most 12 minutes with the defaults; a limit of 0 skips a step):
 #   1. the device and versions;
 #   2. the quick sweep (perf/sweep.py --quick): bntriton, torch, torch.compile, each case
 #      checked against float64 before it is timed;
@@ -12,12 +12,14 @@
 #      whole as CUDA graphs (torch.cuda.make_graphed_callables) and replayed;
 #   5. GPU time per kernel of a training forward and backward (perf/kernel_breakdown.py);
 #   6. host time per call on a tiny tensor, ours and torch's (perf/host_profile.py);
-#   7. plan choices A/B'd on the warm machine (perf/plan_ab.py);
-#   8. the test suite, natively (compiler problems show up only on the device).
+#   7. host time of one launch: JITFunction.run, direct, bound, the launcher alone (perf/launch_host.py);
+#   8. plan choices A/B'd on the warm machine (perf/plan_ab.py);
+#   9. the test suite, natively (compiler problems show up only on the device).
 #
 #   bash perf/gpu_run.sh [OUT_DIR]        # default perf/results/gpu-run
 #
-# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, RESNET_COMPILE_S, RESNET_GRAPHED_S, BREAKDOWN_S, HOST_S, PLAN_AB_S.  A step that runs out
+# Step limits in seconds: TESTS_S, SWEEP_S, NUMERICS_S, RESNET_S, RESNET_COMPILE_S, RESNET_GRAPHED_S, BREAKDOWN_S, HOST_S,
+# LAUNCH_S, PLAN_AB_S.  A step that runs out
 # of time is stopped and the next one starts; its log says how far it got.  A limit of 0 skips the step.
 # SWEEP_ARGS replaces the sweep's preset, e.g. SWEEP_ARGS="--max-minutes 4" for as much of the full sweep
 # as fits (it starts with the quick cases, then takes the suites in turn).
@@ -54,6 +56,7 @@ step resnet50_graphed "${RESNET_GRAPHED_S:-60}" python3 perf/resnet50_step.py --
     --providers torch_graphed,bntriton_graphed,fused_graphed --out "$out/resnet50_graphed.csv"
 step breakdown "${BREAKDOWN_S:-40}" python3 perf/kernel_breakdown.py ${BREAKDOWN_ARGS:-}
 step host_profile "${HOST_S:-30}" python3 perf/host_profile.py --calls 1000
+step launch_host "${LAUNCH_S:-30}" python3 perf/launch_host.py
 step plan_ab "${PLAN_AB_S:-40}" python3 perf/plan_ab.py
 # The suite last: its worker processes can outlive a step stopped at its limit and would
 # disturb the timings of the steps after it.  -n: one worker per core (pytest-xdist);

@@ -30,6 +30,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float64 oracle, plan by plan; the native path has its own module comparing the two.
 KERNEL_MODULES = {
     "test_kernels", "test_numerics", "test_traffic", "test_hopper_compile", "test_direct_launch",
+    "test_bound_launch",
     "test_native_cpu", "test_reference", "test_perf_tooling", "test_pivot_rule",
     "test_inductor_kernels",  # fake CUDA tensors: no CPU backend involved
     "test_docs",  # the documents' examples, as a user runs them: the default backend

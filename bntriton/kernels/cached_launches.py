@@ -7,7 +7,9 @@ call dozens of Python frames before its first launch (perf/frames.py).  These cl
 hold what a geometry fixes, worked out once by the general route's own builders
 (launch_cache.py caches one per geometry, as it does :class:`~.normalize.EvalLaunch`); a
 call then allocates its outputs, looks up the arrival counters (per device and stream:
-never cached here) and launches.  The arguments are written out in the kernels' order;
+never cached here) and launches, each kernel through a :class:`~.bound_launch.BoundLaunch`
+(once a launch's variant is compiled, the next ones call Triton's launcher directly).
+The arguments are written out in the kernels' order;
 tests/test_cached_launches.py holds every launch's kernel, grid, arguments and
 constexprs equal to the general route's (the outputs aside), on both paths.
 
@@ -20,6 +22,7 @@ import torch
 
 from .activations import NO_EPILOGUE
 from .backward import _grad_partial_kernel
+from .bound_launch import BoundLaunch
 from .counters import arrival_counters
 from .fused import _fused_backward_kernel, _fused_forward_kernel
 from .layout import ChannelView
@@ -37,8 +40,7 @@ class SplitTrainLaunch:
     """The split path's training forward (stats.batch_stats, then normalize.channel_affine):
     the partial statistics with their last-program merge, then the epilogue."""
 
-    __slots__ = ("channels", "splits", "blocks", "acc", "stats_kernel", "stats_grid", "stats_sizes",
-                 "stats_meta", "affine_grid", "affine_constants", "affine_meta")
+    __slots__ = ("channels", "splits", "blocks", "acc", "stats_sizes", "affine_constants", "stats", "affine")
 
     def __init__(self, view: ChannelView, plan: Plan, has_weight: bool, has_bias: bool, has_running: bool,
                  has_counter: bool, cumulative: bool):
@@ -46,16 +48,15 @@ class SplitTrainLaunch:
         self.splits = plan.num_splits
         self.blocks = cdiv(view.channels, plan.block_channels)
         self.acc = accumulator_dtype(view.tensor.dtype)
-        self.stats_kernel, block_rows = _partial_launch(view, plan)
-        self.stats_grid = (plan.num_splits, self.blocks)
+        stats_kernel, block_rows = _partial_launch(view, plan)
         self.stats_sizes = (*_geometry(view), plan.rows_per_split)
-        self.stats_meta = stats_meta(view, plan, block_rows, has_weight, has_bias, has_running, has_counter,
-                                     cumulative)
-        self.affine_grid = _grid(view, plan)
+        self.stats = BoundLaunch(stats_kernel, (plan.num_splits, self.blocks), stats_meta(
+            view, plan, block_rows, has_weight, has_bias, has_running, has_counter, cumulative))
         # The epilogue's arguments after its placeholders up to eps: the slope, the
         # geometry and the pivot's stride (normalize._arguments' order).
         self.affine_constants = (*_SLOPE, *_geometry(view), 1, *_ZERO)
-        self.affine_meta = _meta(view, plan, NO_EPILOGUE, False, False, False, False)
+        self.affine = BoundLaunch(_channel_affine_kernel, _grid(view, plan),
+                                  _meta(view, plan, NO_EPILOGUE, False, False, False, False))
 
     def __call__(self, x, weight, bias, eps: float, running):
         channels, acc = self.channels, self.acc
@@ -81,41 +82,36 @@ class SplitTrainLaunch:
                 counter = rstd
             if momentum is None:
                 momentum = 0.0
-        self.stats_kernel[self.stats_grid](
+        self.stats(
             x, pivot, part_pivot, part_hi, part_lo, part_m2,
             weight if weight is not None else rstd, bias if bias is not None else rstd,
             mean_s, rstd, scale, shift, mean, var_unbiased, running_mean, running_var, counter,
             arrival_counters(x, self.blocks + 1), *self.stats_sizes, *split_float(eps), *split_float(momentum),
-            **self.stats_meta,
         )
         y = torch.empty_like(x)
         # normalize._arguments' order: x, dy, out, pivot, scale, shift, dy_scale, residual,
         # mask, act_scale, act_shift, then the constants, then the backward's sums.
-        _channel_affine_kernel[self.affine_grid](
-            x, x, y, pivot, scale, shift, scale, x, x, scale, scale, *self.affine_constants, x, x, x, 0,
-            **self.affine_meta,
-        )
+        self.affine(x, x, y, pivot, scale, shift, scale, x, x, scale, scale, *self.affine_constants, x, x, x, 0)
         return y, mean_s, rstd, mean, var_unbiased, pivot
 
 
 class FusedTrainLaunch:
     """The single-read training forward (fused.fused_forward): one launch."""
 
-    __slots__ = ("channels", "acc", "grid", "sizes", "cumulative", "meta")
+    __slots__ = ("channels", "acc", "sizes", "cumulative", "forward")
 
     def __init__(self, view: ChannelView, plan: Plan, has_weight: bool, has_bias: bool, has_running: bool,
                  has_counter: bool, cumulative: bool):
         self.channels = view.channels
         self.acc = accumulator_dtype(view.tensor.dtype)
-        self.grid = (cdiv(view.channels, plan.block_channels),)
         self.sizes = _geometry(view)
         self.cumulative = cumulative
-        self.meta = dict(
+        self.forward = BoundLaunch(_fused_forward_kernel, (cdiv(view.channels, plan.block_channels),), dict(
             BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
             SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(view.tensor.dtype),
             **NO_EPILOGUE.constexprs(), HAS_RUNNING=has_running, HAS_COUNTER=has_counter, CUMULATIVE=cumulative,
             STORE_COEFFICIENTS=False, num_warps=plan.num_warps,
-        )
+        ))
 
     def __call__(self, x, weight, bias, eps: float, running):
         channels, acc = self.channels, self.acc
@@ -136,12 +132,11 @@ class FusedTrainLaunch:
                 momentum = 0.0
         # fused.fused_forward's order; the epilogue's placeholders: residual, mask,
         # act_scale, act_shift, slope.
-        _fused_forward_kernel[self.grid](
+        self.forward(
             x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
             pivot, mean_s, rstd, mean, var_unbiased, x, x, rstd, rstd, *_SLOPE,
             *self.sizes, *split_float(eps), running_mean, running_var, counter, *split_float(momentum),
             arrival_counters(x, 1) if self.cumulative else rstd,
-            **self.meta,
         )
         return y, mean_s, rstd, mean, var_unbiased, pivot
 
@@ -153,8 +148,8 @@ class SplitBackwardLaunch:
     dweight and dbias; otherwise (``combine``) the partial sums' last program of each
     channel block does, and writes dx's coefficients for the epilogue."""
 
-    __slots__ = ("channels", "splits", "blocks", "acc", "combine", "sums_grid", "sums_constants", "sums_meta",
-                 "affine_grid", "affine_constants", "affine_meta")
+    __slots__ = ("channels", "splits", "blocks", "acc", "combine", "sums_constants", "affine_constants", "sums",
+                 "affine")
 
     def __init__(self, view: ChannelView, plan: Plan, has_weight: bool, combine: bool):
         self.channels = view.channels
@@ -162,20 +157,19 @@ class SplitBackwardLaunch:
         self.blocks = cdiv(view.channels, plan.block_channels)
         self.acc = accumulator_dtype(view.tensor.dtype)
         self.combine = combine
-        self.sums_grid = (plan.num_splits, self.blocks)
         self.sums_constants = (*_SLOPE, *_geometry(view), 1, plan.rows_per_split)
-        self.sums_meta = dict(
+        self.sums = BoundLaunch(_grad_partial_kernel, (plan.num_splits, self.blocks), dict(
             BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, SPLIT_ROWS=view.split_rows, INT64=plan.int64,
             ACC=tl_accumulator(view.tensor.dtype), **NO_EPILOGUE.constexprs(), RUNNING=False,
             HAS_WEIGHT=combine and has_weight, COMBINE=combine, BATCH_STATS=combine, SUMS=False,
             SPLITS=splits_block(plan.num_splits, channel_block(view.channels)), num_warps=plan.num_warps,
-        )
-        self.affine_grid = _grid(view, plan)
+        ))
         self.affine_constants = (*_SLOPE, *_geometry(view), 1, *_ZERO)
         if combine:
-            self.affine_meta = _meta(view, plan, NO_EPILOGUE, True, False, False, False)
+            affine_meta = _meta(view, plan, NO_EPILOGUE, True, False, False, False)
         else:
-            self.affine_meta = _meta(view, plan, NO_EPILOGUE, True, False, has_weight, False, plan.num_splits, True)
+            affine_meta = _meta(view, plan, NO_EPILOGUE, True, False, has_weight, False, plan.num_splits, True)
+        self.affine = BoundLaunch(_channel_affine_kernel, _grid(view, plan), affine_meta)
 
     def __call__(self, dy, x, weight, pivot, mean_shifted, rstd):
         channels, acc = self.channels, self.acc
@@ -189,31 +183,26 @@ class SplitBackwardLaunch:
             # backward._partial_sums' order: x, dy, pivot, mean_shifted, parts, the
             # epilogue's placeholders, the sizes, dx, running_var, weight, eps, then what
             # the last programs read and write: rstd, dweight, dbias, A, B, C, sums, counters.
-            _grad_partial_kernel[self.sums_grid](
+            self.sums(
                 x, dy, pivot, mean_shifted, parts, x, x, parts, parts, *self.sums_constants,
                 x, parts, weight if weight is not None else parts, *_ZERO,
                 rstd, dweight, dbias, coef_a, coef_b, coef_c, parts, arrival_counters(x, self.blocks),
-                **self.sums_meta,
             )
             dx = torch.empty_like(x)
             # dx = dy * A + (x - K) * B + C (normalize._arguments' order).
-            _channel_affine_kernel[self.affine_grid](
-                x, dy, dx, pivot, coef_b, coef_c, coef_a, x, x, coef_b, coef_b, *self.affine_constants, x, x, x, 0,
-                **self.affine_meta,
-            )
+            self.affine(x, dy, dx, pivot, coef_b, coef_c, coef_a, x, x, coef_b, coef_b, *self.affine_constants,
+                        x, x, x, 0)
             return dx, dweight, dbias
-        _grad_partial_kernel[self.sums_grid](
+        self.sums(
             x, dy, pivot, mean_shifted, parts, x, x, parts, parts, *self.sums_constants,
             x, parts, parts, *_ZERO, parts, parts, parts, parts, parts, parts, parts, parts,
-            **self.sums_meta,
         )
         dx = torch.empty_like(x)
         # Each program sums the splits' parts and forms A, B, C itself; the first row
         # tile's programs write dweight and dbias.
-        _channel_affine_kernel[self.affine_grid](
+        self.affine(
             x, dy, dx, pivot, rstd, mean_shifted, weight if weight is not None else rstd, x, x, rstd, rstd,
             *self.affine_constants, parts, dweight, dbias, self.splits,
-            **self.affine_meta,
         )
         return dx, dweight, dbias
 
@@ -221,26 +210,24 @@ class SplitBackwardLaunch:
 class FusedBackwardLaunch:
     """The single-read backward under batch statistics (fused.fused_backward): one launch."""
 
-    __slots__ = ("channels", "acc", "grid", "constants", "meta")
+    __slots__ = ("channels", "acc", "constants", "backward")
 
     def __init__(self, view: ChannelView, plan: Plan, has_weight: bool):
         self.channels = view.channels
         self.acc = accumulator_dtype(view.tensor.dtype)
-        self.grid = (cdiv(view.channels, plan.block_channels),)
         self.constants = (*_SLOPE, *_geometry(view), 1, *_ZERO)
-        self.meta = dict(
+        self.backward = BoundLaunch(_fused_backward_kernel, (cdiv(view.channels, plan.block_channels),), dict(
             BLOCK_R=plan.block_rows, BLOCK_C=plan.block_channels, HAS_WEIGHT=has_weight, BATCH_STATS=True,
             SPLIT_ROWS=view.split_rows, INT64=plan.int64, ACC=tl_accumulator(view.tensor.dtype),
             **NO_EPILOGUE.constexprs(), RUNNING=False, num_warps=plan.num_warps,
-        )
+        ))
 
     def __call__(self, dy, x, weight, pivot, mean_shifted, rstd):
         dx = torch.empty_like(x)
         dweight = x.new_empty(self.channels, dtype=weight.dtype if weight is not None else self.acc)
         dbias = torch.empty_like(dweight)
-        _fused_backward_kernel[self.grid](
+        self.backward(
             x, dy, dx, weight if weight is not None else rstd, pivot, mean_shifted, rstd, dweight, dbias,
             x, x, rstd, rstd, *self.constants,
-            **self.meta,
         )
         return dx, dweight, dbias

@@ -17,6 +17,7 @@ import triton.language as tl
 from .activations import (
     NO_EPILOGUE, Epilogue, activate, activation_grad, invert_activation, load_mask, mask_grad, store_mask,
 )
+from .bound_launch import BoundLaunch
 from .plans import Plan, cdiv, splits_block
 from .runtime import kernel, split_float, tl_accumulator
 from .layout import ChannelView
@@ -183,24 +184,23 @@ class EvalLaunch:
     (building them through ``_arguments`` costs a call and the epilogue's placeholders),
     and tests/test_direct_launch.py holds them equal to that launch's."""
 
-    __slots__ = ("grid", "constants", "meta")
+    __slots__ = ("constants", "affine")
 
     def __init__(self, view: ChannelView, plan: Plan, has_weight: bool, has_bias: bool):
-        self.grid = _grid(view, plan)
         # The arguments after the epilogue's placeholders up to eps: the slope (unused
         # without an activation), the geometry and the pivot's stride.
         self.constants = (*split_float(NO_EPILOGUE.slope), *_geometry(view), 1)
-        self.meta = _meta(view, plan, NO_EPILOGUE, False, True, has_weight, has_bias)
+        self.affine = BoundLaunch(_channel_affine_kernel, _grid(view, plan),
+                                  _meta(view, plan, NO_EPILOGUE, False, True, has_weight, has_bias))
 
     def __call__(self, x, weight, bias, running_mean, running_var, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
         # _arguments' order, written out (tests/test_direct_launch.py holds the two equal):
         # x, dy, out, pivot, scale, shift, dy_scale, residual, mask, act_scale, act_shift.
-        _channel_affine_kernel[self.grid](
+        self.affine(
             x, x, out, running_mean, running_var, bias if bias is not None else running_var,
             weight if weight is not None else running_var, x, x, running_var, running_var,
             *self.constants, *split_float(eps), x, x, x, 0,
-            **self.meta,
         )
         return out
 

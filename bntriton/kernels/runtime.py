@@ -261,6 +261,27 @@ def _hooks_registered() -> bool:
                 or (leave is not None and getattr(leave, "calls", True)))
 
 
+# The call ``JITFunction.run`` ends with (triton 3.6 to 3.9), which direct and bound
+# launches make themselves with launch metadata and hooks None.
+_LAUNCHER_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
+                  "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
+                  "*bound_args.values())")
+
+
+@functools.lru_cache(maxsize=None)
+def launcher_convention_known() -> bool:
+    """Whether this Triton's ``JITFunction.run`` calls the compiled kernel's launcher as
+    direct launches do (read from its source once): a Triton that calls it otherwise, or
+    whose source cannot be read, keeps every launch on its own path."""
+    import inspect
+
+    try:
+        source = inspect.getsource(JITFunction.run)
+    except (OSError, TypeError):
+        return False
+    return _LAUNCHER_CALL in " ".join(source.split()).replace("( ", "(")
+
+
 class DirectLaunches:
     """Compiled variants of one kernel, launched without ``JITFunction.run`` once known."""
 
@@ -292,7 +313,8 @@ class DirectLaunches:
             compiled = jit_function[grid](*args, **meta)
             # What Triton's own launch path needs of a compiled kernel; anything else (an
             # unknown Triton version) keeps every launch on Triton's path.
-            if all(getattr(compiled, name, None) is not None for name in ("function", "packed_metadata", "run")):
+            if (all(getattr(compiled, name, None) is not None for name in ("function", "packed_metadata", "run"))
+                    and launcher_convention_known()):
                 if len(self.variants) >= _MAX_VARIANTS:
                     self.variants.clear()
                 self.variants[key] = (compiled, self.bound_tail(args, meta))

@@ -1,0 +1,128 @@
+"""Host time of one kernel launch on a GPU, four ways: Triton's ``JITFunction.run``,
+bntriton's direct launch (``DualKernel`` -> ``DirectLaunches``: a key and a lookup per
+call), a bound launch (``kernels/bound_launch.py``: a guard, then the launcher), and the
+launcher alone (``CompiledKernel.run`` called with everything prepared: the floor the
+other three stand on).
+
+The launches are real ones, recorded from three calls on a tiny CUDA tensor: the eval
+forward's epilogue (31 arguments), the single-read training forward (30) and the
+running-statistics update (8 arguments: the "bare launch" of perf/host_profile.py and
+perf/NOTES.md section 11).  Each way launches the same kernel with the same arguments;
+the time is that of the launching loop only (kernels queue up asynchronously; a round of
+200 launches stays well under CUDA's queue depth, and the device is synchronized between
+rounds), best of 20 rounds with the four ways interleaved.
+
+    python perf/launch_host.py [--rounds 20] [--calls 200]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+
+import torch  # noqa: E402
+
+import bntriton  # noqa: E402
+from bntriton import dispatch  # noqa: E402
+from bntriton.kernels import runtime, stats  # noqa: E402
+from bntriton.kernels.bound_launch import BoundLaunch  # noqa: E402
+
+
+def recorded_launches(call) -> list:
+    """``(kernel, grid, args, meta)`` of every launch ``call`` makes, its cached launches
+    built afresh so that each launch goes through ``DualKernel``."""
+    seen = []
+    original = runtime.DualKernel.__getitem__
+
+    def getitem(kernel, grid):
+        launch = original(kernel, grid)
+
+        def record(*args, **meta):
+            seen.append((kernel, grid, args, dict(meta)))
+            return launch(*args, **meta)
+
+        return record
+
+    dispatch._LAUNCHES.clear()
+    runtime.DualKernel.__getitem__ = getitem
+    try:
+        call()
+    finally:
+        runtime.DualKernel.__getitem__ = original
+    dispatch._LAUNCHES.clear()
+    return seen
+
+
+def ways(kernel, grid, args, meta) -> dict:
+    """The four ways of making this launch, each a no-argument callable."""
+    jit = kernel.compiled
+    site = BoundLaunch(kernel, grid, meta)
+    site(*args)  # compiles if needed, then binds
+    site(*args)
+    bound = site.bound
+    if bound is None:
+        raise SystemExit("the launch did not bind (BNTRITON_DIRECT_LAUNCH=0, a launch hook, or an unknown Triton)")
+    launcher, tail = bound.launcher, bound.tail
+    head = (*bound.grid, torch.cuda.current_stream().cuda_stream, bound.function, bound.metadata, None, None, None)
+    return {
+        "JITFunction.run": lambda: jit[grid](*args, **meta),
+        "direct": lambda: kernel[grid](*args, **meta),
+        "bound": lambda: site(*args),
+        "launcher alone": lambda: launcher(*head, *args, *tail),
+    }
+
+
+def loop_us(fn, calls: int) -> float:
+    """Host time per launch of one loop of ``calls`` launches, after the queue drained."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("launch_host.py times CUDA launches: no CUDA device here", file=sys.stderr)
+        return 2
+    dev = "cuda"
+    x = torch.randn(8, 64, 4, 4, device=dev)
+    w, b = torch.rand(64, device=dev) + 0.5, torch.randn(64, device=dev)
+    rm, rv = torch.zeros(64, device=dev), torch.ones(64, device=dev)
+    mean, var = torch.randn(64, device=dev), torch.rand(64, device=dev)
+    calls = {
+        "eval forward (epilogue)": lambda: bntriton.batch_norm(x, rm.clone(), rv.clone(), w, b, False, 0.1, 1e-5),
+        "training forward": lambda: bntriton.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5),
+        "running-stats update": lambda: stats.update_running_stats(rm.clone(), rv.clone(), None, mean, var, 0.1),
+    }
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}")
+    names = ["JITFunction.run", "direct", "bound", "launcher alone"]
+    print(f"\nHost time per launch, µs (best of {args.rounds} rounds of {args.calls} launches)\n")
+    print("| launch | arguments | " + " | ".join(names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
+    for label, call in calls.items():
+        for kernel, grid, launch_args, meta in recorded_launches(call):
+            fns = ways(kernel, grid, launch_args, meta)
+            best = dict.fromkeys(names, float("inf"))
+            for _ in range(args.rounds):
+                for name in names:
+                    best[name] = min(best[name], loop_us(fns[name], args.calls))
+            row = " | ".join(f"{best[name]:.2f}" for name in names)
+            print(f"| {label}: {kernel.fn.__name__} | {len(launch_args)} | {row} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
