@@ -31,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bntriton  # noqa: E402
-from bntriton import dispatch  # noqa: E402
+from bntriton.kernels import launch_cache  # noqa: E402
 from bntriton.kernels import bound_launch, plans, runtime  # noqa: E402
 
 PACKAGE = str(Path(bntriton.__file__).resolve().parent)
@@ -157,7 +157,7 @@ def measure(shape=(8, 64, 14, 14)) -> list[tuple[str, tuple, tuple]]:
         undo()
         # The cached launches now hold stand-in variants, bound to a "device" CPU
         # tensors never run on: forget them and the variants.
-        dispatch._LAUNCHES.clear()
+        launch_cache._LAUNCHES.clear()
         for table, key in variants:
             table.pop(key, None)
     return rows

@@ -26,7 +26,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 import torch  # noqa: E402
 
 import bntriton  # noqa: E402
-from bntriton import dispatch  # noqa: E402
+from bntriton.kernels import launch_cache  # noqa: E402
 from bntriton.kernels import runtime, stats  # noqa: E402
 from bntriton.kernels.bound_launch import BoundLaunch  # noqa: E402
 
@@ -46,13 +46,13 @@ def recorded_launches(call) -> list:
 
         return record
 
-    dispatch._LAUNCHES.clear()
+    launch_cache._LAUNCHES.clear()
     runtime.DualKernel.__getitem__ = getitem
     try:
         call()
     finally:
         runtime.DualKernel.__getitem__ = original
-    dispatch._LAUNCHES.clear()
+    launch_cache._LAUNCHES.clear()
     return seen
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import bntriton
-from bntriton import dispatch
+from bntriton.kernels import launch_cache
 from bntriton.kernels import RunningStats, bound_launch, plans, runtime
 from bntriton.kernels.bound_launch import BoundLaunch
 from bntriton.kernels.runtime import DirectLaunches, DualKernel, launch_key
@@ -226,7 +226,7 @@ def _route_through_direct_launches(monkeypatch, runs):
         for value in vars(module).values():
             if isinstance(value, DualKernel):
                 monkeypatch.setattr(value.direct, "variants", {})
-    monkeypatch.setattr(dispatch, "_LAUNCHES", {})
+    monkeypatch.setattr(launch_cache, "_LAUNCHES", {})
 
 
 def _calls(size):
@@ -237,13 +237,13 @@ def _calls(size):
     running = RunningStats(torch.zeros(5), torch.ones(5), torch.zeros((), dtype=torch.long), 0.1)
     stats = (torch.randn(5), torch.randn(5), torch.rand(5))
     return {
-        "train": lambda: dispatch.train_launch(x, w, b, running)(x, w, b, 1e-3, running),
-        "train, cumulative": lambda: dispatch.train_launch(x, w, b, running._replace(momentum=None))(
+        "train": lambda: launch_cache.train_launch(x, w, b, running)(x, w, b, 1e-3, running),
+        "train, cumulative": lambda: launch_cache.train_launch(x, w, b, running._replace(momentum=None))(
             x, w, b, 1e-3, running._replace(momentum=None)),
-        "backward": lambda: dispatch.backward_launch(x, x, w)(torch.randn_like(x), x, w, *stats),
-        "backward, NCHW": lambda: dispatch.backward_launch(x.contiguous(), x.contiguous(), w)(
+        "backward": lambda: launch_cache.backward_launch(x, x, w)(torch.randn_like(x), x, w, *stats),
+        "backward, NCHW": lambda: launch_cache.backward_launch(x.contiguous(), x.contiguous(), w)(
             torch.randn(shape), x.contiguous(), w, *stats),
-        "eval": lambda: dispatch.eval_launch(x, w, b)(x, w, b, running.mean, running.var, 1e-3),
+        "eval": lambda: launch_cache.eval_launch(x, w, b)(x, w, b, running.mean, running.var, 1e-3),
     }
 
 
@@ -264,7 +264,7 @@ def test_cached_launches_bind_and_pass_what_direct_launches_pass(fake_cuda, monk
     with bntriton.cpu_backend("interpreter"), plans.planned_for(132):
         for name, call in _calls(size).items():
             call()  # binds
-            sites = [s for launch in dispatch._LAUNCHES.values() for s in _sites(launch)]
+            sites = [s for launch in launch_cache._LAUNCHES.values() for s in _sites(launch)]
             assert sites and all(s.bound is not None for s in sites), name
             runs.clear()
             call()
@@ -281,7 +281,7 @@ def test_cached_launches_bind_and_pass_what_direct_launches_pass(fake_cuda, monk
             for bound, direct in zip(bound_runs, direct_runs):
                 assert len(bound) == len(direct), name
                 assert all(_same(a, b) for a, b in zip(bound, direct)), name
-            dispatch._LAUNCHES.clear()
+            launch_cache._LAUNCHES.clear()
 
 
 _BIND = bound_launch.bind
@@ -299,10 +299,10 @@ def test_the_routes_above_reach_every_cached_launch(fake_cuda, monkeypatch):
         for size in ("small", "large"):
             for call in _calls(size).values():
                 call()
-                kinds |= {type(launch).__name__ for launch in dispatch._LAUNCHES.values()}
-                combine = [launch.combine for launch in dispatch._LAUNCHES.values() if hasattr(launch, "combine")]
+                kinds |= {type(launch).__name__ for launch in launch_cache._LAUNCHES.values()}
+                combine = [launch.combine for launch in launch_cache._LAUNCHES.values() if hasattr(launch, "combine")]
                 kinds |= {f"combine={c}" for c in combine}
-                dispatch._LAUNCHES.clear()
+                launch_cache._LAUNCHES.clear()
     assert kinds == {"SplitTrainLaunch", "FusedTrainLaunch", "SplitBackwardLaunch", "FusedBackwardLaunch",
                      "EvalLaunch", "combine=True", "combine=False"}
 
