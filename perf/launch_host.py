@@ -9,9 +9,9 @@ what a bound launch could cost on that launcher.  It is timed only after a launc
 it left every tensor argument with the same bytes as one through Triton's launcher.
 
 The launches are real ones, recorded from three calls on a tiny CUDA tensor: the eval
-forward's epilogue (31 arguments), the single-read training forward (30) and the
-running-statistics update (8 arguments: the "bare launch" of perf/host_profile.py and
-perf/NOTES.md section 11).  Each way launches the same kernel with the same arguments;
+forward's epilogue, the training forward and the running-statistics update (the "bare
+launch" of perf/host_profile.py and perf/NOTES.md section 11); the table gives each
+one's positional arguments.  Each way launches the same kernel with the same arguments;
 the time is that of the launching loop only (kernels queue up asynchronously; a round of
 200 launches stays well under CUDA's queue depth, and the device is synchronized between
 rounds), best of 20 rounds with the four ways interleaved.
