@@ -138,7 +138,9 @@ class BoundLaunch:
 
     def __call__(self, *args):
         b = self.bound
-        # The guard, written out with C-level calls only: this runs on every launch.
+        # The guard, written out with C-level calls only: this runs on every launch.  (A
+        # launch hook that is not in a HookChain, or None on an older Triton, counts as
+        # registered: the direct path decides then.)
         if (b is not None and runtime._DIRECT_ENABLED
                 and not (getattr(_hook_knobs.launch_enter_hook, "calls", True)
                          or getattr(_hook_knobs.launch_exit_hook, "calls", True))
