@@ -9,6 +9,7 @@ import bntriton
 from bntriton import dispatch
 from bntriton.kernels import launch_cache
 from bntriton.kernels import RunningStats, channel_view, forced_plan, plans
+from bntriton.kernels.activations import Epilogue, EpilogueKind
 from bntriton.kernels.runtime import DualKernel, accumulator_dtype
 
 pytestmark = pytest.mark.interpreter_only("the kernels' launches themselves; the native path is checked to step aside")
@@ -67,6 +68,8 @@ def _assert_same_launches(cached, general, inputs, cached_out, general_out):
 _SHAPES = {  # (layout, size): shape; "large" takes the split path under an H100's plan
     ("nchw", "small"): (3, 5, 4, 4), ("channels_last", "small"): (3, 5, 4, 4), ("2d", "small"): (6, 5),
     ("nchw", "large"): (8, 5, 40, 40), ("channels_last", "large"): (8, 5, 40, 40), ("2d", "large"): (3000, 5),
+    # Fewer than 8 rows: a 1-bit mask needs tiles of at least 8 (its rows packed to a byte).
+    ("nchw", "tiny"): (2, 5, 1, 2), ("channels_last", "tiny"): (2, 5, 1, 2), ("2d", "tiny"): (4, 5),
 }
 _PARAMS = ["both", "no_weight", "no_bias", "fp32_params", "bf16", "fp64"]
 _RUNNING = ["none", "momentum", "cumulative", "no_counter"]
@@ -239,3 +242,79 @@ def test_module_training_step_on_the_cached_route_is_bit_identical(layout, plann
 def _bits(t):
     t = t.detach().contiguous()
     return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+# Activated kinds: (activation code, residual, mask); a mask only where ops/activated.py
+# keeps one (relu / leaky_relu after a residual).
+_KINDS = [(1, True, True), (2, True, True), (1, False, False), (3, False, False), (4, True, False),
+          (0, True, False)]
+
+
+def _activated_forward_general(x, w, b, running, kind, residual):
+    """The general route as ops/activated.py takes it: its mask buffer, then dispatch."""
+    activation, has_residual, has_mask = kind
+    view = channel_view(x)
+    mask = (x.new_empty((-(-view.rows // 8), view.channels), dtype=torch.uint8) if has_mask
+            else x.new_empty(0, dtype=torch.uint8))
+    epilogue = Epilogue(activation=activation, slope=0.2, residual=residual, mask=mask if has_mask else None)
+    y, stats = dispatch.forward_train(view, w, b, 1e-3, epilogue, running=running)
+    out = (y, stats.mean_shifted, stats.rstd, stats.mean, stats.var_unbiased, mask, stats.pivot)
+    return out + ((stats.scale, stats.shift) if activation else ())
+
+
+@pytest.mark.parametrize("planned", [None, 132])
+@pytest.mark.parametrize("size", ["tiny", "small", "large"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+def test_cached_activated_forward_passes_what_the_general_route_passes(layout, size, planned):
+    with _Recording() as rec, plans.planned_for(planned) if planned else _nothing():
+        for activation, has_residual, has_mask in _KINDS:
+            for params, running_kind in (("both", "momentum"), ("bf16", "none"), ("no_weight", "cumulative")):
+                x, w, b, param_dtype = _inputs(layout, size, params)
+                running = _running(running_kind, param_dtype)
+                residual = torch.randn_like(x) if has_residual else None
+                kind = EpilogueKind(activation, 0.2, has_residual, has_mask)
+                launch = launch_cache.train_launch(x, w, b, running, kind, residual)
+                assert launch is not None
+                cached_out = launch(x, w, b, 1e-3, running, residual)
+                cached = rec.take()
+                general_out = _activated_forward_general(x, w, b, running, (activation, has_residual, has_mask),
+                                                         residual)
+                general = rec.take()
+                inputs = (x, w, b, residual, *(running or ())[:3])
+                # An empty mask and, without an activation, the coefficients are fresh
+                # placeholders on both routes, which no launch sees.
+                kept = [i for i in range(len(general_out)) if i != 5 or has_mask]
+                _assert_same_launches(cached, general, inputs, [cached_out[i] for i in kept],
+                                      [general_out[i] for i in kept])
+                assert len(cached_out) == 9
+                if not has_mask:
+                    assert cached_out[5].numel() == 0
+
+
+@pytest.mark.parametrize("planned", [None, 132])
+@pytest.mark.parametrize("size", ["tiny", "small", "large"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cached_activated_backward_passes_what_the_general_route_passes(layout, size, planned):
+    with _Recording() as rec, plans.planned_for(planned) if planned else _nothing():
+        for activation, has_residual, has_mask in [(1, True, True), (2, True, True), (2, False, False),
+                                                   (3, False, False), (4, False, False)]:
+            for params in ("both", "bf16", "no_weight"):
+                x, w, _, param_dtype = _inputs(layout, size, params)
+                dy = torch.randn_like(x)
+                acc = accumulator_dtype(x.dtype)
+                pivot, mean_s, rstd, act_scale, act_shift = (torch.randn(5, dtype=acc) for _ in range(5))
+                view = channel_view(x)
+                mask = (torch.randint(0, 256, (-(-view.rows // 8), 5), dtype=torch.uint8) if has_mask else None)
+                launch = launch_cache.backward_launch(x, dy, w, EpilogueKind(activation, 0.2, has_residual, has_mask))
+                assert launch is not None
+                cached_out = launch(dy, x, w, pivot, mean_s, rstd, act_scale, act_shift, mask)
+                cached = rec.take()
+                dres = torch.empty_like(x) if has_residual else None
+                epilogue = Epilogue(activation=activation, slope=0.2, residual=dres, mask=mask, act_scale=act_scale,
+                                    act_shift=act_shift)
+                general_out = dispatch.backward(view, dy, w, pivot, 1, mean_s, rstd, True, param_dtype, epilogue)
+                general = rec.take()
+                _assert_same_launches(cached, general, (x, dy, w, pivot, mean_s, rstd, act_scale, act_shift, mask),
+                                      cached_out[:3] + ((cached_out[3],) if has_residual else ()),
+                                      general_out + ((dres,) if has_residual else ()))
+                assert (cached_out[3] is None) == (not has_residual)

@@ -17,6 +17,7 @@ that start at multiples of 8 and hold at least 8 rows (``pack_mask``'s caller ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -79,6 +80,23 @@ class Epilogue:
 
 
 NO_EPILOGUE = Epilogue()
+
+
+class EpilogueKind(NamedTuple):
+    """An epilogue's static part: what a launch worked out once per input geometry is
+    built for (kernels/cached_launches.py).  ``residual`` and ``mask`` say whether the
+    tensors exist; its constexprs are those of an :class:`Epilogue` with them."""
+
+    activation: int = 0
+    slope: float = 0.0
+    residual: bool = False
+    mask: bool = False
+
+    def constexprs(self) -> dict:
+        return dict(ACTIVATION=self.activation, HAS_RESIDUAL=self.residual, MASK=self.mask, INVERT=False)
+
+
+PLAIN = EpilogueKind()
 
 
 @triton.jit

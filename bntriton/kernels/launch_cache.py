@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import plans
+from .activations import PLAIN, EpilogueKind
 from .cached_launches import FusedBackwardLaunch, FusedTrainLaunch, SplitBackwardLaunch, SplitTrainLaunch
 from .layout import ChannelView, view_params
 from .normalize import EvalLaunch
@@ -65,12 +66,17 @@ def eval_launch(x: torch.Tensor, weight, bias) -> EvalLaunch | None:
     return launch
 
 
-def train_launch(x: torch.Tensor, weight, bias, running: RunningStats | None):
-    """The cached launches of :func:`forward_train` without an epilogue for ``x``, updating
-    ``running`` (dense buffers) when given: a callable ``(x, weight, bias, eps, running)
-    -> (y, mean_shifted, rstd, mean, var_unbiased, pivot)``, or None where the general
-    route decides."""
+def train_launch(x: torch.Tensor, weight, bias, running: RunningStats | None, kind: EpilogueKind = PLAIN,
+                 residual=None):
+    """The cached launches of the training forward for ``x`` with an epilogue of ``kind``,
+    updating ``running`` (dense buffers) when given: a callable ``(x, weight, bias, eps,
+    running, residual=None) -> (y, mean_shifted, rstd, mean, var_unbiased, pivot)`` (an
+    activated kind: ``(y, mean_shifted, rstd, mean, var_unbiased, mask, pivot, act_scale,
+    act_shift)``), or None where the general route decides (also for a residual of other
+    strides than ``x``, which that route copies first)."""
     if type(x) not in _PLAIN or _FORCED or x.is_cpu and current_cpu_backend() == "native":
+        return None
+    if residual is not None and (type(residual) not in _PLAIN or residual.stride() != x.stride()):
         return None
     if running is None:
         flags = None
@@ -80,7 +86,7 @@ def train_launch(x: torch.Tensor, weight, bias, running: RunningStats | None):
         if cumulative and not counter:
             return None  # an error the general route raises
         flags = (counter, cumulative)
-    key = (_TRAIN, x.shape, x.stride(), x.dtype, x.get_device(), weight is None, bias is None, flags,
+    key = (_TRAIN, x.shape, x.stride(), x.dtype, x.get_device(), weight is None, bias is None, flags, kind,
            _PLANNED_SM_COUNT[-1] if _PLANNED_SM_COUNT else None)
     launch = _LAUNCHES.get(key)
     if launch is None:
@@ -90,22 +96,25 @@ def train_launch(x: torch.Tensor, weight, bias, running: RunningStats | None):
         has = (weight is not None, bias is not None, running is not None, *(flags or (False, False)))
         single_read = fused_plan(view)
         if single_read is not None:
-            launch = FusedTrainLaunch(view, single_read, *has)
+            launch = FusedTrainLaunch(view, single_read, *has, kind)
         else:
-            launch = SplitTrainLaunch(view, plan(view), *has)
+            # A 1-bit mask keeps channels-first tiles several channels wide.
+            launch = SplitTrainLaunch(view, plan(view, packed_mask=kind.mask), *has, kind)
         launch = _remember(key, launch)
     return launch
 
 
-def backward_launch(x: torch.Tensor, dy: torch.Tensor, weight):
-    """The cached launches of :func:`backward` under batch statistics without an
-    epilogue: a callable ``(dy, x, weight, pivot, mean_shifted, rstd) -> (dx, dweight,
-    dbias)``, or None where the general route decides (also for a ``dy`` of other
-    strides than ``x``, which that route copies first)."""
+def backward_launch(x: torch.Tensor, dy: torch.Tensor, weight, kind: EpilogueKind = PLAIN):
+    """The cached launches of the backward under batch statistics with an epilogue of
+    ``kind`` (its residual: the residual's gradient, written by the launches): a callable
+    ``(dy, x, weight, pivot, mean_shifted, rstd) -> (dx, dweight, dbias)`` (an activated
+    kind: ``(dy, x, weight, pivot, mean_shifted, rstd, act_scale, act_shift, mask) ->
+    (dx, dweight, dbias, dresidual)``), or None where the general route decides (also
+    for a ``dy`` of other strides than ``x``, which that route copies first)."""
     if (type(x) not in _PLAIN or _FORCED or x.is_cpu and current_cpu_backend() == "native"
             or type(dy) not in _PLAIN or dy.stride() != x.stride()):
         return None
-    key = (_BACKWARD, x.shape, x.stride(), x.dtype, x.get_device(), weight is None,
+    key = (_BACKWARD, x.shape, x.stride(), x.dtype, x.get_device(), weight is None, kind,
            _PLANNED_SM_COUNT[-1] if _PLANNED_SM_COUNT else None)
     launch = _LAUNCHES.get(key)
     if launch is None:
@@ -114,10 +123,10 @@ def backward_launch(x: torch.Tensor, dy: torch.Tensor, weight):
             return None
         single_read = fused_plan(view)
         if single_read is not None:
-            launch = FusedBackwardLaunch(view, single_read, weight is not None)
+            launch = FusedBackwardLaunch(view, single_read, weight is not None, kind)
         else:
-            split = plan(view)
+            split = plan(view, packed_mask=kind.mask)
             launch = SplitBackwardLaunch(view, split, weight is not None,
-                                         combine=not sums_in_epilogue(split, x.element_size()))
+                                         not sums_in_epilogue(split, x.element_size()), kind)
         launch = _remember(key, launch)
     return launch

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..kernels import RunningStats, accumulator_dtype, channel_view
-from ..kernels.activations import MASKABLE, Epilogue
+from ..kernels import RunningStats, accumulator_dtype, channel_view, launch_cache
+from ..kernels.activations import MASKABLE, Epilogue, EpilogueKind
 from ..native import activations as native_act
 from . import batch_norm
 from .registration import distinct_outputs, kernel_op
@@ -88,6 +88,13 @@ def _train_impl(
 def _train_and_update(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats]):
     """:func:`_train_impl`, also updating ``running`` (dense buffers, a non-empty batch) in
     the statistics' launches: the eager path (the op must stay functional)."""
+    if activation != 0 or residual is not None:
+        # The common case: the launches cached for this geometry and epilogue.
+        has_residual = residual is not None
+        kind = EpilogueKind(activation, slope, has_residual, _needs_mask(activation, has_residual))
+        launch = launch_cache.train_launch(x, weight, bias, running, kind, residual)
+        if launch is not None:
+            return launch(x, weight, bias, eps, running, residual)
     view = channel_view(x)
     mask = _mask_like(view.tensor, _needs_mask(activation, residual is not None))
     if view.rows == 0:
@@ -160,6 +167,12 @@ def _backward_impl(
     dresidual = dz (with an activation: without one it is the incoming gradient itself,
     which the autograd formulas pass on directly, as an op may not return an alias of
     its input)."""
+    if running_mean is None and not invert and not _keeps_residual(activation, has_residual):
+        # The common case: the launches cached for this geometry and epilogue.
+        grads = _cached_backward(grad, x, weight, act_scale, act_shift, mean_shifted, rstd, pivot, mask,
+                                 activation, slope, has_residual)
+        if grads is not None:
+            return grads
     view = channel_view(x)
     dy = view.same_layout(grad)
     batch_stats_used = running_mean is None
@@ -190,6 +203,25 @@ def _backward_impl(
     if dresidual is None:
         dresidual = x.new_empty(0)
     return dx, dweight, dbias, dresidual
+
+
+def _cached_backward(grad, x, weight, act_scale, act_shift, mean_shifted, rstd, pivot, mask, activation, slope,
+                     has_residual):
+    """:func:`_backward_impl` under batch statistics through the launches cached per
+    geometry (kernels/launch_cache.py), or None where the general route decides.  Without
+    an activation the epilogue does nothing in the backward: plain batch norm's launches."""
+    if activation == 0:
+        launch = launch_cache.backward_launch(x, grad, weight)
+        if launch is None:
+            return None
+        return (*launch(grad, x, weight, pivot, mean_shifted, rstd), x.new_empty(0))
+    has_mask = mask.numel() > 0
+    launch = launch_cache.backward_launch(x, grad, weight, EpilogueKind(activation, slope, has_residual, has_mask))
+    if launch is None:
+        return None
+    dx, dweight, dbias, dresidual = launch(grad, x, weight, pivot, mean_shifted, rstd, act_scale, act_shift,
+                                           mask if has_mask else None)
+    return dx, dweight, dbias, dresidual if dresidual is not None else x.new_empty(0)
 
 
 batch_norm_act_backward, _batch_norm_act_backward_opaque = kernel_op(
