@@ -16,7 +16,10 @@ warm: their launches are bound.  Counted: every Python function entered during t
 (torch's Python: ``Module.__call__``, autograd's ``Function.apply``, ...), and the
 launches.
 
-    python perf/frames.py
+    python perf/frames.py [--fused]
+
+``--fused`` counts ``BatchNormAct2d(activation="relu")`` against what it replaces in
+torch, ``nn.BatchNorm2d`` followed by ``nn.ReLU``.
 """
 from __future__ import annotations
 
@@ -100,9 +103,9 @@ def count(fn, launches: list) -> tuple[int, int, int]:
     return frames[True], frames[False] - 1 - stubs, len(launches)
 
 
-def calls(module_cls, x: torch.Tensor):
+def calls(make_module, x: torch.Tensor):
     """The call kinds, each ``(name, fn)``: fn runs one call on a warm module."""
-    module = module_cls(x.shape[1])
+    module = make_module(x.shape[1])
     leaf = x.clone().requires_grad_()
     dy = torch.randn_like(x)
     forward = {}
@@ -134,8 +137,17 @@ def calls(module_cls, x: torch.Tensor):
                              ("eval forward", eval_forward), ("eval forward, no_grad", eval_no_grad)]
 
 
-def measure(shape=(8, 64, 14, 14)) -> list[tuple[str, tuple, tuple]]:
-    """``[(call kind, (ours: package, other, launches), (torch's: package=0, other, 0))]``."""
+def _torch_pair(channels: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU())
+
+
+def _fused(channels: int) -> torch.nn.Module:
+    return bntriton.BatchNormAct2d(channels, activation="relu")
+
+
+def measure(shape=(8, 64, 14, 14), fused: bool = False) -> list[tuple[str, tuple, tuple]]:
+    """``[(call kind, (ours: package, other, launches), (torch's: package=0, other, 0))]``;
+    ``fused``: BatchNormAct2d(relu) against torch's BatchNorm2d + ReLU."""
     x = torch.randn(shape)
     rows = []
     launches, variants = [], []
@@ -143,8 +155,10 @@ def measure(shape=(8, 64, 14, 14)) -> list[tuple[str, tuple, tuple]]:
     try:
         with plans.planned_for(H100_SMS), bntriton.cpu_backend("interpreter"):
             results = {}
-            for label, cls in (("bntriton", bntriton.BatchNorm2d), ("torch", torch.nn.BatchNorm2d)):
-                _, prepare, kinds = calls(cls, x)
+            layers = (("bntriton", _fused), ("torch", _torch_pair)) if fused else (
+                ("bntriton", bntriton.BatchNorm2d), ("torch", torch.nn.BatchNorm2d))
+            for label, make_module in layers:
+                _, prepare, kinds = calls(make_module, x)
                 for name, fn in kinds:
                     for _ in range(2):  # warm: caches, first-call paths, bound launches
                         prepare(name)
@@ -167,11 +181,13 @@ def main(argv=None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument("--fused", action="store_true", help="BatchNormAct2d(relu) against BatchNorm2d + ReLU")
+    args = parser.parse_args(argv)
     print(f"{'Python frames per call':24s} {'bntriton':>9s} {'(own)':>6s} {'launches':>9s} {'torch':>6s}")
-    for name, ours, theirs in measure():
+    for name, ours, theirs in measure(fused=args.fused):
         print(f"{name:24s} {ours[0] + ours[1]:9d} {ours[0]:6d} {ours[2]:9d} {theirs[1]:6d}")
-    print(f"(bntriton planned as an H100, launches stubbed; torch {torch.__version__}, nn.BatchNorm2d on CPU)")
+    layers = ("BatchNormAct2d(relu); torch: nn.BatchNorm2d + nn.ReLU" if args.fused else "nn.BatchNorm2d")
+    print(f"(bntriton planned as an H100, launches stubbed; torch {torch.__version__}; {layers} on CPU)")
 
 
 if __name__ == "__main__":

@@ -318,3 +318,28 @@ def test_cached_activated_backward_passes_what_the_general_route_passes(layout, 
                                       cached_out[:3] + ((cached_out[3],) if has_residual else ()),
                                       general_out + ((dres,) if has_residual else ()))
                 assert (cached_out[3] is None) == (not has_residual)
+
+
+@pytest.mark.parametrize("planned", [None, 132])
+@pytest.mark.parametrize("size", ["tiny", "small", "large"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+def test_cached_activated_eval_passes_what_the_general_route_passes(layout, size, planned):
+    with _Recording() as rec, plans.planned_for(planned) if planned else _nothing():
+        for activation, has_residual, has_mask in _KINDS + [(1, True, False)]:  # (no mask: inference)
+            for params in ("both", "bf16", "no_bias"):
+                x, w, b, param_dtype = _inputs(layout, size, params)
+                rm, rv = torch.randn(5, dtype=param_dtype), torch.rand(5, dtype=param_dtype) + 0.5
+                residual = torch.randn_like(x) if has_residual else None
+                launch = launch_cache.eval_launch(x, w, b, EpilogueKind(activation, 0.2, has_residual, has_mask),
+                                                  residual)
+                assert launch is not None
+                cached_out = launch(x, w, b, rm, rv, 1e-3, residual)
+                cached = rec.take()
+                view = channel_view(x)
+                mask = (x.new_empty((-(-view.rows // 8), 5), dtype=torch.uint8) if has_mask else None)
+                epilogue = Epilogue(activation=activation, slope=0.2, residual=residual, mask=mask)
+                y = dispatch.forward_eval(view, w, b, rm, rv, 1e-3, epilogue)
+                general = rec.take()
+                _assert_same_launches(cached, general, (x, w, b, rm, rv, residual),
+                                      cached_out[:2] if has_mask else cached_out[:1], (y, mask) if has_mask else (y,))
+                assert cached_out[1].numel() == 0 or has_mask

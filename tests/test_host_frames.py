@@ -13,6 +13,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 PERF = Path(__file__).resolve().parents[1] / "perf"
 
 # call kind: (bntriton's own frames at most, launches)
@@ -32,12 +34,23 @@ def _frames_module():
     return module
 
 
-def test_frames_per_call_stay_within_their_pins():
-    rows = {name: (ours, theirs) for name, ours, theirs in _frames_module().measure()}
-    assert set(rows) == set(PINNED)
-    for name, (most, launches) in PINNED.items():
+# The same for BatchNormAct2d(relu), beside torch's BatchNorm2d + ReLU.
+FUSED_PINNED = {
+    "training forward": (17, 2),
+    "training backward": (11, 2),
+    "eval forward": (18, 1),
+    "eval forward, no_grad": (13, 1),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["BatchNorm2d", "BatchNormAct2d"])
+def test_frames_per_call_stay_within_their_pins(fused):
+    pins = FUSED_PINNED if fused else PINNED
+    rows = {name: (ours, theirs) for name, ours, theirs in _frames_module().measure(fused=fused)}
+    assert set(rows) == set(pins)
+    for name, (most, launches) in pins.items():
         ours, theirs = rows[name]
         own, _, launched = ours
         assert launched == launches, (name, launched)
-        assert own <= most, f"{name}: {own} of bntriton's frames per call, pinned at {most} (torch's module: {theirs[1]})"
+        assert own <= most, f"{name}: {own} of bntriton's frames per call, pinned at {most} (torch's: {theirs[1]})"
         assert theirs[1] > 0, name  # the counter sees torch's frames too

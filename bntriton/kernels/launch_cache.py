@@ -50,19 +50,24 @@ def _remember(key, launch):
     return launch
 
 
-def eval_launch(x: torch.Tensor, weight, bias) -> EvalLaunch | None:
-    """The cached launch of :func:`forward_eval` without an epilogue for ``x``, or None
-    where the general route decides (see :func:`_cached_view` and the note above)."""
+def eval_launch(x: torch.Tensor, weight, bias, kind: EpilogueKind = PLAIN, residual=None) -> EvalLaunch | None:
+    """The cached launch of the eval forward for ``x`` with an epilogue of ``kind``, or
+    None where the general route decides (see :func:`_cached_view` and the note above;
+    also for a residual of other strides than ``x``)."""
     if type(x) not in _PLAIN or _FORCED or x.is_cpu and current_cpu_backend() == "native":
         return None
-    key = (_EVAL, x.shape, x.stride(), x.dtype, x.get_device(), weight is None, bias is None,
+    if residual is not None and (type(residual) not in _PLAIN or residual.stride() != x.stride()):
+        return None
+    key = (_EVAL, x.shape, x.stride(), x.dtype, x.get_device(), weight is None, bias is None, kind,
            _PLANNED_SM_COUNT[-1] if _PLANNED_SM_COUNT else None)
     launch = _LAUNCHES.get(key)
     if launch is None:
         view = _cached_view(x)
         if view is None:
             return None
-        launch = _remember(key, EvalLaunch(view, plan(view), weight is not None, bias is not None))
+        # A 1-bit mask keeps channels-first tiles several channels wide.
+        launch = _remember(key, EvalLaunch(view, plan(view, packed_mask=kind.mask), weight is not None,
+                                           bias is not None, kind))
     return launch
 
 

@@ -15,7 +15,8 @@ import torch
 import triton.language as tl
 
 from .activations import (
-    NO_EPILOGUE, Epilogue, activate, activation_grad, invert_activation, load_mask, mask_grad, store_mask,
+    NO_EPILOGUE, PLAIN, Epilogue, EpilogueKind, activate, activation_grad, invert_activation, load_mask, mask_grad,
+    store_mask,
 )
 from .bound_launch import BoundLaunch
 from .plans import Plan, cdiv, splits_block
@@ -177,32 +178,48 @@ def grad_affine(
 
 
 class EvalLaunch:
-    """The eval forward's launch for one input geometry, with no epilogue: its grid, the
-    view's sizes and strides and the constexprs worked out once (kernels/launch_cache.py caches one per
-    geometry), so that an eval call only allocates its output and launches.  Grid and
-    constexprs come from :func:`eval_affine`'s builders; the arguments are written out
-    (building them through ``_arguments`` costs a call and the epilogue's placeholders),
-    and tests/test_direct_launch.py holds them equal to that launch's."""
+    """The eval forward's launch for one input geometry and epilogue kind: its grid, the
+    view's sizes and strides and the constexprs worked out once (kernels/launch_cache.py
+    caches one per geometry), so that an eval call only allocates its output (and the
+    1-bit mask its kind keeps) and launches.  Grid and constexprs come from
+    :func:`eval_affine`'s builders; the arguments are written out (building them through
+    ``_arguments`` costs a call and the epilogue's placeholders), and
+    tests/test_direct_launch.py and tests/test_cached_launches.py hold them equal to that
+    launch's.  A plain kind returns ``y``, an activated one ``(y, mask)``."""
 
-    __slots__ = ("constants", "affine")
+    __slots__ = ("constants", "affine", "activated", "mask_shape")
 
-    def __init__(self, view: ChannelView, plan: Plan, has_weight: bool, has_bias: bool):
+    def __init__(self, view: ChannelView, plan: Plan, has_weight: bool, has_bias: bool, kind: EpilogueKind = PLAIN):
+        self.activated = kind != PLAIN
+        # The mask's shape (rows 8 to a byte), and tiles of at least 8 rows to pack them.
+        self.mask_shape = (-(-view.rows // 8), view.channels) if kind.mask else 0
+        if kind.mask and plan.block_rows < 8:
+            plan = replace(plan, block_rows=8)
         # The arguments after the epilogue's placeholders up to eps: the slope (unused
         # without an activation), the geometry and the pivot's stride.
-        self.constants = (*split_float(NO_EPILOGUE.slope), *_geometry(view), 1)
+        self.constants = (*split_float(kind.slope), *_geometry(view), 1)
         self.affine = BoundLaunch(_channel_affine_kernel, _grid(view, plan),
-                                  _meta(view, plan, NO_EPILOGUE, False, True, has_weight, has_bias))
+                                  _meta(view, plan, kind, False, True, has_weight, has_bias))
 
-    def __call__(self, x, weight, bias, running_mean, running_var, eps: float) -> torch.Tensor:
+    def __call__(self, x, weight, bias, running_mean, running_var, eps: float, residual=None):
         out = torch.empty_like(x)
-        # _arguments' order, written out (tests/test_direct_launch.py holds the two equal):
-        # x, dy, out, pivot, scale, shift, dy_scale, residual, mask, act_scale, act_shift.
+        if not self.activated:
+            # _arguments' order, written out (tests/test_direct_launch.py holds the two equal):
+            # x, dy, out, pivot, scale, shift, dy_scale, residual, mask, act_scale, act_shift.
+            self.affine(
+                x, x, out, running_mean, running_var, bias if bias is not None else running_var,
+                weight if weight is not None else running_var, x, x, running_var, running_var,
+                *self.constants, *split_float(eps), x, x, x, 0,
+            )
+            return out
+        mask = x.new_empty(self.mask_shape, dtype=torch.uint8)
         self.affine(
             x, x, out, running_mean, running_var, bias if bias is not None else running_var,
-            weight if weight is not None else running_var, x, x, running_var, running_var,
+            weight if weight is not None else running_var, residual if residual is not None else x,
+            mask if self.mask_shape else x, running_var, running_var,
             *self.constants, *split_float(eps), x, x, x, 0,
         )
-        return out
+        return out, mask
 
 
 def _grid(view, plan):

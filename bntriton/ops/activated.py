@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .. import dispatch
 from ..kernels import RunningStats, accumulator_dtype, channel_view, launch_cache
@@ -42,10 +43,14 @@ from ..kernels.activations import MASKABLE, Epilogue, EpilogueKind
 from ..native import activations as native_act
 from . import batch_norm
 from .registration import distinct_outputs, kernel_op
-from .routes import bare_apply, foldable, plain, records_graph, unwrap_if_dead
+from .routes import EAGER, bare_apply, foldable, plain, route, unwrap_if_dead
 
 ACTIVATION_NAMES = {code: name for name, code in (
     (None, 0), ("relu", 1), ("leaky_relu", 2), ("silu", 3), ("gelu", 4))}
+
+
+# The activations whose derivative a 1-bit mask of z > 0 gives (after a residual).
+_MASKED = frozenset(code for code, name in ACTIVATION_NAMES.items() if name in MASKABLE)
 
 
 def _needs_mask(activation: int, has_residual: bool) -> bool:
@@ -88,10 +93,10 @@ def _train_impl(
 def _train_and_update(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats]):
     """:func:`_train_impl`, also updating ``running`` (dense buffers, a non-empty batch) in
     the statistics' launches: the eager path (the op must stay functional)."""
-    if activation != 0 or residual is not None:
+    has_residual = residual is not None
+    if activation != 0 or has_residual:
         # The common case: the launches cached for this geometry and epilogue.
-        has_residual = residual is not None
-        kind = EpilogueKind(activation, slope, has_residual, _needs_mask(activation, has_residual))
+        kind = EpilogueKind(activation, slope, has_residual, has_residual and activation in _MASKED)
         launch = launch_cache.train_launch(x, weight, bias, running, kind, residual)
         if launch is not None:
             return launch(x, weight, bias, eps, running, residual)
@@ -130,8 +135,15 @@ def _eval_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
     residual: Optional[Tensor], eps: float, activation: int, slope: float,
 ) -> tuple[Tensor, Tensor]:
+    has_residual = residual is not None
+    if activation != 0 or has_residual:  # (else a plain kind: plain batch norm's launch)
+        launch = launch_cache.eval_launch(
+            x, weight, bias, EpilogueKind(activation, slope, has_residual, has_residual and activation in _MASKED),
+            residual)  # the common case: cached per geometry
+        if launch is not None:
+            return launch(x, weight, bias, running_mean, running_var, eps, residual)
     view = channel_view(x)
-    mask = _mask_like(view.tensor, _needs_mask(activation, residual is not None))
+    mask = _mask_like(view.tensor, _needs_mask(activation, has_residual))
     if view.rows == 0:
         return view.empty_like(), mask
     epilogue = _forward_epilogue(view, residual, activation, slope, mask)
@@ -267,10 +279,13 @@ def _train_save(ctx, inputs, output):
 
 
 def _train_backward(ctx, grad_y, *_unused):
-    _no_double_backward()
+    if torch.is_grad_enabled():  # (_no_double_backward's test, written out: a frame less per call)
+        _no_double_backward()
     x, weight, act_scale, act_shift, mean_shifted, rstd, pivot, mask, residual = ctx.saved_tensors
     has_weight, has_bias, has_residual, activation, slope = ctx.flags
-    dx, dweight, dbias, dres = _backward(
+    # (_backward, written out: the eager route without its frames.)
+    eager = route(grad_y, x, weight, act_scale, act_shift, mean_shifted, rstd, pivot, mask, residual) == EAGER
+    dx, dweight, dbias, dres = (_backward_impl if eager else batch_norm_act_backward)(
         grad_y, x, weight, act_scale, act_shift, None, mean_shifted, rstd, pivot, mask, residual,
         activation, slope, has_residual and activation != 0, False,
     )
@@ -353,9 +368,13 @@ _eager_act_eval_apply = bare_apply(_EagerActEval)
 def train(x, weight, bias, residual, eps, activation, slope, running: Optional[RunningStats] = None):
     """``batch_norm_act_train``, and with ``running`` given the running-statistics update:
     inside the statistics' launches on the eager path, by one more launch otherwise."""
-    if plain(x, weight, bias, residual):
+    if route(x, weight, bias, residual) == EAGER:
         fold = running is not None and foldable(running)
-        if not records_graph(x, weight, bias, residual):  # inference, frozen layers: no Function
+        # (routes.records_graph written out: frames less per call.)
+        if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and (
+                x.requires_grad or weight is not None and weight.requires_grad
+                or bias is not None and bias.requires_grad or residual is not None and residual.requires_grad)):
+            # Inference, frozen layers: nothing to record, no Function.
             output = _train_and_update(x, weight, bias, residual, eps, activation, slope, running if fold else None)
         else:
             sink = []
@@ -375,8 +394,10 @@ def train(x, weight, bias, residual, eps, activation, slope, running: Optional[R
 
 def evaluate(x, weight, bias, running_mean, running_var, residual, eps, activation, slope):
     args = (x, weight, bias, running_mean, running_var, residual, eps, activation, slope)
-    if plain(x, weight, bias, running_mean, running_var, residual):
-        if not records_graph(x, weight, bias, residual):
+    if route(x, weight, bias, running_mean, running_var, residual) == EAGER:
+        if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and (
+                x.requires_grad or weight is not None and weight.requires_grad
+                or bias is not None and bias.requires_grad or residual is not None and residual.requires_grad)):
             return _inference(*args)
         return _eager_act_eval_apply(*args)
     return batch_norm_act_eval(*args)
@@ -386,6 +407,11 @@ def _inference(x, weight, bias, running_mean, running_var, residual, eps, activa
     """Eager eval that autograd does not record (inference, frozen layers): no mask, which
     only a backward reads, and the native path's own composition for it
     (native_act.forward_eval)."""
+    if activation != 0 or residual is not None:  # (else a plain kind: plain batch norm's launch)
+        launch = launch_cache.eval_launch(x, weight, bias, EpilogueKind(activation, slope, residual is not None),
+                                          residual)  # the common case: cached per geometry
+        if launch is not None:
+            return launch(x, weight, bias, running_mean, running_var, eps, residual)
     view = channel_view(x)
     no_mask = _mask_like(view.tensor, False)
     if view.rows == 0:
