@@ -462,6 +462,91 @@ def test_cuda_graph_training_step_matches_eager():
     assert int(graphed.bn1d.num_batches_tracked) == len(batches)
 
 
+class ResidualNet(nn.Module):
+    """A residual block of fused layers, then a plain one: BatchNormAct2d(relu), then
+    BatchNormAct2d(relu) after a residual (the 1-bit mask), then BatchNorm2d."""
+
+    def __init__(self, channels=4, size=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        self.bn1 = bntriton.BatchNormAct2d(channels, activation="relu")
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = bntriton.BatchNormAct2d(channels, activation="relu")
+        self.bn3 = bntriton.BatchNorm2d(channels)
+        self.head = nn.Linear(channels * size * size, 3)
+
+    def forward(self, x):
+        h = self.bn1(self.conv1(x))
+        h = self.bn2(self.conv2(h), residual=h)
+        return self.head(torch.flatten(self.bn3(h), 1))
+
+
+@needs_cuda
+@torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)  # one conv algorithm
+@pytest.mark.parametrize("capture", ["cuda.graph", "make_graphed_callables"])
+def test_cuda_graph_training_step_with_fused_layers_matches_eager(capture):
+    """Plain and fused layers (activation, residual, mask) in a captured training step,
+    replayed on new data: the same losses, parameters and running statistics as eager
+    steps.  ``cuda.graph`` captures forward, backward and the SGD step whole;
+    ``make_graphed_callables`` captures the model's forward and backward as autograd
+    knows them (its warm-up runs forward and backward on the sample input, which eager
+    steps mirror)."""
+    torch.manual_seed(0)
+    eager = ResidualNet().to(DEVICE).to(memory_format=torch.channels_last)
+    graphed = copy.deepcopy(eager)
+    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_graphed = torch.optim.SGD(graphed.parameters(), lr=0.1)
+    batches = _batches(6)
+    warmup = 3
+
+    def eager_step(x, target):
+        opt_eager.zero_grad(set_to_none=True)
+        loss = F.mse_loss(eager(x), target)
+        loss.backward()
+        opt_eager.step()
+        return loss.detach()
+
+    static_x, static_target = (t.clone() for t in batches[warmup])
+    if capture == "make_graphed_callables":
+        # Its warm-up: forward and backward on the sample input, no optimizer step.
+        for _ in range(warmup):
+            F.mse_loss(eager(static_x), static_target).backward()
+        opt_eager.zero_grad(set_to_none=True)
+        model = torch.cuda.make_graphed_callables(graphed, (static_x,), num_warmup_iters=warmup)
+        opt_graphed.zero_grad(set_to_none=True)
+        for x, target in batches[warmup:]:
+            opt_graphed.zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(x), target)
+            loss.backward()
+            opt_graphed.step()
+            torch.testing.assert_close(loss.detach(), eager_step(x, target), **SAME_KERNELS)
+    else:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for x, target in batches[:warmup]:
+                opt_graphed.zero_grad(set_to_none=True)
+                F.mse_loss(graphed(x), target).backward()
+                opt_graphed.step()
+        torch.cuda.current_stream().wait_stream(side)
+        for x, target in batches[:warmup]:
+            eager_step(x, target)
+        graph = torch.cuda.CUDAGraph()
+        opt_graphed.zero_grad(set_to_none=True)  # backward in the capture allocates static grads
+        with torch.cuda.graph(graph):
+            static_loss = F.mse_loss(graphed(static_x), static_target)
+            static_loss.backward()
+            opt_graphed.step()
+        for x, target in batches[warmup:]:
+            static_x.copy_(x)
+            static_target.copy_(target)
+            graph.replay()
+            torch.testing.assert_close(static_loss.detach(), eager_step(x, target), **SAME_KERNELS)
+    torch.cuda.synchronize()
+    _assert_same_state(graphed, eager, **SAME_KERNELS)
+    assert int(graphed.bn2.num_batches_tracked) == int(eager.bn2.num_batches_tracked) > len(batches) - warmup
+
+
 # ------------------------------------------------------------------------- torch.export
 
 
