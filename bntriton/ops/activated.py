@@ -1,7 +1,9 @@
 """Batch norm with a fused epilogue: ``y = act(BN(x) + residual)``, as ``torch.library`` ops.
 
-The plain operators (batch_norm.py) stay as they are; the activated path has its own ops so
-that either side can change without the other:
+The activated path has its own ops (their outputs and autograd formulas are not plain
+batch norm's); with batch_norm.py it shares the registration, the routes, the two
+implementations behind bntriton/dispatch.py and the launches cached per geometry
+(kernels/cached_launches.py, keyed by an ``EpilogueKind``):
 
 * ``batch_norm_act_train``: ``(y, mean_shifted, rstd, mean, var_unbiased, mask)``;
 * ``batch_norm_act_eval``: ``(y, mask)`` with the running statistics;
@@ -54,7 +56,7 @@ _MASKED = frozenset(code for code, name in ACTIVATION_NAMES.items() if name in M
 
 
 def _needs_mask(activation: int, has_residual: bool) -> bool:
-    return has_residual and ACTIVATION_NAMES[activation] in MASKABLE
+    return has_residual and activation in _MASKED
 
 
 def _keeps_residual(activation: int, has_residual: bool) -> bool:
