@@ -30,7 +30,7 @@ BACKENDS = {"kernels": kernels, "native": native_path}
 
 def native(t) -> bool:
     """Whether ``t`` (a CPU tensor) runs on the native CPU path rather than the kernels."""
-    return t.is_cpu and current_cpu_backend() == "native"
+    return backend_for(t) is native_path
 
 
 def backend_for(t):

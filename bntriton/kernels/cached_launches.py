@@ -109,14 +109,15 @@ class SplitTrainLaunch:
             arrival_counters(x, self.blocks + 1), *self.stats_sizes, *split_float(eps), *split_float(momentum),
         )
         y = torch.empty_like(x)
-        if not self.activated:
-            # normalize._arguments' order: x, dy, out, pivot, scale, shift, dy_scale, residual,
-            # mask, act_scale, act_shift, then the constants, then the backward's sums.
-            self.affine(x, x, y, pivot, scale, shift, scale, x, x, scale, scale, *self.affine_constants, x, x, x, 0)
-            return y, mean_s, rstd, mean, var_unbiased, pivot
-        mask = x.new_empty((self.mask_rows, channels) if self.mask_rows is not None else 0, dtype=torch.uint8)
+        mask = x.new_empty((self.mask_rows, channels), dtype=torch.uint8) if self.mask_rows is not None else None
+        # normalize._arguments' order: x, dy, out, pivot, scale, shift, dy_scale, residual,
+        # mask, act_scale, act_shift, then the constants, then the backward's sums.
         self.affine(x, x, y, pivot, scale, shift, scale, residual if residual is not None else x,
-                    mask if self.mask_rows is not None else x, scale, scale, *self.affine_constants, x, x, x, 0)
+                    mask if mask is not None else x, scale, scale, *self.affine_constants, x, x, x, 0)
+        if not self.activated:
+            return y, mean_s, rstd, mean, var_unbiased, pivot
+        if mask is None:
+            mask = x.new_empty(0, dtype=torch.uint8)
         if not self.coefficients:  # ops/activated.py's placeholders: nothing recomputes z
             scale = x.new_zeros(0, dtype=acc)
             shift = x.new_zeros(0, dtype=acc)
@@ -165,31 +166,27 @@ class FusedTrainLaunch:
                 counter = rstd
             if momentum is None:
                 momentum = 0.0
-        if not self.activated:
-            # fused.fused_forward's order; the epilogue's placeholders: residual, mask,
-            # act_scale, act_shift, slope.
-            self.forward(
-                x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
-                pivot, mean_s, rstd, mean, var_unbiased, x, x, rstd, rstd, *self.slope,
-                *self.sizes, *split_float(eps), running_mean, running_var, counter, *split_float(momentum),
-                arrival_counters(x, 1) if self.cumulative else rstd,
-            )
-            return y, mean_s, rstd, mean, var_unbiased, pivot
-        mask = x.new_empty((self.mask_rows, channels) if self.mask_rows is not None else 0, dtype=torch.uint8)
-        if self.coefficients:
-            scale = x.new_empty(channels, dtype=acc)
-            shift = x.new_empty(channels, dtype=acc)
-        else:  # ops/activated.py's placeholders: nothing recomputes z without an activation
-            scale = x.new_zeros(0, dtype=acc)
-            shift = x.new_zeros(0, dtype=acc)
+        mask = x.new_empty((self.mask_rows, channels), dtype=torch.uint8) if self.mask_rows is not None else None
+        # An activation's coefficients, written by the same launch.
+        scale = x.new_empty(channels, dtype=acc) if self.coefficients else None
+        shift = x.new_empty(channels, dtype=acc) if self.coefficients else None
+        # fused.fused_forward's order; the epilogue's pointers (placeholders where unused):
+        # residual, mask, act_scale, act_shift, then the slope.
         self.forward(
             x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
             pivot, mean_s, rstd, mean, var_unbiased, residual if residual is not None else x,
-            mask if self.mask_rows is not None else x, scale if self.coefficients else rstd,
-            shift if self.coefficients else rstd, *self.slope,
+            mask if mask is not None else x, scale if scale is not None else rstd,
+            shift if shift is not None else rstd, *self.slope,
             *self.sizes, *split_float(eps), running_mean, running_var, counter, *split_float(momentum),
             arrival_counters(x, 1) if self.cumulative else rstd,
         )
+        if not self.activated:
+            return y, mean_s, rstd, mean, var_unbiased, pivot
+        if mask is None:
+            mask = x.new_empty(0, dtype=torch.uint8)
+        if scale is None:  # ops/activated.py's placeholders: nothing recomputes z without an activation
+            scale = x.new_zeros(0, dtype=acc)
+            shift = x.new_zeros(0, dtype=acc)
         return y, mean_s, rstd, mean, var_unbiased, mask, pivot, scale, shift
 
 
@@ -294,12 +291,6 @@ class FusedBackwardLaunch:
         dx = torch.empty_like(x)
         dweight = x.new_empty(self.channels, dtype=weight.dtype if weight is not None else self.acc)
         dbias = torch.empty_like(dweight)
-        if not self.activated:
-            self.backward(
-                x, dy, dx, weight if weight is not None else rstd, pivot, mean_shifted, rstd, dweight, dbias,
-                x, x, rstd, rstd, *self.constants,
-            )
-            return dx, dweight, dbias
         dres = torch.empty_like(x, dtype=dy.dtype) if self.residual else None
         self.backward(
             x, dy, dx, weight if weight is not None else rstd, pivot, mean_shifted, rstd, dweight, dbias,
@@ -307,4 +298,4 @@ class FusedBackwardLaunch:
             act_scale if act_scale is not None else rstd, act_shift if act_shift is not None else rstd,
             *self.constants,
         )
-        return dx, dweight, dbias, dres
+        return (dx, dweight, dbias, dres) if self.activated else (dx, dweight, dbias)

@@ -203,23 +203,16 @@ class EvalLaunch:
 
     def __call__(self, x, weight, bias, running_mean, running_var, eps: float, residual=None):
         out = torch.empty_like(x)
-        if not self.activated:
-            # _arguments' order, written out (tests/test_direct_launch.py holds the two equal):
-            # x, dy, out, pivot, scale, shift, dy_scale, residual, mask, act_scale, act_shift.
-            self.affine(
-                x, x, out, running_mean, running_var, bias if bias is not None else running_var,
-                weight if weight is not None else running_var, x, x, running_var, running_var,
-                *self.constants, *split_float(eps), x, x, x, 0,
-            )
-            return out
-        mask = x.new_empty(self.mask_shape, dtype=torch.uint8)
+        mask = x.new_empty(self.mask_shape, dtype=torch.uint8) if self.activated else None
+        # _arguments' order, written out (tests/test_direct_launch.py holds the two equal):
+        # x, dy, out, pivot, scale, shift, dy_scale, residual, mask, act_scale, act_shift.
         self.affine(
             x, x, out, running_mean, running_var, bias if bias is not None else running_var,
             weight if weight is not None else running_var, residual if residual is not None else x,
             mask if self.mask_shape else x, running_var, running_var,
             *self.constants, *split_float(eps), x, x, x, 0,
         )
-        return out, mask
+        return (out, mask) if self.activated else out
 
 
 def _grid(view, plan):
